@@ -1,0 +1,1198 @@
+"""Shared infrastructure: data (datasets, caches, task samplers), the Conv4 backbone, the training loop.
+
+Data flow: `load_split` reads a split once from its original files (zip, tgz, pickle, jpg folders),
+converts it to a uint8 array grouped by class and caches that array next to the data (or in a
+user cache folder when the data is read-only). `Split.to(device)` moves the array into device
+memory; `TaskSampler` (training) and `EvalTasks` (fixed validation/test tasks) pick the indices of
+a whole batch of tasks with tensor ops and gather and normalise the images on the device.
+Formats, paths, downloads and splits: docs/datasets.md.
+
+Model and loop: `conv4_forward` is one pure function over a parameter dict (torch.func style), so that
+an algorithm's inner loop can differentiate through fast weights. An algorithm file builds an
+`Algorithm` (its meta-parameters, state, and the pure functions `meta_gradient` and `predict`) and
+calls `main`, which parses its `Args` dataclass and runs `run`: meta-training with the outer Adam,
+meta-validation after every epoch on a fixed task set, the best checkpoints kept, and the meta-test
+with the top-5 ensemble. Everything an algorithm does lives in its own file, never here.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import csv
+import dataclasses
+import functools
+import hashlib
+import inspect
+import io
+import json
+import math
+import os
+import pickle
+import signal
+import sys
+import tarfile
+import tempfile
+import textwrap
+import time
+import typing
+import zipfile
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator, Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.datasets import Omniglot
+from torchvision.datasets.utils import calculate_md5, download_url
+
+# ---- Files ----
+
+def atomic_write(path: Path, write: Callable[[typing.BinaryIO], None]) -> None:
+    """write(f) into a temp file beside path, fsync, rename: a crash leaves the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; caches and checkpoints are for reading
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+# ---- Data ----
+
+DATASETS = ("omniglot", "miniimagenet", "cub", "synthetic")
+SPLITS = ("train", "val", "test")
+CACHE_VERSION = 1
+CACHE_APP_DIR = "metalearn-gs"  # subfolder of $XDG_CACHE_HOME (or ~/.cache) for read-only data roots
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SIZE = 84  # MiniImagenet and CUB
+RESAMPLE = Image.Resampling.LANCZOS  # anti-aliased downscaling, as in MAML's own resizing script
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error)
+DOCS = "docs/datasets.md"
+
+OMNIGLOT_SIZE = 28
+OMNIGLOT_ROTATIONS = 4  # each multiple of 90 degrees is a new class (Santoro et al. 2016)
+OMNIGLOT_DIRS = ("omniglot-py", "omniglot-small", "")  # torchvision's layout, the subsets' folder, the root itself
+OMNIGLOT_ZIPS = tuple(Omniglot.zips_md5)  # ("images_background", "images_evaluation")
+OMNIGLOT_SMALL_ZIPS = ("images_background_small1", "images_background_small2")
+# Vinyals et al. (2016) split, as listed by torchmeta (assets/omniglot/*.json) and protonets:
+# validation = 5 background alphabets, test = 12 evaluation alphabets + Gurmukhi characters 42-45.
+OMNIGLOT_VAL_ALPHABETS = frozenset(
+    {"Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)"})
+OMNIGLOT_TEST_ALPHABETS = frozenset(
+    {"Kannada", "Keble", "Malayalam", "Manipuri", "Mongolian", "Old_Church_Slavonic_(Cyrillic)", "Oriya",
+     "Sylheti", "Syriac_(Serto)", "Tengwar", "Tibetan", "ULOG"})
+OMNIGLOT_GURMUKHI_FIRST_TEST = 42
+# Our alphabet split of the 8 alphabets of the small subsets (characters per alphabet in brackets);
+# Early_Aramaic is a validation alphabet in Vinyals' split too.
+OMNIGLOT_SMALL_SPLIT = {
+    "train": ("Greek", "Japanese_(katakana)", "Latin", "Sanskrit"),  # 24 + 47 + 26 + 42
+    "val": ("Early_Aramaic", "Tagalog"),  # 22 + 17
+    "test": ("Balinese", "Korean"),  # 24 + 40
+}
+OMNIGLOT_CHARACTERS = {"omniglot": {"train": 1028, "val": 172, "test": 423},
+                       "omniglot-small": {"train": 139, "val": 39, "test": 64}}
+
+MINI_DIRS = ("miniimagenet", "mini_imagenet_full_size", "")
+MINI_PICKLE = "mini-imagenet-cache-{}.pkl"
+MINI_PICKLE_SPLITS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
+MINI_CLASSES = {"train": 64, "val": 16, "test": 20}
+MINI_PER_CLASS = 600
+# learn2learn's mirrors. They publish no md5 we could verify, so a download is checked by content
+# instead: a pickle (not an HTML page) holding MINI_CLASSES[split] classes x 600 images of 84x84x3.
+MINI_URLS = {
+    "train": ("https://zenodo.org/record/7978538/files/mini-imagenet-cache-train.pkl",
+              "https://www.dropbox.com/s/9g8c6w345s2ek03/mini-imagenet-cache-train.pkl?dl=1"),
+    "val": ("https://zenodo.org/record/7978538/files/mini-imagenet-cache-validation.pkl",
+            "https://www.dropbox.com/s/ip1b7se3gij3r1b/mini-imagenet-cache-validation.pkl?dl=1"),
+    "test": ("https://zenodo.org/record/7978538/files/mini-imagenet-cache-test.pkl",
+             "https://www.dropbox.com/s/ye9jeb5tyz0x01b/mini-imagenet-cache-test.pkl?dl=1"),
+}
+
+CUB_DIRS = ("cub", "")
+CUB_FOLDER = "CUB_200_2011"
+CUB_ARCHIVE = "CUB_200_2011.tgz"
+CUB_MD5 = "97eceeb196236b17998738112f37df78"
+CUB_URLS = ("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1",
+            "http://www.vision.caltech.edu/visipedia-data/CUB-200-2011/CUB_200_2011.tgz")
+
+SYNTHETIC_GRID = 4  # prototypes are random GRIDxGRID fields upsampled to HxW: smooth, distinct per class
+SYNTHETIC_DEFORM = 0.25  # amplitude of a per-image smooth deformation of the prototype (same construction)
+SYNTHETIC_NOISE_STD = 0.1  # per-pixel noise
+
+
+class DataError(Exception):
+    """Data missing, damaged or not usable as asked; the message says what was expected and how to fix it."""
+
+
+@dataclass
+class Split:
+    """One split in memory: uint8 images grouped by class, class c = images[start[c]:start[c] + count[c]]."""
+    name: str  # e.g. "miniimagenet/train", "omniglot-small/val"
+    images: torch.Tensor  # (N, C, H, W) uint8
+    start: torch.Tensor  # (classes,) int64
+    count: torch.Tensor  # (classes,) int64
+    class_names: list[str]
+    mean: tuple[float, ...]  # per channel, applied after /255
+    std: tuple[float, ...]
+
+    @property
+    def classes(self) -> int:
+        return len(self.count)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def to(self, device: torch.device | str) -> Split:
+        """The same split with its tensors on `device`."""
+        return replace(self, images=self.images.to(device), start=self.start.to(device), count=self.count.to(device))
+
+
+class _Source(NamedTuple):
+    variant: str  # "omniglot", "omniglot-small", "miniimagenet", "cub"
+    directory: Path  # where the data lives; its cache goes here unless read-only
+    shape: tuple[int, int, int]  # (C, H, W) of the converted images
+    build: Callable[[], tuple[np.ndarray, list[int], list[str]]]  # -> (N, H, W, C) uint8, counts, names
+
+
+def load_split(dataset: str, split: str, data_root: str | Path = "data", *, download: bool = False,
+               cache_dir: str | Path | None = None, bbox_crop: bool = False,
+               synthetic_shape: tuple[int, int, int] = (3, 84, 84),
+               synthetic_classes: tuple[int, int, int] = (64, 16, 20), synthetic_per_class: int = 30,
+               seed: int = 0, verbose: bool = True) -> Split:
+    """Load one split on the CPU, converting the original files to a uint8 cache on first use.
+
+    Caches go to `cache_dir`/<hash of the data folder>/ if given, else next to the data, else (read-only
+    data) to $XDG_CACHE_HOME/metalearn-gs/<hash of the data folder>/. `seed` only affects "synthetic".
+    """
+    if dataset not in DATASETS or split not in SPLITS:
+        raise DataError(f"unknown dataset/split {dataset}/{split}: expected one of {DATASETS} / {SPLITS}")
+    if bbox_crop and dataset != "cub":
+        raise DataError("bbox_crop applies to the cub dataset only")
+    if dataset == "synthetic":
+        return _synthetic(split, synthetic_shape, synthetic_classes, synthetic_per_class, seed)
+    root = Path(data_root).expanduser()
+    locate = {"omniglot": _locate_omniglot, "miniimagenet": _locate_mini, "cub": _locate_cub}[dataset]
+    source = locate(root, split, download, bbox_crop)
+    config = {"dataset": source.variant, "split": split, "image_size": source.shape[1], "bbox_crop": bbox_crop}
+    file_name = f"{source.variant}-{split}-{source.shape[1]}px{'-bbox' if bbox_crop else ''}.cache-v{CACHE_VERSION}.pt"
+    dirs = _cache_dirs(source.directory, cache_dir)
+    cached = next((d / file_name for d in dirs if (d / file_name).is_file()), None)
+    if cached is not None:
+        images, count, names = _load_cache(cached, config, source.shape)
+    else:
+        if verbose:
+            print(f"converting {source.variant}/{split} from {source.directory} (first use only) ...", flush=True)
+        hwc, counts, names = source.build()
+        if min(counts) < 1:
+            raise DataError(f"{source.directory}: class {names[counts.index(0)]} of {split} has no images")
+        images = torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
+        count = torch.tensor(counts, dtype=torch.int64)
+        payload = {"version": CACHE_VERSION, "config": config, "images": images, "count": count,
+                   "class_names": names}
+        written = _save_cache(payload, dirs, file_name)
+        if verbose:
+            print(f"cached {tuple(images.shape)} to {written}" if written else
+                  f"warning: no writable cache folder among {[str(d) for d in dirs]}; converting again next time")
+    channels = images.shape[1]
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if dataset in ("miniimagenet", "cub") else ((0.0,) * channels, (1.0,) * channels)
+    return Split(f"{source.variant}/{split}", images, torch.cumsum(count, 0) - count, count, names, mean, std)
+
+
+# -- caches --
+
+def _cache_dirs(data_dir: Path, cache_dir: str | Path | None) -> list[Path]:
+    """Folders to look for / write a cache in, in order of preference."""
+    # Away from the data, one subfolder per data folder, so that two copies of a dataset never share a cache.
+    subfolder = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:12]
+    if cache_dir is not None:
+        return [Path(cache_dir).expanduser() / subfolder]
+    return [data_dir, Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / CACHE_APP_DIR / subfolder]
+
+
+def _save_cache(payload: dict, dirs: list[Path], file_name: str) -> Path | None:
+    """Write atomically to the first writable folder: a crash leaves no valid-looking cache."""
+    for folder in dirs:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(folder / file_name, lambda f: torch.save(payload, f))
+            return folder / file_name
+        except (OSError, RuntimeError):  # read-only, or disk full (torch's writer raises RuntimeError): next folder
+            continue
+    return None
+
+
+def _load_cache(path: Path, config: dict, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Read and validate a cache; any inconsistency is a DataError telling to delete the file."""
+    def fail(what: str) -> DataError:
+        return DataError(f"cache {path} is invalid ({what}); delete it to rebuild it from the original data")
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file: torch raises several unrelated types
+        raise fail(f"unreadable: {e}") from e
+    if not isinstance(payload, dict) or set(payload) != {"version", "config", "images", "count", "class_names"}:
+        raise fail("unexpected keys")
+    if payload["version"] != CACHE_VERSION or payload["config"] != config:
+        raise fail(f"built by version {payload['version']} from {payload['config']}, expected {config}")
+    images, count, names = payload["images"], payload["count"], payload["class_names"]
+    if not (isinstance(images, torch.Tensor) and isinstance(count, torch.Tensor) and isinstance(names, list)):
+        raise fail("wrong types")
+    if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != shape:
+        raise fail(f"images {images.dtype} {tuple(images.shape)}, expected uint8 (N, {', '.join(map(str, shape))})")
+    if count.dtype != torch.int64 or count.ndim != 1 or len(count) != len(names) or (count < 1).any() \
+            or int(count.sum()) != len(images):
+        raise fail("class counts do not match the images")
+    return images, count, names
+
+
+# -- reading files from folders and archives --
+
+def _iter_files(source: Path, prefix: str, wanted: dict | set) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the files prefix + name, name in `wanted`, present in a folder, .zip or .tar(.gz)."""
+    with contextlib.ExitStack() as stack:
+        if source.is_dir():
+            pairs = ((n, (source / prefix / n).read_bytes()) for n in wanted if (source / prefix / n).is_file())
+        elif source.suffix == ".zip":
+            z = stack.enter_context(zipfile.ZipFile(source))
+            pairs = ((i.filename[len(prefix):], z.read(i)) for i in z.infolist()
+                     if i.filename.startswith(prefix) and i.filename[len(prefix):] in wanted)
+        else:  # stream the tar once in archive order: seeking back in a .tgz re-decompresses from its start
+            tar = stack.enter_context(tarfile.open(source, "r|*"))
+            pairs = ((m.name[len(prefix):], tar.extractfile(m).read()) for m in tar
+                     if m.isfile() and m.name.startswith(prefix) and m.name[len(prefix):] in wanted)
+        remaining = len(wanted)
+        for pair in pairs:
+            yield pair
+            remaining -= 1
+            if remaining == 0:  # stop early: the rest of a .tgz need not be decompressed
+                return
+
+
+def _damaged(path: Path, error: Exception) -> DataError:
+    return DataError(f"could not read {path} ({type(error).__name__}: {error}): the file is damaged or "
+                     f"incomplete. Delete it and download it again (see {DOCS}).")
+
+
+def _decode_into(out: np.ndarray, source: Path, prefix: str, rows: dict[str, int], mode: str,
+                 boxes: dict[str, tuple[int, int, int, int]] | None = None) -> None:
+    """Decode each image `name` of `rows` into out[rows[name]] (H, W, C): optional crop box, then resize to H x W."""
+    done = set()
+    try:
+        for name, data in _iter_files(source, prefix, rows):
+            try:
+                with Image.open(io.BytesIO(data)) as image:
+                    image = image.convert(mode)
+                    if boxes is not None:
+                        image = image.crop(boxes[name])
+                    out[rows[name]] = np.asarray(image.resize(out.shape[2:0:-1], RESAMPLE)).reshape(out.shape[1:])
+            except READ_ERRORS as e:  # a damaged image: name it
+                raise _damaged(source / prefix / name, e) from e
+            done.add(name)
+    except READ_ERRORS as e:  # a damaged archive
+        raise _damaged(source, e) from e
+    if len(done) != len(rows):
+        missing = sorted(set(rows) - done)
+        raise DataError(f"{source}: {len(missing)} of {len(rows)} listed images are missing, e.g. {prefix}{missing[0]}; "
+                        f"the data is incomplete (see {DOCS})")
+
+
+def _decode_groups(source: Path, prefix: str, groups: list[tuple[str, list[str]]], size: int,
+                   boxes: dict | None = None) -> tuple[np.ndarray, list[int], list[str]]:
+    """RGB images of classes [(class name, [file names])] -> (N, size, size, 3) uint8, counts, names."""
+    files = [f for _, members in groups for f in members]
+    out = np.empty((len(files), size, size, 3), np.uint8)
+    _decode_into(out, source, prefix, {f: i for i, f in enumerate(files)}, "RGB", boxes)
+    return out, [len(members) for _, members in groups], [name for name, _ in groups]
+
+
+def _reject_html(path: Path, expected: str, how: str) -> None:
+    """A 'download' that is a web page (quota notice, login page) gets a clear error, not an unpickling one."""
+    with open(path, "rb") as f:
+        head = f.read(512).lstrip()
+    if head.startswith(b"<"):  # no pickle, zip or gzip starts with "<"; HTML and XML pages do
+        raise DataError(f"{path} is an HTML page, not {expected}: the download link served a web page. "
+                        f"Delete it and get the file by hand: {how}")
+
+
+def _download(urls: tuple[str, ...], dest: Path, expected: str, how: str, md5: str | None = None,
+              check: Callable[[Path], object] | None = None) -> None:
+    """Try each mirror into dest.part; keep it (os.replace to dest) only if it passes md5 or the content check."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    errors = []
+    for url in urls:
+        part.unlink(missing_ok=True)
+        try:
+            download_url(url, str(part.parent), part.name)
+            _reject_html(part, expected, how)
+            if md5 is not None and (digest := calculate_md5(str(part))) != md5:
+                raise DataError(f"md5 {digest}, expected {md5}")
+            if check is not None:
+                check(part)
+            os.replace(part, dest)
+            return
+        except (DataError, OSError, RuntimeError) as e:  # URLError and HTTPError are OSErrors
+            errors.append(f"  {url}: {e}")
+        finally:
+            part.unlink(missing_ok=True)
+    raise DataError(f"could not download {dest.name} ({expected}):\n" + "\n".join(errors) +
+                    f"\nGet it by hand: {how}, and put it at {dest}")
+
+
+def _missing(dataset: str, split: str, root: Path, looked_for: list[Path]) -> DataError:
+    return DataError(f"{dataset}/{split}: no data under {root}. Looked for any of:\n" +
+                     "\n".join(f"  {p}" for p in looked_for) +
+                     f"\nDownload it with --download, e.g. python maml_gs.py --dataset {dataset} "
+                     f"--data-root {root} --download, or see {DOCS}.")
+
+
+def _find(root: Path, dirs: tuple[str, ...], names: list[str], looked_for: list[Path]) -> Path | None:
+    """First folder root/d holding all `names`; records every path tried in `looked_for`."""
+    for d in dirs:
+        paths = [root / d / n for n in names]
+        looked_for.extend(paths)
+        if all(p.exists() for p in paths):
+            return root / d
+    return None
+
+
+# -- datasets --
+
+def _locate_omniglot(root: Path, split: str, download: bool, _bbox: bool) -> _Source:
+    full_zips, small_zips = [f"{z}.zip" for z in OMNIGLOT_ZIPS], [f"{z}.zip" for z in OMNIGLOT_SMALL_ZIPS]
+    looked_for = []
+    folder = _find(root, OMNIGLOT_DIRS, full_zips, looked_for)
+    small_folder = None if folder is not None else _find(root, OMNIGLOT_DIRS, small_zips, looked_for)
+    if folder is None and small_folder is None and download:
+        folder = root / OMNIGLOT_DIRS[0]
+        for z in OMNIGLOT_ZIPS:  # torchvision's own URL and md5s
+            if not (folder / f"{z}.zip").exists():
+                _download((f"{Omniglot.download_url_prefix}/{z}.zip",), folder / f"{z}.zip", f"Omniglot {z}.zip",
+                          f"download {Omniglot.download_url_prefix}/{z}.zip", md5=Omniglot.zips_md5[z])
+    if folder is not None:
+        zips, variant = OMNIGLOT_ZIPS, "omniglot"
+    elif small_folder is not None:
+        folder, zips, variant = small_folder, OMNIGLOT_SMALL_ZIPS, "omniglot-small"
+    else:
+        raise _missing("omniglot", split, root, looked_for)
+    return _Source(variant, folder, (1, OMNIGLOT_SIZE, OMNIGLOT_SIZE),
+                   lambda: _build_omniglot([folder / f"{z}.zip" for z in zips], [f"{z}/" for z in zips], variant, split))
+
+
+def _omniglot_split(variant: str, alphabet: str, character: str) -> str | None:
+    if variant == "omniglot-small":
+        return next((s for s, alphabets in OMNIGLOT_SMALL_SPLIT.items() if alphabet in alphabets), None)
+    if alphabet in OMNIGLOT_VAL_ALPHABETS:
+        return "val"
+    if alphabet in OMNIGLOT_TEST_ALPHABETS or (
+            alphabet == "Gurmukhi" and int(character.removeprefix("character")) >= OMNIGLOT_GURMUKHI_FIRST_TEST):
+        return "test"
+    return "train"
+
+
+def _build_omniglot(zips: list[Path], prefixes: list[str], variant: str, split: str):
+    """Characters of `split` -> 28x28 white-on-black drawings, each rotation by k*90 degrees its own class."""
+    characters: dict[str, list[tuple[int, str]]] = {}  # "Alphabet/characterNN" -> [(zip index, member)]
+    seen = set()
+    for z, (path, prefix) in enumerate(zip(zips, prefixes)):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = sorted(n[len(prefix):] for n in archive.namelist() if n.startswith(prefix) and n.endswith(".png"))
+        except READ_ERRORS as e:
+            raise _damaged(path, e) from e
+        for member in members:
+            if member in seen:  # small1 and small2 share Greek and Latin (identical files): keep one copy
+                continue
+            seen.add(member)
+            alphabet, character, _ = member.split("/")
+            if _omniglot_split(variant, alphabet, character) == split:
+                characters.setdefault(f"{alphabet}/{character}", []).append((z, member))
+    expected = OMNIGLOT_CHARACTERS[variant][split]
+    if len(characters) != expected:
+        raise DataError(f"{zips}: found {len(characters)} {split} characters, expected {expected}: "
+                        f"incomplete or foreign zips; delete them and download them again")
+    names = sorted(characters)
+    files = [entry for name in names for entry in sorted(characters[name])]
+    base = np.empty((len(files), OMNIGLOT_SIZE, OMNIGLOT_SIZE, 1), np.uint8)
+    for z, path in enumerate(zips):
+        _decode_into(base, path, prefixes[z], {m: i for i, (zz, m) in enumerate(files) if zz == z}, "L")
+    base = 255 - base  # strokes 255 on background 0, so that zero padding matches the background
+    spans = np.cumsum([0] + [len(characters[n]) for n in names])
+    # (characters * rotations * drawings, H, W, 1): each character's drawings once per rotation
+    images = np.concatenate([np.rot90(base[a:b], k, axes=(1, 2)) for a, b in zip(spans[:-1], spans[1:])
+                             for k in range(OMNIGLOT_ROTATIONS)])
+    counts = [int(b - a) for a, b in zip(spans[:-1], spans[1:]) for _ in range(OMNIGLOT_ROTATIONS)]
+    return images, counts, [f"{n}/rot{90 * k:03d}" for n in names for k in range(OMNIGLOT_ROTATIONS)]
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles containers and numpy arrays only: a downloaded pickle could otherwise run arbitrary code."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+        (f"numpy.{core}.{module}", name) for core in ("core", "_core")
+        for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _text(key: str | bytes) -> str:
+    return key.decode() if isinstance(key, bytes) else key
+
+
+def _read_mini_pickle(path: Path, split: str, strict: bool = False):
+    """mini-imagenet-cache-*.pkl: {"image_data": (N, 84, 84, 3) uint8, "class_dict": {wnid: [indices]}}."""
+    how = f"download {MINI_URLS[split][0]}"
+    _reject_html(path, "a mini-imagenet pickle", how)
+    try:
+        with open(path, "rb") as f:
+            data = _ArrayUnpickler(f, encoding="latin1").load()  # latin1: also reads Python 2 pickles
+    except Exception as e:  # a truncated or foreign pickle raises many unrelated types
+        raise _damaged(path, e) from e
+    data = {_text(k): v for k, v in data.items()} if isinstance(data, dict) else {}
+    images, class_dict = data.get("image_data"), data.get("class_dict")
+    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3)
+            and isinstance(class_dict, dict) and class_dict):
+        raise DataError(f"{path}: expected a dict with 'image_data' uint8 (N, 84, 84, 3) and 'class_dict' "
+                        f"{{wnid: [indices]}}; delete it and get the file by hand: {how}")
+    groups = sorted((_text(k), np.asarray(v, dtype=np.int64)) for k, v in class_dict.items())
+    index = np.concatenate([v for _, v in groups])
+    if index.min() < 0 or index.max() >= len(images):
+        raise DataError(f"{path}: class_dict indices outside image_data; delete it and get the file by hand: {how}")
+    counts = [len(v) for _, v in groups]
+    if strict and (len(counts), set(counts)) != (MINI_CLASSES[split], {MINI_PER_CLASS}):
+        raise DataError(f"{path}: {len(counts)} classes with {sorted(set(counts))} images, expected "
+                        f"{MINI_CLASSES[split]} x {MINI_PER_CLASS}")
+    return images[index], counts, [name for name, _ in groups]
+
+
+def _read_mini_csv(folder: Path, split: str):
+    """{split}.csv (filename,label) listing images/<filename>."""
+    with open(folder / f"{split}.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or set(rows[0]) != {"filename", "label"}:
+        raise DataError(f"{folder / f'{split}.csv'}: expected a 'filename,label' header and one row per image")
+    by_label: dict[str, list[str]] = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append(row["filename"])
+    return _decode_groups(folder, "images/", sorted(by_label.items()), IMAGE_SIZE)
+
+
+def _read_mini_folders(folder: Path, split: str):
+    """MAML++ layout: {split}/<wnid>/*.jpg."""
+    classes = sorted(p for p in (folder / split).iterdir() if p.is_dir())
+    groups = [(c.name, sorted(f"{c.name}/{f.name}" for f in c.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES))
+              for c in classes]
+    return _decode_groups(folder, f"{split}/", groups, IMAGE_SIZE)
+
+
+def _locate_mini(root: Path, split: str, download: bool, _bbox: bool) -> _Source:
+    looked_for = []
+    for d in MINI_DIRS:
+        folder = root / d
+        for name in MINI_PICKLE_SPLITS[split]:
+            looked_for.append(folder / MINI_PICKLE.format(name))
+            if looked_for[-1].is_file():
+                return _Source("miniimagenet", folder, (3, IMAGE_SIZE, IMAGE_SIZE),
+                               lambda path=looked_for[-1]: _read_mini_pickle(path, split))
+        looked_for += [folder / f"{split}.csv", folder / "images"]
+        if looked_for[-2].is_file() and looked_for[-1].is_dir():
+            return _Source("miniimagenet", folder, (3, IMAGE_SIZE, IMAGE_SIZE), lambda: _read_mini_csv(folder, split))
+        looked_for.append(folder / split / "<wnid>" / "*.jpg")
+        if (folder / split).is_dir():
+            return _Source("miniimagenet", folder, (3, IMAGE_SIZE, IMAGE_SIZE), lambda: _read_mini_folders(folder, split))
+    if not download:
+        raise _missing("miniimagenet", split, root, looked_for)
+    path = root / MINI_DIRS[0] / MINI_PICKLE.format(MINI_PICKLE_SPLITS[split][-1])
+    _download(MINI_URLS[split], path, f"a pickle of {MINI_CLASSES[split]} classes x {MINI_PER_CLASS} images",
+              f"download one of {', '.join(MINI_URLS[split])}", check=lambda p: _read_mini_pickle(p, split, strict=True))
+    return _Source("miniimagenet", path.parent, (3, IMAGE_SIZE, IMAGE_SIZE), lambda: _read_mini_pickle(path, split))
+
+
+def _chen_split(index: int) -> str:
+    """Chen et al. (2019) CUB split of the sorted class folders: 100 train, 50 val, 50 test."""
+    return "train" if index % 2 == 0 else "val" if index % 4 == 1 else "test"
+
+
+def _locate_cub(root: Path, split: str, download: bool, bbox_crop: bool) -> _Source:
+    looked_for = []
+    if (folder := _find(root, CUB_DIRS, [f"{CUB_FOLDER}/images.txt"], looked_for)) is not None:
+        source, prefix = folder / CUB_FOLDER, ""
+    elif (folder := _find(root, CUB_DIRS, [CUB_ARCHIVE], looked_for)) is not None:
+        source, prefix = folder / CUB_ARCHIVE, f"{CUB_FOLDER}/"
+    elif download:
+        folder, source, prefix = root / CUB_DIRS[0], root / CUB_DIRS[0] / CUB_ARCHIVE, f"{CUB_FOLDER}/"
+        _download(CUB_URLS, source, f"{CUB_ARCHIVE} with md5 {CUB_MD5}", f"download {CUB_URLS[0]}", md5=CUB_MD5)
+    else:
+        raise _missing("cub", split, root, looked_for)
+    return _Source("cub", folder, (3, IMAGE_SIZE, IMAGE_SIZE), lambda: _build_cub(source, prefix, split, bbox_crop))
+
+
+def _build_cub(source: Path, prefix: str, split: str, bbox_crop: bool):
+    """CUB-200-2011 from its folder or .tgz: images.txt ("id path"), bounding_boxes.txt ("id x y w h")."""
+    wanted = {"images.txt", "bounding_boxes.txt"} if bbox_crop else {"images.txt"}
+    try:
+        meta = {name: data.decode().splitlines() for name, data in _iter_files(source, prefix, wanted)}
+    except READ_ERRORS as e:
+        raise _damaged(source, e) from e
+    if set(meta) != wanted:
+        raise DataError(f"{source}: missing {prefix}{sorted(wanted - set(meta))[0]}; incomplete CUB-200-2011 (see {DOCS})")
+    paths = dict(line.split() for line in meta["images.txt"] if line.strip())  # id -> "NNN.Class/file.jpg"
+    by_class: dict[str, list[str]] = {}
+    for path in sorted(paths.values()):
+        by_class.setdefault(path.split("/")[0], []).append(path)
+    groups = [(c, by_class[c]) for i, c in enumerate(sorted(by_class)) if _chen_split(i) == split]
+    boxes = None
+    if bbox_crop:  # crop before resizing; PIL boxes are (left, upper, right, lower)
+        xywh = {i: [float(v) for v in rest.split()] for i, rest in
+                (line.split(maxsplit=1) for line in meta["bounding_boxes.txt"] if line.strip())}
+        boxes = {paths[i]: (round(x), round(y), round(x + w), round(y + h)) for i, (x, y, w, h) in xywh.items()}
+    return _decode_groups(source, prefix + "images/", groups, IMAGE_SIZE, boxes)
+
+
+def _synthetic(split: str, shape: tuple[int, int, int], classes: tuple[int, int, int], per_class: int,
+               seed: int) -> Split:
+    """Learnable toy data: image = smooth class prototype + smooth per-image deformation + pixel noise."""
+    if len(shape) != 3 or min(shape) < 1 or len(classes) != len(SPLITS) or min(classes) < 1 or per_class < 1:
+        raise DataError(f"synthetic: shape (C, H, W), classes per split and per_class must be positive, "
+                        f"got {shape}, {classes}, {per_class}")
+    c, h, w = shape
+    n = classes[SPLITS.index(split)]
+    # One generator per (seed, split): splits get different prototypes, i.e. disjoint classes.
+    g = torch.Generator().manual_seed(seed * len(SPLITS) + SPLITS.index(split))
+
+    def smooth(count: int, scale: float, offset: float) -> torch.Tensor:  # (count, C, H, W)
+        grid = torch.rand(count, c, SYNTHETIC_GRID, SYNTHETIC_GRID, generator=g) * scale + offset
+        return F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+
+    prototypes = smooth(n, 1.0, 0.0).repeat_interleave(per_class, 0)  # (n * per_class, C, H, W) in [0, 1]
+    images = prototypes + smooth(n * per_class, 2 * SYNTHETIC_DEFORM, -SYNTHETIC_DEFORM) \
+        + SYNTHETIC_NOISE_STD * torch.randn(prototypes.shape, generator=g)
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    count = torch.full((n,), per_class, dtype=torch.int64)
+    return Split(f"synthetic/{split}", images, torch.arange(n) * per_class, count,
+                 [f"synthetic/{split}/{i:03d}" for i in range(n)], (0.0,) * c, (1.0,) * c)
+
+
+# -- task sampling --
+
+class Tasks(NamedTuple):
+    x_s: torch.Tensor  # (tasks, ways*shots, C, H, W) float32, normalised
+    y_s: torch.Tensor  # (tasks, ways*shots) int64 in [0, ways)
+    x_q: torch.Tensor  # (tasks, ways*queries, C, H, W)
+    y_q: torch.Tensor  # (tasks, ways*queries)
+
+
+@functools.lru_cache
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, 1, 1) mean and std on `device`, made once: no host-to-device copy per batch."""
+    return (torch.tensor(mean, device=device).view(-1, 1, 1), torch.tensor(std, device=device).view(-1, 1, 1))
+
+
+def normalize_images(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 (..., C, H, W) -> float32 (x / 255 - mean) / std, computed on the images' device."""
+    m, s = _channel_stats(tuple(mean), tuple(std), images.device)
+    return images.float().div_(255).sub_(m).div_(s)
+
+
+def _check_task_shape(split: Split, ways: int, shots: int, queries: int, tasks: int) -> None:
+    for name, value in (("ways", ways), ("shots", shots), ("queries", queries), ("tasks", tasks)):
+        if not isinstance(value, int) or value < 1:
+            raise DataError(f"{name} must be a positive integer, got {value!r}")
+    if ways > split.classes:
+        raise DataError(f"{split.name} has {split.classes} classes, fewer than ways={ways}: lower --ways")
+    smallest = int(split.count.min())
+    if shots + queries > smallest:
+        raise DataError(f"{split.name}: shots + queries = {shots + queries} images per class, but its smallest "
+                        f"class has {smallest}: lower --shots or --queries")
+
+
+def _sample_indices(start: torch.Tensor, count: torch.Tensor, max_count: int, ways: int, per_class: int,
+                    tasks: int, generator: torch.Generator) -> torch.Tensor:
+    """(tasks, ways, per_class) image indices, on the generator's device; label of [t, w] is w.
+
+    The top-k of i.i.d. uniform keys is a uniformly random *ordered* subset, so classes come without
+    replacement and in random order (= a random label permutation per task), and images of a class
+    are distinct, so support (first shots) and query (the rest) are disjoint.
+    """
+    device = start.device
+    keys = torch.rand(tasks, len(count), generator=generator, device=device)
+    classes = keys.topk(ways, dim=1).indices  # (tasks, ways)
+    keys = torch.rand(tasks, ways, max_count, generator=generator, device=device)
+    beyond = torch.arange(max_count, device=device) >= count[classes].unsqueeze(-1)  # slots past a smaller class
+    picks = keys.masked_fill_(beyond, -1.0).topk(per_class, dim=2).indices  # (tasks, ways, per_class)
+    return start[classes].unsqueeze(-1) + picks
+
+
+def _gather_tasks(split: Split, index: torch.Tensor, shots: int) -> Tasks:
+    """index (tasks, ways, shots + queries) -> Tasks; support = the first `shots` images of each class."""
+    tasks, ways, per_class = index.shape
+    x = normalize_images(split.images[index], split.mean, split.std)  # (tasks, ways, per_class, C, H, W)
+    y = torch.arange(ways, device=index.device).view(1, ways, 1).expand(tasks, ways, per_class)
+    return Tasks(x[:, :, :shots].flatten(1, 2), y[:, :, :shots].flatten(1, 2),
+                 x[:, :, shots:].flatten(1, 2), y[:, :, shots:].flatten(1, 2))
+
+
+class TaskSampler:
+    """Training tasks, sampled on split.images.device from the sampler's own generator (global RNG untouched)."""
+
+    def __init__(self, split: Split, ways: int, shots: int, queries: int, tasks: int, seed: int):
+        _check_task_shape(split, ways, shots, queries, tasks)
+        self.split, self.ways, self.shots, self.queries, self.tasks = split, ways, shots, queries, tasks
+        self.max_count = int(split.count.max())
+        self.generator = torch.Generator(device=split.images.device)
+        self.generator.manual_seed(seed)
+
+    def sample(self) -> Tasks:
+        """One batch of `tasks` tasks on the split's device."""
+        index = _sample_indices(self.split.start, self.split.count, self.max_count, self.ways,
+                                self.shots + self.queries, self.tasks, self.generator)
+        return _gather_tasks(self.split, index, self.shots)
+
+    def state_dict(self) -> dict:
+        """Generator state, for checkpoints."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class EvalTasks:
+    """A fixed task set: indices drawn once on the CPU from `seed`, so identical on every device, epoch, run and method."""
+
+    def __init__(self, split: Split, ways: int, shots: int, queries: int, num_tasks: int, seed: int):
+        _check_task_shape(split, ways, shots, queries, num_tasks)
+        self.split, self.shots = split, shots
+        start, count = split.start.cpu(), split.count.cpu()
+        generator = torch.Generator().manual_seed(seed)
+        self.index = _sample_indices(start, count, int(count.max()), ways, shots + queries, num_tasks, generator)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def batches(self, batch_size: int) -> Iterator[Tasks]:
+        """The tasks in batches of `batch_size` (the last may be smaller), same order every call."""
+        if batch_size < 1:
+            raise DataError(f"batch_size must be positive, got {batch_size}")
+        for first in range(0, len(self.index), batch_size):
+            index = self.index[first:first + batch_size].to(self.split.images.device)
+            yield _gather_tasks(self.split, index, self.shots)
+
+
+# ---- Model: Conv4, functional ----
+# One pure function over a parameter dict, so that the inner loop can differentiate through fast
+# weights (torch.func style). Names are the checkpoint keys: conv{i}.weight, conv{i}.bias,
+# bn{i}.weight, bn{i}.bias, head.weight, head.bias.
+
+CONV_KERNEL = 3  # 3×3 convolutions, padding 1: the spatial size is kept until the pooling
+POOL = 2  # each block halves the spatial size
+
+
+def conv4_init(image_shape: tuple[int, int, int], ways: int, filters: int = 48, blocks: int = 4,
+               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Parameters of the Conv4 backbone of MAML / MAML++ (paper 002, appendix A.2) for (C, H, W) images.
+
+    Xavier-uniform conv and head weights, zero biases, BatchNorm scale 1 and shift 0, as in the MAML++
+    reference implementation the paper relies on. 84×84 input -> 5×5×filters features; 28×28 -> 1×1.
+    """
+    channels, height, width = image_shape
+    if min(height, width) < POOL ** blocks:
+        raise ValueError(f"{blocks} pooling blocks need images of at least {POOL ** blocks} pixels, got {image_shape}")
+    params: dict[str, torch.Tensor] = {}
+    for i in range(blocks):
+        w = torch.empty(filters, channels, CONV_KERNEL, CONV_KERNEL, dtype=dtype)
+        params[f"conv{i}.weight"] = torch.nn.init.xavier_uniform_(w, generator=generator)
+        params[f"conv{i}.bias"] = torch.zeros(filters, dtype=dtype)
+        params[f"bn{i}.weight"] = torch.ones(filters, dtype=dtype)
+        params[f"bn{i}.bias"] = torch.zeros(filters, dtype=dtype)
+        channels, height, width = filters, height // POOL, width // POOL
+    w = torch.empty(ways, filters * height * width, dtype=dtype)
+    params["head.weight"] = torch.nn.init.xavier_uniform_(w, generator=generator)
+    params["head.bias"] = torch.zeros(ways, dtype=dtype)
+    return params
+
+
+def conv4_blocks(params: dict[str, torch.Tensor]) -> int:
+    """Number of conv blocks in a Conv4 parameter dict."""
+    return sum(1 for name in params if name.endswith(".weight") and name.startswith("conv"))
+
+
+def conv4_features(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) images -> (N, filters, h, w) feature map of the last block, after its pooling.
+
+    Each block: conv 3×3 -> BatchNorm on the statistics of this batch (no running statistics: the
+    transductive BatchNorm of MAML and MAML++, identical at train and test time) -> ReLU -> max-pool.
+    """
+    for i in range(conv4_blocks(params)):
+        x = F.conv2d(x, params[f"conv{i}.weight"], params[f"conv{i}.bias"], padding=CONV_KERNEL // 2)
+        x = F.batch_norm(x, None, None, params[f"bn{i}.weight"], params[f"bn{i}.bias"], training=True)
+        x = F.max_pool2d(F.relu(x), POOL)
+    return x
+
+
+def conv4_forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) images -> (N, ways) logits."""
+    return F.linear(conv4_features(params, x).flatten(1), params["head.weight"], params["head.bias"])
+
+
+def forward_tasks(forward: Callable, params: dict[str, torch.Tensor], x: torch.Tensor, use_vmap: bool) -> torch.Tensor:
+    """Run `forward` for every task: params (tasks, ...) per tensor, x (tasks, N, C, H, W) -> (tasks, N, ways).
+
+    With use_vmap the tasks go through one batched forward (torch.func.vmap: grouped convolutions,
+    fastest on a GPU); otherwise through a Python loop over tasks, which is faster on a CPU.
+    Both give the same values and gradients (tests/test_maml_gs.py).
+    """
+    if use_vmap:
+        return torch.func.vmap(forward)(params, x)
+    per_task = {name: p.unbind(0) for name, p in params.items()}
+    return torch.stack([forward({name: p[t] for name, p in per_task.items()}, x[t]) for t in range(x.shape[0])])
+
+
+def use_vmap(setting: str, device: torch.device) -> bool:
+    """--vmap auto|on|off -> whether forward_tasks batches the tasks with vmap (auto: on CUDA only)."""
+    return device.type == "cuda" if setting == "auto" else setting == "on"
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Fraction of correct predictions per task: logits (tasks, N, ways), labels (tasks, N) -> (tasks,)."""
+    return (logits.argmax(-1) == labels).double().mean(-1)  # exact fractions k / N
+
+
+# ---- Arguments: a typed dataclass, one docstring line per field (CleanRL style) ----
+
+@dataclass
+class Args:
+    dataset: Literal["omniglot", "miniimagenet", "cub", "synthetic"] = "omniglot"
+    """dataset: omniglot, miniimagenet, cub or synthetic"""
+    data_root: str = "data"
+    """folder that holds the datasets (see docs/datasets.md for the layout looked for)"""
+    download: bool = False
+    """download the dataset into --data-root when it is missing"""
+    cache_dir: str = ""
+    """where the uint8 array caches go (default: next to the data, or ~/.cache when that is read-only)"""
+    bbox_crop: bool = False
+    """CUB only: crop each image to its bounding box before resizing"""
+    synthetic_shape: str = "3,84,84"
+    """synthetic only: image shape C,H,W"""
+    ways: int = 5
+    """classes per task"""
+    shots: int = 1
+    """support examples per class"""
+    queries: int = 15
+    """query examples per class"""
+    tasks: int = 5
+    """task batch size: tasks per meta-iteration"""
+    filters: int = 48
+    """channels of each Conv4 block"""
+    epochs: int = 250
+    """meta-training epochs"""
+    iters_per_epoch: int = 1000
+    """meta-iterations per epoch"""
+    outer_lr: float = 1e-3
+    """learning rate of the outer Adam"""
+    val_tasks: int = 600
+    """meta-validation tasks, evaluated after every epoch (a fixed set)"""
+    test_tasks: int = 600
+    """meta-test tasks (a fixed set)"""
+    ensemble: int = 5
+    """checkpoints kept (best by validation accuracy) and ensembled at meta-test"""
+    eval_batch: int = 25
+    """evaluation tasks adapted together (memory only: results do not depend on it)"""
+    eval_seed: int = 0
+    """seed of the fixed validation and test task sets, shared by all runs and methods"""
+    seed: int = 1
+    """seed of initialisation and training task sampling"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto (cuda when available), cpu or cuda"""
+    vmap: Literal["auto", "on", "off"] = "auto"
+    """batch the tasks through one vmap-ed forward: auto (on for cuda, off for cpu), on, off"""
+    max_bad_steps: int = 10
+    """consecutive non-finite meta-iterations after which the run stops as diverged"""
+    out: str = ""
+    """run directory (default runs/<algo>__<dataset>__<ways>w<shots>s__t<tasks>__<seed>__<time>)"""
+    resume: str = ""
+    """continue the interrupted run in this run directory from its last checkpoint"""
+    quiet: bool = False
+    """no progress line"""
+
+    def check(self) -> list[str]:
+        """Problems with the values, each saying what is expected (subclasses add their own)."""
+        problems = []
+        for name in ("ways", "shots", "queries", "tasks", "filters", "epochs", "iters_per_epoch", "val_tasks",
+                     "test_tasks", "ensemble", "eval_batch", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.ways < 2:
+            problems.append(f"--ways must be at least 2 for a classification task, got {self.ways}")
+        if not self.outer_lr > 0:
+            problems.append(f"--outer-lr must be positive, got {self.outer_lr}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            problems.append("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+        try:
+            shape = synthetic_shape(self.synthetic_shape)
+            if min(shape) < 1:
+                raise ValueError
+        except ValueError:
+            problems.append(f"--synthetic-shape must be three positive integers C,H,W, got {self.synthetic_shape!r}")
+        return problems
+
+
+def synthetic_shape(text: str) -> tuple[int, int, int]:
+    """'3,84,84' -> (3, 84, 84)."""
+    values = tuple(int(v) for v in text.split(","))
+    if len(values) != 3:
+        raise ValueError(text)
+    return values
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring line under each dataclass field, read from the source of the class and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                docs[node.target.id] = str(after.value.value)
+    return docs
+
+
+def parse_args(cls: type, argv: list[str] | None = None, description: str | None = None):
+    """Build an argparse parser from a dataclass of arguments, parse argv, validate with cls.check()."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs[f.name])
+        elif typing.get_origin(kind) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(kind), default=f.default, help=docs[f.name])
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=docs[f.name])
+    args = cls(**vars(parser.parse_args(argv)))
+    problems = args.check()
+    if problems:
+        parser.error("\n  ".join(problems))
+    return args
+
+
+# ---- The algorithm interface: what an algorithm file hands to the shared loop ----
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # () outer (query) loss of this meta-iteration, detached
+    accuracy: torch.Tensor  # () query accuracy
+    grads: dict[str, torch.Tensor | None]  # meta-gradient per meta-parameter; None: no gradient this step
+    state: dict  # the algorithm's state after this step; kept only if the step was finite
+
+
+@dataclass
+class Algorithm:
+    """An algorithm file's contribution: its meta-parameters and three pure functions over them."""
+    name: str
+    """name used in run directories and checkpoints, e.g. maml_gs"""
+    params: dict[str, torch.Tensor]
+    """meta-parameters: leaf tensors that the outer Adam updates (θ and the method's own, e.g. m, λ)"""
+    state: dict
+    """non-differentiable state carried across meta-iterations and checkpointed (e.g. the stored ĝ)"""
+    meta_gradient: Callable[[dict, dict, Tasks, int], StepResult]
+    """(params, state, tasks, epoch) -> StepResult: one meta-iteration's loss and meta-gradient"""
+    predict: Callable[[dict, dict, Tasks], torch.Tensor]
+    """(params, state, tasks) -> adapted query logits (tasks, ways*queries, ways); never changes state"""
+    scalars: Callable[[dict, dict], dict[str, float]]
+    """(params, state) -> the method's own numbers logged per epoch, e.g. mean σ(m_k)"""
+
+
+# ---- Evaluation ----
+
+Z95 = 1.96  # 95% confidence interval of a mean: ± 1.96 · std / sqrt(n)
+
+
+def mean_ci(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and 95% confidence half-width of per-task accuracies (sample std)."""
+    values = values.double()
+    return float(values.mean()), float(Z95 * values.std() / math.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
+def evaluate(algorithm: Algorithm, members: list[tuple[dict, dict]], tasks: EvalTasks, batch: int) -> torch.Tensor:
+    """Per-task query accuracy (num_tasks,) of the ensemble of members [(params, state), ...].
+
+    Each member adapts on the support set of every task with its own parameters and state; the
+    members' query logits are averaged, then argmax (the top-5 ensemble of MAML++, paper 002 A.3).
+    One member is a single model.
+    """
+    accs = []
+    for batch_tasks in tasks.batches(batch):
+        logits = sum(algorithm.predict(params, state, batch_tasks) for params, state in members) / len(members)
+        accs.append(accuracy(logits, batch_tasks.y_q).cpu())
+    return torch.cat(accs)
+
+
+# ---- Run directory and checkpoints ----
+
+CHECKPOINT_FORMAT = "metalearn-gs checkpoint v1"
+LAST = "last.pt"  # the newest state of the run, for --resume
+RESUME_FREE = ("resume", "quiet", "device", "vmap", "out", "data_root", "cache_dir", "download", "eval_batch")
+
+
+def write_json(path: Path, obj: dict) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    def write(f):
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+        f.write(text.getvalue().encode())
+    atomic_write(path, write)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint dict, or SystemExit with a message naming the file when it is damaged or foreign."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: checkpoint {path} not found")
+    except Exception as e:  # truncated or foreign file: torch raises several unrelated types
+        raise SystemExit(f"error: checkpoint {path} is damaged ({e}); delete it, or resume from another run")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise SystemExit(f"error: {path} is not a checkpoint of this project ({CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+def run_dir_name(args: Args, name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{name}__{args.dataset}__{args.ways}w{args.shots}s__t{args.tasks}__{args.seed}__{stamp}"
+
+
+# ---- The training loop ----
+
+class Progress:
+    """A live status line on a terminal; at most one line per epoch elsewhere; nothing with --quiet."""
+    REFRESH_S = 0.5
+
+    def __init__(self, quiet: bool, epochs: int, iters: int):
+        self.quiet, self.epochs, self.iters = quiet, epochs, iters
+        self.tty = sys.stderr.isatty()
+        self.start, self.last, self.done = time.time(), 0.0, 0
+
+    def step(self, epoch: int, it: int, loss: float) -> None:
+        self.done += 1
+        now = time.time()
+        if self.quiet or not self.tty or now - self.last < self.REFRESH_S:
+            return
+        self.last = now
+        rate = self.done / (now - self.start)
+        left = ((self.epochs - epoch) * self.iters - it - 1) / rate
+        sys.stderr.write(f"\repoch {epoch + 1}/{self.epochs} iter {it + 1}/{self.iters} {rate:.2f} it/s "
+                         f"ETA {left / 60:.1f} min loss {loss:.4f}   ")
+        sys.stderr.flush()
+
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            sys.stderr.write(("\r" if self.tty else "") + text + "\n")
+            sys.stderr.flush()
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _to(obj, device: torch.device):
+    """Move every tensor inside nested dicts/lists to device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
+
+
+def program_name(args: Args) -> str:
+    """The algorithm file that defines this Args class, e.g. maml_gs."""
+    return Path(inspect.getfile(type(args))).stem
+
+
+def resumed_args(args: Args) -> Args:
+    """On --resume, the run's own arguments, with the flags that may change between sessions from the command line.
+
+    A flag given on the command line that differs from both its default and the run's value is refused:
+    resuming must never silently continue another configuration.
+    """
+    ckpt = load_checkpoint(Path(args.resume) / LAST)
+    if ckpt["program"] != program_name(args):
+        raise SystemExit(f"error: {args.resume} is a run of {ckpt['program']}.py, not {program_name(args)}.py")
+    saved, given, default = ckpt["args"], dataclasses.asdict(args), dataclasses.asdict(type(args)())
+    if set(saved) != set(given):
+        raise SystemExit(f"error: {args.resume} was made with other arguments ({sorted(set(saved) ^ set(given))})")
+    clash = [k for k in given if k not in RESUME_FREE and given[k] != default[k] and given[k] != saved[k]]
+    if clash:
+        raise SystemExit(f"error: {args.resume} is a run with " + ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in clash)
+                         + "; resume it without changing those flags, or start a new run")
+    return type(args)(**{k: given[k] if k in RESUME_FREE else saved[k] for k in saved})
+
+
+def main(args_cls: type, make_algorithm: Callable[[Args, tuple[int, int, int], torch.device], Algorithm],
+         argv: list[str] | None = None, description: str | None = None) -> dict:
+    """Command-line entry point of every algorithm file: parse, then run."""
+    args = parse_args(args_cls, argv, description)
+    if args.resume:
+        args = resumed_args(args)
+    return run(args, make_algorithm)
+
+
+def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.device], Algorithm]) -> dict:
+    """Meta-train, meta-validate after every epoch, keep the best checkpoints, meta-test; return result.json's dict."""
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    progress = Progress(args.quiet, args.epochs, args.iters_per_epoch)
+    try:
+        splits = {split: load_split(args.dataset, split, args.data_root, download=args.download,
+                                    cache_dir=args.cache_dir or None, bbox_crop=args.bbox_crop,
+                                    synthetic_shape=synthetic_shape(args.synthetic_shape), seed=args.eval_seed,
+                                    verbose=not args.quiet).to(device) for split in SPLITS}
+        task_shape = (args.ways, args.shots, args.queries)
+        sampler = TaskSampler(splits["train"], *task_shape, args.tasks, seed=args.seed)
+        val_tasks = EvalTasks(splits["val"], *task_shape, args.val_tasks, seed=args.eval_seed)
+        test_tasks = EvalTasks(splits["test"], *task_shape, args.test_tasks, seed=args.eval_seed)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    algorithm = make_algorithm(args, splits["train"].image_shape, device)
+    params, state = algorithm.params, algorithm.state
+    optimizer = torch.optim.Adam(params.values(), lr=args.outer_lr)
+
+    # Everything the loop needs to continue exactly where it stopped lives in `loop` and the checkpoint.
+    loop = {"epoch": 0, "iteration": 0, "loss_sum": 0.0, "acc_sum": 0.0, "steps": 0, "skipped": 0,
+            "bad_streak": 0, "seconds": 0.0, "history": [], "top": [], "status": "running"}
+    if args.resume:
+        run_dir = Path(args.resume)
+        ckpt = load_checkpoint(run_dir / LAST)
+        for name, p in params.items():
+            p.data.copy_(ckpt["params"][name])
+        state = _to(ckpt["state"], device)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        sampler.load_state_dict(ckpt["sampler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        loop = ckpt["loop"]
+        progress.message(f"resuming {run_dir} at epoch {loop['epoch'] + 1}, iteration {loop['iteration'] + 1}")
+    else:
+        run_dir = Path(args.out) if args.out else run_dir_name(args, algorithm.name)
+        if (run_dir / LAST).exists():
+            raise SystemExit(f"error: {run_dir} already holds a run; continue it with --resume {run_dir}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", {"program": program_name(args), "algorithm": algorithm.name,
+                                             **dataclasses.asdict(args), "torch": torch.__version__})
+
+    def checkpoint() -> dict:
+        return {"format": CHECKPOINT_FORMAT, "program": program_name(args), "algorithm": algorithm.name,
+                "args": dataclasses.asdict(args), "params": {n: p.detach().cpu() for n, p in params.items()},
+                "state": _to(state, torch.device("cpu")), "optimizer": optimizer.state_dict(),
+                "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(), "loop": loop}
+
+    def save(path: Path) -> None:
+        atomic_write(path, lambda f: torch.save(checkpoint(), f))
+
+    # SIGINT / SIGTERM: finish the current meta-iteration, save, exit.
+    stop = []
+    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while loop["epoch"] < args.epochs and loop["status"] == "running":
+            epoch, started = loop["epoch"], time.time()
+            while loop["iteration"] < args.iters_per_epoch:
+                if stop:
+                    loop["seconds"] += time.time() - started
+                    save(run_dir / LAST)
+                    progress.message(f"interrupted: saved {run_dir / LAST}; continue with --resume {run_dir}")
+                    raise SystemExit(128 + stop[0])
+                result = algorithm.meta_gradient(params, state, sampler.sample(), epoch)
+                grads = [g for g in result.grads.values() if g is not None]
+                finite = torch.stack([result.loss.isfinite()] + [g.isfinite().all() for g in grads]).all()
+                if finite.item():
+                    for name, p in params.items():
+                        p.grad = result.grads[name]
+                    optimizer.step()
+                    state = result.state
+                    loop["loss_sum"] += result.loss.item()
+                    loop["acc_sum"] += result.accuracy.item()
+                    loop["steps"] += 1
+                    loop["bad_streak"] = 0
+                else:  # a NaN or inf: skip this outer update, count it, stop after too many in a row
+                    loop["skipped"] += 1
+                    loop["bad_streak"] += 1
+                    progress.message(f"epoch {epoch + 1} iteration {loop['iteration'] + 1}: non-finite loss or "
+                                     f"meta-gradient, update skipped ({loop['bad_streak']} in a row)")
+                    if loop["bad_streak"] >= args.max_bad_steps:
+                        loop["status"] = "diverged"
+                        break
+                loop["iteration"] += 1
+                progress.step(epoch, loop["iteration"] - 1, result.loss.item())
+            if loop["status"] != "running":
+                break
+            val_acc, val_ci = mean_ci(evaluate(algorithm, [(params, state)], val_tasks, args.eval_batch))
+            steps = max(loop["steps"], 1)
+            loop["history"].append({
+                "epoch": epoch + 1, "train_loss": loop["loss_sum"] / steps, "train_acc": loop["acc_sum"] / steps,
+                "val_acc": val_acc, "val_ci": val_ci, "skipped_steps": loop["skipped"],
+                "seconds": loop["seconds"] + time.time() - started, **algorithm.scalars(params, state)})
+            loop.update(epoch=epoch + 1, iteration=0, loss_sum=0.0, acc_sum=0.0, steps=0, skipped=0, seconds=0.0)
+            # Keep the best `ensemble` checkpoints by validation accuracy (ties: the earlier epoch).
+            ranked = sorted(loop["top"] + [[val_acc, epoch + 1]], key=lambda t: (-t[0], t[1]))
+            loop["top"], evicted = ranked[:args.ensemble], ranked[args.ensemble:]
+            if [val_acc, epoch + 1] in loop["top"]:
+                save(run_dir / f"epoch{epoch + 1:04d}.pt")
+            save(run_dir / LAST)  # written before the evicted files go: a crash in between loses nothing
+            for _, old in evicted:
+                (run_dir / f"epoch{old:04d}.pt").unlink(missing_ok=True)
+            write_csv(run_dir / "metrics.csv", loop["history"])
+            progress.message(f"epoch {epoch + 1}/{args.epochs}: train loss {loop['history'][-1]['train_loss']:.4f} "
+                             f"acc {loop['history'][-1]['train_acc']:.4f}, val acc {val_acc:.4f} ± {val_ci:.4f}")
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if loop["status"] == "running":
+        loop["status"] = "finished"
+    save(run_dir / LAST)  # also a diverged run: --resume then reports it again instead of training on
+    return finish(args, algorithm, run_dir, loop, test_tasks, device, progress)
+
+
+def finish(args: Args, algorithm: Algorithm, run_dir: Path, loop: dict, test_tasks: EvalTasks,
+           device: torch.device, progress: Progress) -> dict:
+    """Meta-test the top checkpoints (ensemble and best single model) and write result.json."""
+    history = loop["history"]
+    best = max(history, key=lambda row: (row["val_acc"], -row["epoch"])) if history else None
+    result = {"status": loop["status"], "epochs_run": len(history),
+              "max_val_acc": best["val_acc"] if best else None, "max_val_epoch": best["epoch"] if best else None,
+              "test_acc_ensemble": None, "test_ci_ensemble": None, "test_acc_best": None, "test_ci_best": None,
+              "ensemble_epochs": [epoch for _, epoch in loop["top"]], "test_tasks": len(test_tasks)}
+    if loop["top"]:
+        members = []
+        for _, epoch in loop["top"]:
+            ckpt = load_checkpoint(run_dir / f"epoch{epoch:04d}.pt")
+            members.append(({n: p.to(device) for n, p in ckpt["params"].items()}, _to(ckpt["state"], device)))
+        acc_ens, ci_ens = mean_ci(evaluate(algorithm, members, test_tasks, args.eval_batch))
+        acc_best, ci_best = mean_ci(evaluate(algorithm, members[:1], test_tasks, args.eval_batch))
+        result.update(test_acc_ensemble=acc_ens, test_ci_ensemble=ci_ens, test_acc_best=acc_best, test_ci_best=ci_best)
+        progress.message(f"meta-test: ensemble of {len(members)} {acc_ens:.4f} ± {ci_ens:.4f}, "
+                         f"best single {acc_best:.4f} ± {ci_best:.4f}")
+    if loop["status"] == "diverged":
+        progress.message(f"diverged: {args.max_bad_steps} non-finite meta-iterations in a row; stopped")
+    write_json(run_dir / "result.json", result)
+    progress.message(f"run directory: {run_dir}")
+    return result

@@ -1,0 +1,155 @@
+"""MAML, with and without gradient sharing.
+
+Paper: O. Chang and H. Lipson, "Accelerating Meta-Learning by Sharing Gradients", arXiv 2312.08398
+(shared/papers/002): Algorithm 1 (meta-training) and Algorithm 2 (meta-testing). With --no-gs this
+file is plain second-order MAML (Finn et al., 2017).
+
+Gradient sharing at inner step k = 1..K, for the T tasks of a batch (names in `inner_loop`):
+    g_k     = Σ_t ∇L_t(θ_{t,k-1}) / ‖Σ_t ∇L_t(θ_{t,k-1})‖₂             (Eq. 1)  `g_k`: one global L2 norm
+    ĝ_k     = g_k                        on the first meta-iteration    (Eq. 2)  `ghat` is None before it
+    ĝ_k     = σ(m_k) g_k + (1 − σ(m_k)) ĝ_k^old              afterwards (Eq. 3)  `ghat_k`; ĝ^old stored, detached
+    Δ_{t,k} = σ(λ_k) ĝ_k + (1 − σ(λ_k)) ∇L_t(θ_{t,k-1})                  (Eq. 4)  `delta`
+    θ_{t,k} = θ_{t,k-1} − α Δ_{t,k}                                              `fast`, α = --inner-lr
+Outer step: Adam on (θ, m, λ) with the loss (1/T) Σ_t L_t^query(θ_{t,K})   (Eq. 5)  `meta_gradient`
+Meta-validation and meta-test (Algorithm 2) use the stored ĝ_k and never change it  `predict`
+
+Decisions where the paper is silent (shared/DESIGN.md): m, λ ∈ R^K start at 0 (σ = 0.5); second order
+by default, so the meta-gradient flows through g_k, its norm and the task gradients; m gets no gradient
+on the first meta-iteration (ĝ = g there); every Conv4 tensor (BatchNorm scale and shift included) is
+adapted in the inner loop, as in MAML; before any ĝ is stored, evaluation uses the plain gradient.
+
+Reproduces paper 002, Table 1 and Figures 4, 6, 8, 10, columns MAML (OG: --no-gs, GS: --gs), e.g.
+    python maml_gs.py --dataset cub --shots 5 --tasks 5 --epochs 150 --gs
+    python maml_gs.py --dataset miniimagenet --shots 5 --tasks 1 --epochs 1250 --no-gs
+`make reproduce-table1` runs every row (README, section Reproducing the papers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+
+@dataclass
+class Args(common.Args):
+    gs: bool = True
+    """gradient sharing (--gs), or plain MAML (--no-gs)"""
+    inner_steps: int = 5
+    """inner-loop steps K, at meta-training and meta-test"""
+    inner_lr: float = 0.1
+    """inner-loop learning rate α"""
+    first_order: bool = False
+    """first-order approximation: no gradient through the inner-loop gradients"""
+
+    def check(self) -> list[str]:
+        problems = super().check()
+        if self.inner_steps < 1:
+            problems.append(f"--inner-steps must be a positive integer, got {self.inner_steps}")
+        if not self.inner_lr > 0:
+            problems.append(f"--inner-lr must be positive, got {self.inner_lr}")
+        return problems
+
+
+GS_PARAMS = ("m", "lambda")  # meta-learned momentum and gate, one per inner step (K,)
+
+
+def inner_loop(theta: dict[str, torch.Tensor], m: torch.Tensor | None, lam: torch.Tensor | None,
+               ghat: list[dict[str, torch.Tensor]] | None, x_s: torch.Tensor, y_s: torch.Tensor, *,
+               inner_steps: int, inner_lr: float, share: bool, create_graph: bool, use_vmap: bool):
+    """Adapt θ to every task of the batch: Eq. 1-4 (Algorithm 1 with share=True, Algorithm 2 without).
+
+    theta: the initialisation, one tensor per Conv4 parameter; x_s (tasks, ways*shots, C, H, W),
+    y_s (tasks, ways*shots). m, lam: (K,) or None for plain MAML. ghat: the stored ĝ (K dicts like
+    theta) or None before the first meta-iteration. Returns the adapted weights, each (tasks, ...),
+    and with share=True the new ĝ (K dicts, still attached to the graph: m gets its gradient there).
+    """
+    tasks = x_s.shape[0]
+    fast = {name: p.expand(tasks, *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
+    new_ghat = []
+    for k in range(inner_steps):
+        logits = common.forward_tasks(common.conv4_forward, fast, x_s, use_vmap)  # (tasks, ways*shots, ways)
+        # Σ_t L_t, each L_t a mean over task t's own support set. Tasks share nothing in the forward pass,
+        # so one backward gives every task's gradient w.r.t. its own fast weights: ∇L_t, (tasks, ...).
+        loss = F.cross_entropy(logits.flatten(0, 1), y_s.flatten(), reduction="sum") / y_s.shape[1]
+        grads = dict(zip(fast, torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)))
+        delta = grads  # plain MAML: Δ_{t,k} = ∇L_t
+        if lam is not None and (share or ghat is not None):
+            if share:
+                total = {name: g.sum(0) for name, g in grads.items()}  # Σ_t ∇L_t
+                norm = torch.sqrt(sum(g.square().sum() for g in total.values()))  # over the whole parameter vector
+                g_k = {name: g / norm for name, g in total.items()}  # Eq. 1
+                if ghat is None:
+                    ghat_k = g_k  # Eq. 2
+                else:
+                    momentum = torch.sigmoid(m[k])
+                    ghat_k = {name: momentum * g_k[name] + (1 - momentum) * ghat[k][name] for name in g_k}  # Eq. 3
+                new_ghat.append(ghat_k)
+            else:
+                ghat_k = ghat[k]  # Algorithm 2: the stored running mean, unchanged
+            gate = torch.sigmoid(lam[k])
+            delta = {name: gate * ghat_k[name] + (1 - gate) * g for name, g in grads.items()}  # Eq. 4, ĝ broadcast over tasks
+        fast = {name: w - inner_lr * delta[name] for name, w in fast.items()}
+    return fast, (new_ghat if share and lam is not None else None)
+
+
+def split_params(params: dict[str, torch.Tensor]):
+    """params -> (θ, m, λ); m and λ are None for plain MAML."""
+    theta = {name: p for name, p in params.items() if name not in GS_PARAMS}
+    return theta, params.get("m"), params.get("lambda")
+
+
+def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, epoch: int, *,
+                  inner_steps: int, inner_lr: float, first_order: bool, use_vmap: bool) -> common.StepResult:
+    """One meta-iteration of Algorithm 1: adapt every task, query loss (Eq. 5), its gradient w.r.t. θ, m, λ."""
+    theta, m, lam = split_params(params)
+    fast, ghat = inner_loop(theta, m, lam, state["ghat"], tasks.x_s, tasks.y_s, inner_steps=inner_steps,
+                            inner_lr=inner_lr, share=True, create_graph=not first_order, use_vmap=use_vmap)
+    logits = common.forward_tasks(common.conv4_forward, fast, tasks.x_q, use_vmap)  # (tasks, ways*queries, ways)
+    loss = F.cross_entropy(logits.flatten(0, 1), tasks.y_q.flatten())  # (1/T) Σ_t L_t^query: equal query sets
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)  # m unused on the first iteration
+    if ghat is not None:
+        state = {"ghat": [{name: g.detach() for name, g in ghat_k.items()} for ghat_k in ghat]}
+    return common.StepResult(loss.detach(), common.accuracy(logits.detach(), tasks.y_q).mean(),
+                             dict(zip(params, grads)), state)
+
+
+def predict(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, *,
+            inner_steps: int, inner_lr: float, use_vmap: bool) -> torch.Tensor:
+    """Algorithm 2: adapt with the stored ĝ (never updated), return query logits (tasks, ways*queries, ways)."""
+    theta, m, lam = split_params({name: p.detach().requires_grad_() for name, p in params.items()})
+    with torch.enable_grad():
+        fast, _ = inner_loop(theta, m, lam, state["ghat"], tasks.x_s, tasks.y_s, inner_steps=inner_steps,
+                             inner_lr=inner_lr, share=False, create_graph=False, use_vmap=use_vmap)
+    with torch.no_grad():
+        return common.forward_tasks(common.conv4_forward, fast, tasks.x_q, use_vmap)
+
+
+def scalars(params: dict[str, torch.Tensor], state: dict) -> dict[str, float]:
+    """Mean σ(m_k) and σ(λ_k) over k (the paper's Figures 3, 5, 7, 9, 11)."""
+    _, m, lam = split_params(params)
+    if m is None:
+        return {}
+    return {"sigma_m": torch.sigmoid(m).mean().item(), "sigma_lambda": torch.sigmoid(lam).mean().item()}
+
+
+def make_algorithm(args: Args, image_shape: tuple[int, int, int], device: torch.device) -> common.Algorithm:
+    """θ from the seed; m = λ = 0 (σ = 0.5) with gradient sharing; no ĝ before the first meta-iteration."""
+    theta = common.conv4_init(image_shape, args.ways, args.filters, generator=torch.Generator().manual_seed(args.seed))
+    params = dict(theta)
+    if args.gs:
+        params.update({name: torch.zeros(args.inner_steps) for name in GS_PARAMS})
+    params = {name: p.to(device).requires_grad_() for name, p in params.items()}
+    vmap = common.use_vmap(args.vmap, device)
+    inner = dict(inner_steps=args.inner_steps, inner_lr=args.inner_lr, use_vmap=vmap)
+    return common.Algorithm(
+        name="maml_gs" if args.gs else "maml", params=params, state={"ghat": None},
+        meta_gradient=partial(meta_gradient, first_order=args.first_order, **inner),
+        predict=partial(predict, **inner), scalars=scalars)
+
+
+if __name__ == "__main__":
+    common.main(Args, make_algorithm, description=__doc__.splitlines()[0])

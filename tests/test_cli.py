@@ -1,0 +1,137 @@
+"""maml_gs.py end to end: the command line, the run directory, resuming, Omniglot."""
+import csv
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import common
+import maml_gs
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--filters", "8", "--tasks", "2",
+        "--ways", "3", "--queries", "2", "--inner-steps", "2", "--epochs", "3", "--iters-per-epoch", "3",
+        "--val-tasks", "6", "--test-tasks", "6", "--ensemble", "2", "--quiet"]
+RESULT_KEYS = {"status", "epochs_run", "max_val_acc", "max_val_epoch", "test_acc_ensemble", "test_ci_ensemble",
+               "test_acc_best", "test_ci_best", "ensemble_epochs", "test_tasks"}
+
+
+def run(argv: list[str]) -> dict:
+    return common.main(maml_gs.Args, maml_gs.make_algorithm, argv)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """metrics.csv without the wall-clock column, which no two runs share."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("gs", ["--gs", "--no-gs"])
+def test_synthetic_run_writes_the_run_directory(tmp_path, gs):
+    result = run(TINY + [gs, "--out", str(tmp_path / "run")])
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    # config, metrics, result, the resume checkpoint and the best `--ensemble 2` epochs, nothing else.
+    assert files == {"config.json", "metrics.csv", "result.json", "last.pt"} | {f"epoch{e:04d}.pt" for e in result["ensemble_epochs"]}
+    assert len(result["ensemble_epochs"]) == 2
+    assert json.loads((tmp_path / "run" / "result.json").read_text()) == result
+    assert set(result) == RESULT_KEYS and result["status"] == "finished" and result["epochs_run"] == 3
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["algorithm"] == ("maml_gs" if gs == "--gs" else "maml") and config["gs"] == (gs == "--gs")
+    rows = metrics(tmp_path / "run")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert ("sigma_m" in rows[0]) == (gs == "--gs")
+    best = max(rows, key=lambda r: float(r["val_acc"]))
+    assert result["max_val_acc"] == pytest.approx(float(best["val_acc"]))
+    assert 0 <= result["test_acc_ensemble"] <= 1 and result["test_ci_ensemble"] >= 0
+
+
+def test_default_run_directory_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run(TINY + ["--epochs", "1", "--seed", "7"])
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("maml_gs__synthetic__3w1s__t2__7__")
+
+
+class Crash(BaseException):
+    """Stands for kill -9: the process dies with no chance to save anything."""
+
+
+def interrupt_after(monkeypatch, samples: int, how):
+    original, calls = common.TaskSampler.sample, []
+
+    def sample(self):
+        calls.append(1)
+        if len(calls) == samples:
+            how()
+        return original(self)
+    monkeypatch.setattr(common.TaskSampler, "sample", sample)
+
+
+def test_killed_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
+    reference = run(TINY + ["--out", str(tmp_path / "ref")])
+    interrupt_after(monkeypatch, 5, lambda: (_ for _ in ()).throw(Crash()))  # in epoch 2, after one checkpoint
+    with pytest.raises(Crash):
+        run(TINY + ["--out", str(tmp_path / "run")])
+    monkeypatch.undo()
+    assert not (tmp_path / "run" / "result.json").exists()
+    resumed = run(["--resume", str(tmp_path / "run"), "--quiet"])
+    assert resumed == reference
+    assert metrics(tmp_path / "run") == metrics(tmp_path / "ref")
+
+
+def test_sigterm_saves_mid_epoch_and_resumes_exactly(tmp_path, monkeypatch):
+    reference = run(TINY + ["--out", str(tmp_path / "ref")])
+    interrupt_after(monkeypatch, 2, lambda: signal.raise_signal(signal.SIGTERM))  # within epoch 1
+    with pytest.raises(SystemExit) as exit_info:
+        run(TINY + ["--out", str(tmp_path / "run")])
+    monkeypatch.undo()
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert common.load_checkpoint(tmp_path / "run" / "last.pt")["loop"]["iteration"] == 2
+    assert run(["--resume", str(tmp_path / "run"), "--quiet"]) == reference
+    assert metrics(tmp_path / "run") == metrics(tmp_path / "ref")
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+    run(TINY + ["--epochs", "1", "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match="--shots 1"):
+        run(["--resume", str(tmp_path / "run"), "--shots", "5"])
+    with pytest.raises(SystemExit, match="already holds a run"):
+        run(TINY + ["--out", str(tmp_path / "run")])
+
+
+def test_omniglot_small(tmp_path, shared_data):
+    result = run(["--dataset", "omniglot", "--data-root", str(shared_data), "--cache-dir", str(tmp_path / "cache"),
+                  "--filters", "8", "--tasks", "2", "--inner-steps", "1", "--epochs", "2", "--iters-per-epoch", "2",
+                  "--val-tasks", "5", "--test-tasks", "5", "--quiet", "--out", str(tmp_path / "run")])
+    assert result["status"] == "finished" and result["epochs_run"] == 2 and len(result["ensemble_epochs"]) == 2
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "maml_gs.py"), *argv], capture_output=True, text=True, cwd=REPO)
+
+
+def test_help_lists_every_flag():
+    out = cli("--help")
+    assert out.returncode == 0
+    for field in maml_gs.Args.__dataclass_fields__:
+        assert "--" + field.replace("_", "-") in out.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ways", "0"], "--ways must be a positive integer"),
+    (["--inner-lr", "-1"], "--inner-lr must be positive"),
+    (["--dataset", "imagenet"], "invalid choice"),
+    (["--synthetic-shape", "3,84"], "--synthetic-shape must be three positive integers"),
+    (["--shots", "two"], "invalid int value"),
+])
+def test_impossible_values_are_rejected_with_a_message(argv, message):
+    out = cli(*argv)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_ways_above_the_class_count_is_a_clear_error(tmp_path):
+    out = cli(*TINY, "--ways", "500", "--out", str(tmp_path / "run"))
+    assert out.returncode != 0 and "Traceback" not in out.stderr and "ways" in out.stderr

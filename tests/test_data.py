@@ -1,0 +1,391 @@
+"""Data layer (common.py, issue #2): every on-disk format, splits, caches, downloads, task samplers."""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.datasets import Omniglot
+
+import common
+from common import DataError, EvalTasks, TaskSampler, load_split
+from conftest import (MINI_FIXTURE_CLASSES, MINI_FIXTURE_PER_CLASS, class_color, coded_split, cub_class, write_cub,
+                      write_mini_csv, write_mini_folders, write_mini_pickle, write_omniglot, write_omniglot_small)
+
+
+def files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+def load_all(dataset: str, root: Path, cache: Path, **kwargs) -> dict[str, common.Split]:
+    return {s: load_split(dataset, s, root, cache_dir=cache, verbose=False, **kwargs) for s in common.SPLITS}
+
+
+def check_splits(splits: dict[str, common.Split], shape: tuple[int, int, int], classes: dict[str, int]) -> None:
+    """Shapes, dtype, grouping bookkeeping, class counts and disjoint splits."""
+    for name, split in splits.items():
+        assert split.images.dtype == torch.uint8 and split.image_shape == shape
+        assert split.classes == classes[name] == len(split.class_names) == len(set(split.class_names))
+        assert torch.equal(split.start, torch.cumsum(split.count, 0) - split.count)
+        assert int(split.count.sum()) == len(split.images)
+    names = [set(s.class_names) for s in splits.values()]
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+
+
+# ---- MiniImagenet ----
+
+@pytest.mark.parametrize("key_type, val_name", [(str, "val"), (bytes, "validation")])
+def test_mini_pickle(tmp_path, cache, key_type, val_name):
+    expected = {s: write_mini_pickle(tmp_path / "miniimagenet", s, key_type, val_name) for s in common.SPLITS}
+    splits = load_all("miniimagenet", tmp_path, cache)
+    check_splits(splits, (3, 84, 84), MINI_FIXTURE_CLASSES)
+    for s, split in splits.items():
+        assert split.class_names == sorted(expected[s]) and split.mean == common.IMAGENET_MEAN
+        for c, name in enumerate(split.class_names):  # exact pixels, regrouped by class, HWC -> CHW
+            block = split.images[split.start[c]:split.start[c] + split.count[c]]
+            assert torch.equal(block.permute(0, 2, 3, 1), torch.from_numpy(expected[s][name]))
+
+
+@pytest.mark.parametrize("writer", [write_mini_csv, write_mini_folders])
+def test_mini_jpeg_layouts(tmp_path, cache, writer):
+    writer(tmp_path)  # directly under the data root
+    splits = load_all("miniimagenet", tmp_path, cache)
+    check_splits(splits, (3, 84, 84), MINI_FIXTURE_CLASSES)
+    for split in splits.values():
+        assert split.count.tolist() == [MINI_FIXTURE_PER_CLASS] * split.classes
+        colors = split.images.float().mean((2, 3)).view(split.classes, MINI_FIXTURE_PER_CLASS, 3)
+        expected = torch.tensor(np.stack([class_color(c) for c in range(split.classes)]), dtype=torch.float32)
+        assert (colors - expected[:, None]).abs().max() < 4  # each class block holds that class's images only
+    tasks = EvalTasks(splits["val"], 4, 1, 5, 3, seed=0)
+    x = next(tasks.batches(3)).x_s
+    low = (0 - torch.tensor(common.IMAGENET_MEAN)) / torch.tensor(common.IMAGENET_STD)
+    high = (1 - torch.tensor(common.IMAGENET_MEAN)) / torch.tensor(common.IMAGENET_STD)
+    assert x.dtype == torch.float32 and (x >= low.view(3, 1, 1) - 1e-6).all() and (x <= high.view(3, 1, 1) + 1e-6).all()
+
+
+def test_mini_csv_missing_file_and_image(tmp_path, cache):
+    write_mini_csv(tmp_path)
+    (tmp_path / "val.csv").unlink()
+    with pytest.raises(DataError, match=r"val\.csv[\s\S]*--download"):
+        load_split("miniimagenet", "val", tmp_path, cache_dir=cache, verbose=False)
+    next((tmp_path / "images").glob(f"{common_wnid('test')}*.jpg")).unlink()
+    with pytest.raises(DataError, match="1 of 100 listed images are missing"):
+        load_split("miniimagenet", "test", tmp_path, cache_dir=cache, verbose=False)
+    assert not files(cache)
+
+
+def common_wnid(split: str) -> str:
+    from conftest import wnid
+    return wnid(split, 0)
+
+
+def test_html_named_like_a_pickle(tmp_path, cache):
+    (tmp_path / "mini-imagenet-cache-train.pkl").write_text("<!DOCTYPE html><html><body>Quota exceeded</body></html>")
+    with pytest.raises(DataError, match=r"mini-imagenet-cache-train\.pkl is an HTML page.*by hand"):
+        load_split("miniimagenet", "train", tmp_path, cache_dir=cache, verbose=False)
+    assert not files(cache)
+
+
+def test_pickle_with_code_is_refused(tmp_path, cache):
+    with open(tmp_path / "mini-imagenet-cache-test.pkl", "wb") as f:
+        pickle.dump({"image_data": os.system, "class_dict": {}}, f)  # would import os.system on load
+    with pytest.raises(DataError, match="refusing to load"):
+        load_split("miniimagenet", "test", tmp_path, cache_dir=cache, verbose=False)
+
+
+# ---- CUB ----
+
+def test_cub_folder_tgz_and_bbox(tmp_path, cache):
+    write_cub(tmp_path / "folder")
+    write_cub(tmp_path / "archive", tgz=True)
+    folder, archive = load_all("cub", tmp_path / "folder", cache), load_all("cub", tmp_path / "archive", cache)
+    check_splits(folder, (3, 84, 84), {"train": 4, "val": 2, "test": 2})  # Chen rule on 8 classes
+    for s in common.SPLITS:
+        assert torch.equal(folder[s].images, archive[s].images) and folder[s].class_names == archive[s].class_names
+    assert folder["val"].class_names == [cub_class(1), cub_class(5)] and folder["test"].class_names == [cub_class(3), cub_class(7)]
+    cropped = load_all("cub", tmp_path / "archive", cache, bbox_crop=True)
+    for s in common.SPLITS:  # the crop keeps only the class-coloured box; uncropped images are mostly black
+        assert cropped[s].image_shape == (3, 84, 84)
+        colors = torch.tensor(np.stack([class_color(int(n[:3]) - 1) for n in cropped[s].class_names]), dtype=torch.float32)
+        mean = cropped[s].images.float().mean((2, 3)).view(cropped[s].classes, -1, 3).mean(1)
+        assert (mean - colors).abs().max() < 12 and folder[s].images.float().mean() < 0.5 * cropped[s].images.float().mean()
+    assert len(list(cache.rglob("*.pt"))) == 9  # 3 splits x (folder, archive, archive + bbox): distinct cache files
+
+
+def test_cub_chen_split_200_classes(tmp_path, cache):
+    write_cub(tmp_path, classes=200, per_class=1, size=(6, 6))
+    splits = load_all("cub", tmp_path, cache)
+    check_splits(splits, (3, 84, 84), {"train": 100, "val": 50, "test": 50})
+    names = [cub_class(i) for i in range(200)]  # already in sorted order
+    assert splits["train"].class_names == names[0::2]
+    assert splits["val"].class_names == names[1::4]
+    assert splits["test"].class_names == names[3::4]
+
+
+def test_cub_wrong_checksum_download(tmp_path, cache, monkeypatch):
+    urls = []
+
+    def fake_download(url, root, filename):  # a mirror serving the wrong bytes
+        urls.append(url)
+        Path(root, filename).write_bytes(b"\x1f\x8b not the CUB archive")
+
+    monkeypatch.setattr(common, "download_url", fake_download)
+    with pytest.raises(DataError, match=rf"CUB_200_2011\.tgz[\s\S]*expected {common.CUB_MD5}[\s\S]*by hand"):
+        load_split("cub", "train", tmp_path, download=True, cache_dir=cache, verbose=False)
+    assert urls == list(common.CUB_URLS)
+    assert not files(tmp_path)  # no archive, no .part, no cache
+
+
+def test_mini_download_html_and_wrong_content(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(common, "download_url",
+                        lambda url, root, filename: Path(root, filename).write_text("<html>sign in</html>"))
+    with pytest.raises(DataError, match=r"HTML page[\s\S]*zenodo[\s\S]*dropbox"):
+        load_split("miniimagenet", "val", tmp_path, download=True, cache_dir=cache, verbose=False)
+    tiny = tmp_path / "tiny"
+    write_mini_pickle(tiny, "val")  # a real pickle, but 4 classes x 25 images instead of 16 x 600
+    monkeypatch.setattr(common, "download_url", lambda url, root, filename:
+                        shutil.copy(tiny / "mini-imagenet-cache-val.pkl", Path(root, filename)))
+    with pytest.raises(DataError, match=r"4 classes with \[25\] images, expected 16 x 600"):
+        load_split("miniimagenet", "val", tmp_path, download=True, cache_dir=cache, verbose=False)
+    assert not list((tmp_path / "miniimagenet").iterdir()) and not files(cache)
+
+
+def test_omniglot_download_uses_torchvision_url_and_md5(tmp_path, cache, monkeypatch):
+    urls = []
+    monkeypatch.setattr(common, "download_url", lambda url, root, filename: (
+        urls.append(url), Path(root, filename).write_bytes(b"PK not a zip")))
+    with pytest.raises(DataError, match=Omniglot.zips_md5["images_background"]):
+        load_split("omniglot", "val", tmp_path, download=True, cache_dir=cache, verbose=False)
+    assert urls == [f"{Omniglot.download_url_prefix}/images_background.zip"]
+
+
+# ---- Omniglot ----
+
+def test_omniglot_vinyals_split(tmp_path, cache):
+    write_omniglot(tmp_path / "omniglot-py")
+    splits = load_all("omniglot", tmp_path, cache)
+    check_splits(splits, (1, 28, 28), {"train": 4 * 1028, "val": 4 * 172, "test": 4 * 423})
+    assert {n.split("/")[0] for n in splits["val"].class_names} == {
+        "Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)"}
+    gurmukhi = {s: {n.split("/")[1] for n in split.class_names if n.startswith("Gurmukhi/")} for s, split in splits.items()}
+    assert gurmukhi["test"] == {f"character{i}" for i in range(42, 46)} and len(gurmukhi["train"]) == 41
+    split = splits["test"]
+    c = split.class_names.index("Kannada/character01/rot000")
+    assert split.class_names[c:c + 4] == [f"Kannada/character01/rot{r:03d}" for r in (0, 90, 180, 270)]
+    first = split.images[split.start[c]:split.start[c] + 8].view(4, 2, 28, 28)  # 2 drawings per class; the classes are rotations of each other
+    assert torch.equal(torch.rot90(first[0], 1, (1, 2)), first[1]) and torch.equal(torch.rot90(first[0], 2, (1, 2)), first[2])
+    assert split.images.float().mean() < 128 and split.images.max() > 200  # white strokes on black
+    assert split.mean == (0.0,) and split.std == (1.0,)
+
+
+def test_omniglot_small_real(shared_data, cache):
+    root = shared_data / "omniglot-small"
+    before = sorted(p.name for p in root.iterdir())
+    splits = load_all("omniglot", root, cache)
+    check_splits(splits, (1, 28, 28), {"train": 556, "val": 156, "test": 256})
+    for s, split in splits.items():
+        assert split.name == f"omniglot-small/{s}" and split.count.tolist() == [20] * split.classes
+        assert {n.split("/")[0] for n in split.class_names} == set(common.OMNIGLOT_SMALL_SPLIT[s])
+    assert sum(n.startswith("Greek/") for n in splits["train"].class_names) == 4 * 24  # deduplicated
+    assert sorted(p.name for p in root.iterdir()) == before  # nothing written into the data folder
+    assert len(list(cache.rglob("*.pt"))) == 3
+
+
+def test_truncated_zip(tmp_path, cache):
+    write_omniglot_small(tmp_path)
+    zip_path = tmp_path / "images_background_small2.zip"
+    zip_path.write_bytes(zip_path.read_bytes()[: zip_path.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"images_background_small2\.zip \(BadZipFile.*Delete it"):
+        load_split("omniglot", "train", tmp_path, cache_dir=cache, verbose=False)
+    assert not files(cache) and not (tmp_path / "xdg").exists()
+
+
+# ---- caches ----
+
+def test_cache_reused_validated_and_atomic(tmp_path, cache, monkeypatch):
+    write_mini_pickle(tmp_path, "test")
+    first = load_split("miniimagenet", "test", tmp_path, cache_dir=cache, verbose=False)
+    [cache_file] = cache.rglob("*.pt")
+    monkeypatch.setattr(common, "_read_mini_pickle", lambda *a: pytest.fail("cache not used"))
+    second = load_split("miniimagenet", "test", tmp_path, cache_dir=cache, verbose=False)
+    assert torch.equal(first.images, second.images) and first.class_names == second.class_names
+
+    payload = torch.load(cache_file, weights_only=True)
+    for broken in ({**payload, "images": payload["images"][:, :, :10]},  # wrong shape
+                   {**payload, "images": payload["images"].float()},  # wrong dtype
+                   {**payload, "count": payload["count"][1:]},  # counts do not match
+                   {**payload, "config": {**payload["config"], "image_size": 32}},
+                   {k: v for k, v in payload.items() if k != "class_names"}):
+        torch.save(broken, cache_file)
+        with pytest.raises(DataError, match=rf"{cache_file.name} is invalid .*delete it"):
+            load_split("miniimagenet", "test", tmp_path, cache_dir=cache, verbose=False)
+    cache_file.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(DataError, match=r"unreadable.*delete it"):
+        load_split("miniimagenet", "test", tmp_path, cache_dir=cache, verbose=False)
+
+    cache_file.unlink()
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+    class Crash(BaseException):
+        pass
+
+    def crashing_save(obj, f):  # a crash half-way through writing
+        f.write(b"PK partial")
+        raise Crash
+
+    monkeypatch.setattr(common.torch, "save", crashing_save)
+    with pytest.raises(Crash):
+        load_split("miniimagenet", "test", tmp_path, cache_dir=cache, verbose=False)
+    assert not files(cache)  # neither the temp file nor a cache that looks valid
+
+
+def test_read_only_data_root_falls_back(tmp_path, cache, monkeypatch, capsys):
+    write_mini_pickle(tmp_path / "data", "val")
+    data_dir = tmp_path / "data"
+    mkstemp = tempfile.mkstemp
+
+    def read_only(dir=None, **kwargs):  # root ignores permission bits, so simulate a read-only data folder
+        if Path(dir) == data_dir:
+            raise PermissionError(13, "Read-only file system", str(dir))
+        return mkstemp(dir=dir, **kwargs)
+
+    monkeypatch.setattr(common.tempfile, "mkstemp", read_only)
+    first = load_split("miniimagenet", "val", data_dir)
+    [cached] = (tmp_path / "xdg" / common.CACHE_APP_DIR).rglob("*.pt")
+    assert "converting" in capsys.readouterr().out and not list(data_dir.glob("*.pt"))
+    second = load_split("miniimagenet", "val", data_dir)
+    assert "converting" not in capsys.readouterr().out and torch.equal(first.images, second.images)
+    cached.unlink()
+    monkeypatch.setattr(common.tempfile, "mkstemp", lambda **kwargs: (_ for _ in ()).throw(PermissionError(13, "ro")))
+    third = load_split("miniimagenet", "val", data_dir)  # nowhere writable: warn, never fail
+    assert "warning: no writable cache folder" in capsys.readouterr().out and torch.equal(first.images, third.images)
+
+
+# ---- errors ----
+
+@pytest.mark.parametrize("dataset, looked_for", [
+    ("omniglot", r"omniglot-py/images_background\.zip[\s\S]*images_background_small1\.zip"),
+    ("miniimagenet", r"miniimagenet/mini-imagenet-cache-validation\.pkl[\s\S]*val\.csv[\s\S]*val/<wnid>"),
+    ("cub", r"CUB_200_2011/images\.txt[\s\S]*CUB_200_2011\.tgz")])
+def test_missing_data_root(tmp_path, dataset, looked_for):
+    with pytest.raises(DataError, match=rf"no data under[\s\S]*{looked_for}[\s\S]*--dataset {dataset} .*--download"):
+        load_split(dataset, "val", tmp_path / "nowhere", verbose=False)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_split("imagenet", "train", tmp_path)
+    with pytest.raises(DataError, match="unknown dataset/split"):
+        load_split("synthetic", "validation", tmp_path)
+    with pytest.raises(DataError, match="cub dataset only"):
+        load_split("miniimagenet", "train", tmp_path, bbox_crop=True)
+    split = coded_split([6, 5, 7])
+    for kwargs, message in [(dict(ways=4), "3 classes, fewer than ways=4"),
+                            (dict(shots=2, queries=4), "shots \\+ queries = 6 .* smallest class has 5"),
+                            (dict(shots=0), "shots must be a positive integer"),
+                            (dict(queries=-1), "queries must be"), (dict(tasks=0), "tasks must be")]:
+        args = dict(ways=2, shots=1, queries=1, tasks=2) | kwargs
+        with pytest.raises(DataError, match=message):
+            TaskSampler(split, seed=0, **args)
+        with pytest.raises(DataError, match=message):
+            EvalTasks(split, args["ways"], args["shots"], args["queries"], args["tasks"], seed=0)
+    with pytest.raises(DataError, match="batch_size"):
+        next(EvalTasks(split, 2, 1, 1, 4, seed=0).batches(0))
+
+
+# ---- samplers ----
+
+def decode(x: torch.Tensor) -> torch.Tensor:
+    """Tasks images of coded_split -> (..., 2) int: (class, index within class)."""
+    return x.round().long().flatten(-3)
+
+
+def test_sampler_tasks_are_valid():
+    counts = [3, 7, 4, 10, 5, 6, 3, 8]  # unequal classes: picks must stay inside each class
+    split = coded_split(counts)
+    ways, shots, queries, tasks = 5, 1, 2, 400
+    batch = TaskSampler(split, ways, shots, queries, tasks, seed=1).sample()
+    assert batch.x_s.shape == (tasks, ways * shots, 1, 1, 2) and batch.x_q.shape == (tasks, ways * queries, 1, 1, 2)
+    assert batch.x_s.dtype == torch.float32 and batch.y_s.dtype == batch.y_q.dtype == torch.int64
+    assert batch.y_s.shape == (tasks, ways * shots) and batch.y_q.shape == (tasks, ways * queries)
+    support, query = decode(batch.x_s), decode(batch.x_q)  # (tasks, n, 2)
+    label_class = torch.full((tasks, ways), -1)
+    label_class.scatter_(1, batch.y_s, support[..., 0])
+    assert torch.equal(label_class.gather(1, batch.y_s), support[..., 0])  # one class per label ...
+    assert torch.equal(label_class.gather(1, batch.y_q), query[..., 0])  # ... the same in support and query
+    assert all(len(set(row.tolist())) == ways for row in label_class)  # classes without replacement
+    assert (support[..., 1] < torch.tensor(counts)[support[..., 0]]).all()
+    assert (query[..., 1] < torch.tensor(counts)[query[..., 0]]).all()
+    for t in range(tasks):  # support and query images are distinct images
+        s = {tuple(p) for p in support[t].tolist()}
+        q = {tuple(p) for p in query[t].tolist()}
+        assert not s & q and len(q) == ways * queries
+    for c in range(len(counts)):  # random label permutation: every class gets every label
+        assert set(batch.y_s[support[..., 0] == c].tolist()) == set(range(ways))
+    assert set(label_class.flatten().tolist()) == set(range(len(counts)))
+
+
+def test_smallest_class_fully_used():
+    split = coded_split([3, 9, 9])
+    batch = EvalTasks(split, 3, 1, 2, 50, seed=0)
+    for tasks in batch.batches(50):
+        both = torch.cat([decode(tasks.x_s), decode(tasks.x_q)], 1)
+        assert all(sorted(p[1] for p in row.tolist() if p[0] == 0) == [0, 1, 2] for row in both)
+
+
+def test_eval_tasks_fixed_and_independent_of_global_rng():
+    split = coded_split([20] * 10)
+    torch.manual_seed(123)
+    reference = [t.x_q for t in EvalTasks(split, 5, 1, 3, 600, seed=7).batches(64)]
+    torch.manual_seed(999)
+    torch.rand(10)
+    rng_state = torch.get_rng_state()
+    tasks = EvalTasks(split, 5, 1, 3, 600, seed=7)
+    assert len(tasks) == 600
+    for _ in range(2):  # identical every call, whatever the batch size
+        assert torch.equal(torch.cat([t.x_q for t in tasks.batches(64)]), torch.cat(reference))
+        assert torch.equal(torch.cat([t.x_q for t in tasks.batches(600)]), torch.cat(reference))
+    assert torch.equal(torch.get_rng_state(), rng_state)  # the global RNG was not touched
+    other = torch.cat([t.x_q for t in EvalTasks(split, 5, 1, 3, 600, seed=8).batches(600)])
+    assert not torch.equal(other, torch.cat(reference))
+
+
+def test_training_sampler_seed_and_state():
+    split = coded_split([12] * 8)
+    a, b = TaskSampler(split, 5, 2, 3, 4, seed=3), TaskSampler(split, 5, 2, 3, 4, seed=3)
+    torch.manual_seed(0)
+    first = a.sample()
+    torch.manual_seed(1)
+    assert all(torch.equal(u, v) for u, v in zip(first, b.sample()))  # same seed, global RNG irrelevant
+    state = a.state_dict()
+    rng_state = torch.get_rng_state()
+    expected = [a.sample() for _ in range(3)]
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    c = TaskSampler(split, 5, 2, 3, 4, seed=42)
+    c.load_state_dict(state)
+    for e in expected:  # a restored checkpoint continues with the same tasks
+        assert all(torch.equal(u, v) for u, v in zip(e, c.sample()))
+    assert not torch.equal(expected[0].x_s, expected[1].x_s)
+
+
+# ---- synthetic ----
+
+def test_synthetic_deterministic_disjoint_learnable():
+    kwargs = dict(synthetic_shape=(3, 16, 12), synthetic_classes=(6, 5, 4), synthetic_per_class=10, verbose=False)
+    splits = {s: load_split("synthetic", s, seed=0, **kwargs) for s in common.SPLITS}
+    check_splits(splits, (3, 16, 12), {"train": 6, "val": 5, "test": 4})
+    assert torch.equal(splits["val"].images, load_split("synthetic", "val", seed=0, **kwargs).images)
+    assert not torch.equal(splits["val"].images, load_split("synthetic", "val", seed=1, **kwargs).images)
+    means = {s: split.images.float().view(split.classes, 10, -1).mean(1) for s, split in splits.items()}
+    assert torch.cdist(means["train"], means["val"]).min() > 3 * torch.pdist(splits["val"].images[:10].float().flatten(1)).mean() / 10
+    tasks = next(EvalTasks(splits["val"], 5, 1, 5, 100, seed=0).batches(100))  # nearest-prototype classifier
+    logits = -torch.cdist(tasks.x_q.flatten(2), tasks.x_s.flatten(2))  # 1 shot: support images are the prototypes
+    accuracy = (tasks.y_s.gather(1, logits.argmax(2)) == tasks.y_q).float().mean()
+    assert accuracy > 0.9

@@ -1,0 +1,47 @@
+"""Print runs side by side: validation accuracy per epoch, then the meta-test results.
+
+    python tools/compare.py runs/demo/maml runs/demo/maml_gs
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+
+def load(run_dir: Path) -> tuple[dict, list[dict], dict]:
+    """(config.json, metrics.csv rows, result.json) of a run directory."""
+    for name in ("config.json", "metrics.csv", "result.json"):
+        if not (run_dir / name).is_file():
+            raise SystemExit(f"error: {run_dir / name} not found: is {run_dir} a finished run directory?")
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return json.loads((run_dir / "config.json").read_text()), rows, json.loads((run_dir / "result.json").read_text())
+
+
+def percent(value) -> str:
+    return "-" if value in (None, "") else f"{100 * float(value):.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories")
+    runs = [load(run_dir) for run_dir in parser.parse_args().runs]
+    names = [config["algorithm"] for config, _, _ in runs]
+    width = max(12, *(len(n) for n in names))
+    print("meta-validation accuracy (%) per epoch")
+    print("epoch " + "".join(f"{n:>{width}}" for n in names))
+    for epoch in range(max(len(rows) for _, rows, _ in runs)):
+        cells = [f"{percent(rows[epoch]['val_acc']):>{width}}" if epoch < len(rows) else " " * width for _, rows, _ in runs]
+        print(f"{epoch + 1:>5} " + "".join(cells))
+    print()
+    for name, (_, _, result) in zip(names, runs):
+        print(f"{name:<{width}} {result['status']}: max val {percent(result['max_val_acc'])} at epoch "
+              f"{result['max_val_epoch']}; test ensemble {percent(result['test_acc_ensemble'])} ± "
+              f"{percent(result['test_ci_ensemble'])}, best single {percent(result['test_acc_best'])} ± "
+              f"{percent(result['test_ci_best'])} ({result['test_tasks']} tasks)")
+
+
+if __name__ == "__main__":
+    main()
