@@ -926,18 +926,20 @@ def mean_ci(values: torch.Tensor) -> tuple[float, float]:
     return float(values.mean()), float(Z95 * values.std() / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
-def evaluate(algorithm: Algorithm, members: list[tuple[dict, dict]], tasks: EvalTasks, batch: int) -> torch.Tensor:
-    """Per-task query accuracy (num_tasks,) of the ensemble of members [(params, state), ...].
+def evaluate(algorithm: Algorithm, members: list[tuple[dict, dict]], tasks: EvalTasks,
+             batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-task query accuracies (num_tasks,) of the ensemble of members [(params, state), ...] and of members[0].
 
     Each member adapts on the support set of every task with its own parameters and state; the
     members' query logits are averaged, then argmax (the top-5 ensemble of MAML++, paper 002 A.3).
-    One member is a single model.
+    The first member's own accuracy comes from the same pass (the best single model at meta-test).
     """
-    accs = []
+    ensemble, first = [], []
     for batch_tasks in tasks.batches(batch):
-        logits = sum(algorithm.predict(params, state, batch_tasks) for params, state in members) / len(members)
-        accs.append(accuracy(logits, batch_tasks.y_q).cpu())
-    return torch.cat(accs)
+        logits = [algorithm.predict(params, state, batch_tasks) for params, state in members]
+        ensemble.append(accuracy(sum(logits) / len(logits), batch_tasks.y_q).cpu())
+        first.append(accuracy(logits[0], batch_tasks.y_q).cpu())
+    return torch.cat(ensemble), torch.cat(first)
 
 
 # ---- Run directory and checkpoints ----
@@ -1145,7 +1147,7 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
                 progress.step(epoch, loop["iteration"] - 1, result.loss.item())
             if loop["status"] != "running":
                 break
-            val_acc, val_ci = mean_ci(evaluate(algorithm, [(params, state)], val_tasks, args.eval_batch))
+            val_acc, val_ci = mean_ci(evaluate(algorithm, [(params, state)], val_tasks, args.eval_batch)[0])
             steps = max(loop["steps"], 1)
             loop["history"].append({
                 "epoch": epoch + 1, "train_loss": loop["loss_sum"] / steps, "train_acc": loop["acc_sum"] / steps,
@@ -1186,8 +1188,8 @@ def finish(args: Args, algorithm: Algorithm, run_dir: Path, loop: dict, test_tas
         for _, epoch in loop["top"]:
             ckpt = load_checkpoint(run_dir / f"epoch{epoch:04d}.pt")
             members.append(({n: p.to(device) for n, p in ckpt["params"].items()}, _to(ckpt["state"], device)))
-        acc_ens, ci_ens = mean_ci(evaluate(algorithm, members, test_tasks, args.eval_batch))
-        acc_best, ci_best = mean_ci(evaluate(algorithm, members[:1], test_tasks, args.eval_batch))
+        ensemble, best_single = evaluate(algorithm, members, test_tasks, args.eval_batch)
+        (acc_ens, ci_ens), (acc_best, ci_best) = mean_ci(ensemble), mean_ci(best_single)
         result.update(test_acc_ensemble=acc_ens, test_ci_ensemble=ci_ens, test_acc_best=acc_best, test_ci_best=ci_best)
         progress.message(f"meta-test: ensemble of {len(members)} {acc_ens:.4f} ± {ci_ens:.4f}, "
                          f"best single {acc_best:.4f} ± {ci_best:.4f}")
