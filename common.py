@@ -913,6 +913,8 @@ class Algorithm:
     """(params, state, tasks) -> adapted query logits (tasks, ways*queries, ways); never changes state"""
     scalars: Callable[[dict, dict], dict[str, float]]
     """(params, state) -> the method's own numbers logged per epoch, e.g. mean σ(m_k)"""
+    outer_lr: Callable[[int], float] | None = None
+    """epoch -> learning rate of the outer Adam for that epoch (e.g. MAML++'s cosine annealing); None: --outer-lr"""
 
 
 # ---- Evaluation ----
@@ -1033,22 +1035,40 @@ def program_name(args: Args) -> str:
 
 
 def resumed_args(args: Args) -> Args:
-    """On --resume, the run's own arguments, with the flags that may change between sessions from the command line.
+    """On --resume, the run's own arguments (its config.json), with the flags that may change between sessions.
 
     A flag given on the command line that differs from both its default and the run's value is refused:
     resuming must never silently continue another configuration.
     """
-    ckpt = load_checkpoint(Path(args.resume) / LAST)
-    if ckpt["program"] != program_name(args):
-        raise SystemExit(f"error: {args.resume} is a run of {ckpt['program']}.py, not {program_name(args)}.py")
-    saved, given, default = ckpt["args"], dataclasses.asdict(args), dataclasses.asdict(type(args)())
-    if set(saved) != set(given):
-        raise SystemExit(f"error: {args.resume} was made with other arguments ({sorted(set(saved) ^ set(given))})")
-    clash = [k for k in given if k not in RESUME_FREE and given[k] != default[k] and given[k] != saved[k]]
+    path = Path(args.resume) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot resume {args.resume}: {path} is missing or damaged ({e}); "
+                         f"is it a run directory?")
+    if config.get("program") != program_name(args):
+        raise SystemExit(f"error: {args.resume} is a run of {config.get('program')}.py, not {program_name(args)}.py")
+    given, default = dataclasses.asdict(args), dataclasses.asdict(type(args)())
+    missing = sorted(set(given) - set(config))
+    if missing:
+        raise SystemExit(f"error: {args.resume} was made without the arguments {missing}: another version of the program")
+    clash = [k for k in given if k not in RESUME_FREE and given[k] != default[k] and given[k] != config[k]]
     if clash:
-        raise SystemExit(f"error: {args.resume} is a run with " + ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in clash)
+        raise SystemExit(f"error: {args.resume} is a run with " + ", ".join(f"--{k.replace('_', '-')} {config[k]}" for k in clash)
                          + "; resume it without changing those flags, or start a new run")
-    return type(args)(**{k: given[k] if k in RESUME_FREE else saved[k] for k in saved})
+    return type(args)(**{k: given[k] if k in RESUME_FREE else config[k] for k in given})
+
+
+def restore_params(params: dict[str, torch.Tensor], saved: dict, path: Path) -> None:
+    """Copy a checkpoint's parameters into params, refusing any missing, extra or differently shaped tensor."""
+    for name in sorted(set(params) | set(saved)):
+        have, got = params.get(name), saved.get(name)
+        if have is None or not isinstance(got, torch.Tensor) or got.shape != have.shape or got.dtype != have.dtype:
+            want = f"{tuple(have.shape)} {have.dtype}" if have is not None else "nothing"
+            found = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, torch.Tensor) else repr(got)
+            raise SystemExit(f"error: checkpoint {path} does not fit this run: parameter {name} is {found}, expected "
+                             f"{want}; it comes from another configuration (delete it, or resume the run it belongs to)")
+        have.data.copy_(got)
 
 
 def main(args_cls: type, make_algorithm: Callable[[Args, tuple[int, int, int], torch.device], Algorithm],
@@ -1083,24 +1103,27 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
     # Everything the loop needs to continue exactly where it stopped lives in `loop` and the checkpoint.
     loop = {"epoch": 0, "iteration": 0, "loss_sum": 0.0, "acc_sum": 0.0, "steps": 0, "skipped": 0,
             "bad_streak": 0, "seconds": 0.0, "history": [], "top": [], "status": "running"}
-    if args.resume:
-        run_dir = Path(args.resume)
+    run_dir = Path(args.resume or args.out or run_dir_name(args, algorithm.name))
+    if args.resume and (run_dir / LAST).exists():
         ckpt = load_checkpoint(run_dir / LAST)
-        for name, p in params.items():
-            p.data.copy_(ckpt["params"][name])
+        restore_params(params, ckpt["params"], run_dir / LAST)
         state = _to(ckpt["state"], device)
         optimizer.load_state_dict(ckpt["optimizer"])
         sampler.load_state_dict(ckpt["sampler"])
         torch.set_rng_state(ckpt["torch_rng"])
         loop = ckpt["loop"]
         progress.message(f"resuming {run_dir} at epoch {loop['epoch'] + 1}, iteration {loop['iteration'] + 1}")
-    else:
-        run_dir = Path(args.out) if args.out else run_dir_name(args, algorithm.name)
-        if (run_dir / LAST).exists():
+        # Leftovers of a kill: temp files of unfinished writes, checkpoints no longer (or not yet) in the top list.
+        keep = {f"epoch{epoch:04d}.pt" for _, epoch in loop["top"]}
+        for path in list(run_dir.glob("*.tmp")) + [p for p in run_dir.glob("epoch*.pt") if p.name not in keep]:
+            path.unlink()
+    else:  # a new run (or a resumed one killed before its first checkpoint: it starts again)
+        if not args.resume and (run_dir / LAST).exists():
             raise SystemExit(f"error: {run_dir} already holds a run; continue it with --resume {run_dir}")
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", {"program": program_name(args), "algorithm": algorithm.name,
-                                             **dataclasses.asdict(args), "torch": torch.__version__})
+                                             **dataclasses.asdict(args), "out": str(run_dir), "resume": "",
+                                             "torch": torch.__version__})
 
     def checkpoint() -> dict:
         return {"format": CHECKPOINT_FORMAT, "program": program_name(args), "algorithm": algorithm.name,
@@ -1117,6 +1140,9 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
     try:
         while loop["epoch"] < args.epochs and loop["status"] == "running":
             epoch, started = loop["epoch"], time.time()
+            if algorithm.outer_lr is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = algorithm.outer_lr(epoch)
             while loop["iteration"] < args.iters_per_epoch:
                 if stop:
                     loop["seconds"] += time.time() - started
@@ -1148,7 +1174,7 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
             if loop["status"] != "running":
                 break
             val_acc, val_ci = mean_ci(evaluate(algorithm, [(params, state)], val_tasks, args.eval_batch)[0])
-            steps = max(loop["steps"], 1)
+            steps = loop["steps"] or math.nan  # an epoch whose every update was skipped has no training numbers
             loop["history"].append({
                 "epoch": epoch + 1, "train_loss": loop["loss_sum"] / steps, "train_acc": loop["acc_sum"] / steps,
                 "val_acc": val_acc, "val_ci": val_ci, "skipped_steps": loop["skipped"],
@@ -1186,8 +1212,11 @@ def finish(args: Args, algorithm: Algorithm, run_dir: Path, loop: dict, test_tas
     if loop["top"]:
         members = []
         for _, epoch in loop["top"]:
-            ckpt = load_checkpoint(run_dir / f"epoch{epoch:04d}.pt")
-            members.append(({n: p.to(device) for n, p in ckpt["params"].items()}, _to(ckpt["state"], device)))
+            path = run_dir / f"epoch{epoch:04d}.pt"
+            member = {name: torch.empty_like(p) for name, p in algorithm.params.items()}
+            ckpt = load_checkpoint(path)
+            restore_params(member, ckpt["params"], path)
+            members.append((member, _to(ckpt["state"], device)))
         ensemble, best_single = evaluate(algorithm, members, test_tasks, args.eval_batch)
         (acc_ens, ci_ens), (acc_best, ci_best) = mean_ci(ensemble), mean_ci(best_single)
         result.update(test_acc_ensemble=acc_ens, test_ci_ensemble=ci_ens, test_acc_best=acc_best, test_ci_best=ci_best)
