@@ -30,7 +30,9 @@ demo: setup
 	$(PY) maml_gs.py $(DEMO_FLAGS) --no-gs --out runs/demo/maml
 	$(PY) tools/compare.py runs/demo/maml runs/demo/maml_gs
 
+# Speed and memory against a plain loop and the peers (higher, torchopt: installed here when possible).
 bench: setup
+	$(VENV)/bin/python -m pip install --quiet -r requirements-bench.txt || echo "peers not installed: the bench skips them"
 	$(PY) tools/bench.py --device $(DEVICE)
 
 clean-venv:

@@ -5,7 +5,7 @@ Paper: O. Chang and H. Lipson, "Accelerating Meta-Learning by Sharing Gradients"
 file is plain second-order MAML (Finn et al., 2017).
 
 Gradient sharing at inner step k = 1..K, for the T tasks of a batch (names in `inner_loop`):
-    g_k     = Σ_t ∇L_t(θ_{t,k-1}) / ‖Σ_t ∇L_t(θ_{t,k-1})‖₂             (Eq. 1)  `g_k`: one global L2 norm
+    g_k     = Σ_t ∇L_t(θ_{t,k-1}) / ‖Σ_t ∇L_t(θ_{t,k-1})‖₂             (Eq. 1)  `total`, `norm`: one global L2 norm
     ĝ_k     = g_k                        on the first meta-iteration    (Eq. 2)  `ghat` is None before it
     ĝ_k     = σ(m_k) g_k + (1 − σ(m_k)) ĝ_k^old              afterwards (Eq. 3)  `ghat_k`; ĝ^old stored, detached
     Δ_{t,k} = σ(λ_k) ĝ_k + (1 − σ(λ_k)) ∇L_t(θ_{t,k-1})                  (Eq. 4)  `delta`
@@ -30,6 +30,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import common
 
@@ -44,6 +45,8 @@ class Args(common.Args):
     """inner-loop learning rate α"""
     first_order: bool = False
     """first-order approximation: no gradient through the inner-loop gradients"""
+    recompute: bool = False
+    """gradient checkpointing: recompute each inner step in the backward pass; less memory, more time"""
 
     def check(self) -> list[str]:
         problems = super().check()
@@ -57,42 +60,54 @@ class Args(common.Args):
 GS_PARAMS = ("m", "lambda")  # meta-learned momentum and gate, one per inner step (K,)
 
 
+def inner_step(fast: dict[str, torch.Tensor], k: int, m: torch.Tensor | None, lam: torch.Tensor | None,
+               ghat: list[dict[str, torch.Tensor]] | None, x_s: torch.Tensor, y_s: torch.Tensor, *,
+               inner_lr: float, share: bool, create_graph: bool, use_vmap: bool):
+    """Inner step k+1 for every task of the batch, Eq. 1-4 (k counts from 0 here and indexes m, λ, ĝ).
+
+    Returns θ_{t,k+1} for every task, (tasks, ...) per tensor, and ĝ_{k+1} (None unless shared).
+    """
+    logits = common.forward_tasks(common.conv4_forward, fast, x_s, use_vmap)  # (tasks, ways*shots, ways)
+    # Σ_t L_t, each L_t a mean over task t's own support set. Tasks share nothing in the forward pass,
+    # so one backward gives every task's gradient w.r.t. its own fast weights: ∇L_t, (tasks, ...).
+    loss = F.cross_entropy(logits.flatten(0, 1), y_s.flatten(), reduction="sum") / y_s.shape[1]
+    grads = dict(zip(fast, torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)))
+    delta, ghat_k = grads, None  # plain MAML: Δ_{t,k} = ∇L_t
+    if lam is not None and (share or ghat is not None):
+        if share:
+            total = {name: g.sum(0) for name, g in grads.items()}  # Σ_t ∇L_t
+            norm = torch.sqrt(sum(g.square().sum() for g in total.values()))  # over the whole parameter vector
+            ghat_k = {name: g / norm for name, g in total.items()}  # Eq. 1: g_k; Eq. 2: ĝ_k = g_k on the first iteration
+            if ghat is not None:
+                momentum = torch.sigmoid(m[k])
+                ghat_k = {name: momentum * g + (1 - momentum) * ghat[k][name] for name, g in ghat_k.items()}  # Eq. 3
+        gate = torch.sigmoid(lam[k])
+        shared = ghat_k if share else ghat[k]  # Algorithm 2 uses the stored running mean, unchanged
+        delta = {name: gate * shared[name] + (1 - gate) * g for name, g in grads.items()}  # Eq. 4, ĝ broadcast over tasks
+    return {name: w - inner_lr * delta[name] for name, w in fast.items()}, ghat_k
+
+
 def inner_loop(theta: dict[str, torch.Tensor], m: torch.Tensor | None, lam: torch.Tensor | None,
                ghat: list[dict[str, torch.Tensor]] | None, x_s: torch.Tensor, y_s: torch.Tensor, *,
-               inner_steps: int, inner_lr: float, share: bool, create_graph: bool, use_vmap: bool):
-    """Adapt θ to every task of the batch: Eq. 1-4 (Algorithm 1 with share=True, Algorithm 2 without).
+               inner_steps: int, inner_lr: float, share: bool, create_graph: bool, use_vmap: bool,
+               recompute: bool = False):
+    """Adapt θ to every task of the batch: K inner steps (Algorithm 1 with share=True, Algorithm 2 without).
 
     theta: the initialisation, one tensor per Conv4 parameter; x_s (tasks, ways*shots, C, H, W),
     y_s (tasks, ways*shots). m, lam: (K,) or None for plain MAML. ghat: the stored ĝ (K dicts like
     theta) or None before the first meta-iteration. Returns the adapted weights, each (tasks, ...),
     and with share=True the new ĝ (K dicts, still attached to the graph: m gets its gradient there).
+    recompute: keep only each step's input and recompute the step in the backward pass (gradient
+    checkpointing): the same gradients with less memory, for one more forward-backward per step.
     """
     tasks = x_s.shape[0]
     fast = {name: p.expand(tasks, *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
+    step = partial(inner_step, m=m, lam=lam, ghat=ghat, x_s=x_s, y_s=y_s, inner_lr=inner_lr, share=share,
+                   create_graph=create_graph, use_vmap=use_vmap)
     new_ghat = []
     for k in range(inner_steps):
-        logits = common.forward_tasks(common.conv4_forward, fast, x_s, use_vmap)  # (tasks, ways*shots, ways)
-        # Σ_t L_t, each L_t a mean over task t's own support set. Tasks share nothing in the forward pass,
-        # so one backward gives every task's gradient w.r.t. its own fast weights: ∇L_t, (tasks, ...).
-        loss = F.cross_entropy(logits.flatten(0, 1), y_s.flatten(), reduction="sum") / y_s.shape[1]
-        grads = dict(zip(fast, torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)))
-        delta = grads  # plain MAML: Δ_{t,k} = ∇L_t
-        if lam is not None and (share or ghat is not None):
-            if share:
-                total = {name: g.sum(0) for name, g in grads.items()}  # Σ_t ∇L_t
-                norm = torch.sqrt(sum(g.square().sum() for g in total.values()))  # over the whole parameter vector
-                g_k = {name: g / norm for name, g in total.items()}  # Eq. 1
-                if ghat is None:
-                    ghat_k = g_k  # Eq. 2
-                else:
-                    momentum = torch.sigmoid(m[k])
-                    ghat_k = {name: momentum * g_k[name] + (1 - momentum) * ghat[k][name] for name in g_k}  # Eq. 3
-                new_ghat.append(ghat_k)
-            else:
-                ghat_k = ghat[k]  # Algorithm 2: the stored running mean, unchanged
-            gate = torch.sigmoid(lam[k])
-            delta = {name: gate * ghat_k[name] + (1 - gate) * g for name, g in grads.items()}  # Eq. 4, ĝ broadcast over tasks
-        fast = {name: w - inner_lr * delta[name] for name, w in fast.items()}
+        fast, ghat_k = checkpoint(step, fast, k, use_reentrant=False) if recompute else step(fast, k)
+        new_ghat.append(ghat_k)
     return fast, (new_ghat if share and lam is not None else None)
 
 
@@ -103,18 +118,29 @@ def split_params(params: dict[str, torch.Tensor]):
 
 
 def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, epoch: int, *,
-                  inner_steps: int, inner_lr: float, first_order: bool, use_vmap: bool) -> common.StepResult:
+                  inner_steps: int, inner_lr: float, first_order: bool, use_vmap: bool,
+                  recompute: bool = False) -> common.StepResult:
     """One meta-iteration of Algorithm 1: adapt every task, query loss (Eq. 5), its gradient w.r.t. θ, m, λ."""
     theta, m, lam = split_params(params)
-    fast, ghat = inner_loop(theta, m, lam, state["ghat"], tasks.x_s, tasks.y_s, inner_steps=inner_steps,
-                            inner_lr=inner_lr, share=True, create_graph=not first_order, use_vmap=use_vmap)
-    logits = common.forward_tasks(common.conv4_forward, fast, tasks.x_q, use_vmap)  # (tasks, ways*queries, ways)
-    loss = F.cross_entropy(logits.flatten(0, 1), tasks.y_q.flatten())  # (1/T) Σ_t L_t^query: equal query sets
-    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)  # m unused on the first iteration
+    num_tasks = tasks.x_s.shape[0]
+    # With sharing, g_k couples the tasks: they adapt and are differentiated together. Without, they are
+    # independent, and on the loop path one task at a time gives the same sum with 1/T of the memory.
+    groups = [slice(None)] if lam is not None or use_vmap else [slice(t, t + 1) for t in range(num_tasks)]
+    loss, correct, grads = 0.0, 0.0, [None] * len(params)
+    for group in groups:
+        fast, ghat = inner_loop(theta, m, lam, state["ghat"], tasks.x_s[group], tasks.y_s[group], inner_steps=inner_steps,
+                                inner_lr=inner_lr, share=True, create_graph=not first_order, use_vmap=use_vmap,
+                                recompute=recompute)
+        logits = common.forward_tasks(common.conv4_forward, fast, tasks.x_q[group], use_vmap)  # (tasks, ways*queries, ways)
+        # (1/T) Σ_t L_t^query (Eq. 5): every task has the same number of queries.
+        group_loss = F.cross_entropy(logits.flatten(0, 1), tasks.y_q[group].flatten()) * (logits.shape[0] / num_tasks)
+        group_grads = torch.autograd.grad(group_loss, list(params.values()), allow_unused=True)  # m: none on iteration 1
+        grads = [total if g is None else g if total is None else total + g for total, g in zip(grads, group_grads)]
+        loss = loss + group_loss.detach()
+        correct = correct + common.accuracy(logits.detach(), tasks.y_q[group]).sum()
     if ghat is not None:
         state = {"ghat": [{name: g.detach() for name, g in ghat_k.items()} for ghat_k in ghat]}
-    return common.StepResult(loss.detach(), common.accuracy(logits.detach(), tasks.y_q).mean(),
-                             dict(zip(params, grads)), state)
+    return common.StepResult(loss, correct / num_tasks, dict(zip(params, grads)), state)
 
 
 def predict(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, *,
@@ -147,7 +173,7 @@ def make_algorithm(args: Args, image_shape: tuple[int, int, int], device: torch.
     inner = dict(inner_steps=args.inner_steps, inner_lr=args.inner_lr, use_vmap=vmap)
     return common.Algorithm(
         name="maml_gs" if args.gs else "maml", params=params, state={"ghat": None},
-        meta_gradient=partial(meta_gradient, first_order=args.first_order, **inner),
+        meta_gradient=partial(meta_gradient, first_order=args.first_order, recompute=args.recompute, **inner),
         predict=partial(predict, **inner), scalars=scalars)
 
 

@@ -127,9 +127,16 @@ def test_help_lists_every_flag():
     (["--synthetic-shape", "3,84"], "--synthetic-shape must be three positive integers"),
     (["--shots", "two"], "invalid int value"),
 ])
-def test_impossible_values_are_rejected_with_a_message(argv, message):
-    out = cli(*argv)
-    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+def test_impossible_values_are_rejected_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse_args(maml_gs.Args, argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_usage_error_is_a_message_not_a_traceback():
+    out = cli("--ways", "0", "--queries", "-1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--ways must be a positive integer" in out.stderr and "--queries must be a positive integer" in out.stderr
 
 
 def test_ways_above_the_class_count_is_a_clear_error(tmp_path):

@@ -1,5 +1,7 @@
 """maml_gs.py: meta-gradients against finite differences and an independent per-task loop; equivalences."""
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,9 +47,9 @@ def stored_ghat(params: dict, seed: int = 2) -> list[dict[str, torch.Tensor]]:
     return ghat
 
 
-def run_step(params, ghat, tasks, first_order=False, use_vmap=False):
+def run_step(params, ghat, tasks, first_order=False, use_vmap=False, recompute=False):
     return maml_gs.meta_gradient(params, {"ghat": ghat}, tasks, 0, inner_steps=STEPS, inner_lr=LR,
-                                 first_order=first_order, use_vmap=use_vmap)
+                                 first_order=first_order, use_vmap=use_vmap, recompute=recompute)
 
 
 def reference_loss(params, ghat, tasks, first_order=False):
@@ -106,6 +108,23 @@ def test_matches_independent_per_task_loop(gs, later, first_order, use_vmap):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("gs", [True, False])
+@pytest.mark.parametrize("later", [False, True], ids=["first-iteration", "later-iteration"])
+def test_recomputing_the_inner_steps_gives_the_same_meta_gradient(gs, later):
+    params, tasks = tiny_params(gs=gs), tiny_tasks()
+    ghat = stored_ghat(params) if (later and gs) else None
+    stored, recomputed = run_step(params, ghat, tasks), run_step(params, ghat, tasks, recompute=True)
+    torch.testing.assert_close(recomputed.loss, stored.loss, rtol=1e-14, atol=0)
+    for name, g in stored.grads.items():
+        if g is None:
+            assert recomputed.grads[name] is None
+        else:
+            torch.testing.assert_close(recomputed.grads[name], g, rtol=1e-12, atol=1e-15, msg=name)
+    if gs:
+        for old, new in zip(stored.state["ghat"], recomputed.state["ghat"]):
+            assert all(torch.equal(old[n], new[n]) for n in old)
+
+
 @pytest.mark.parametrize("later", [False, True], ids=["first-iteration", "later-iteration"])
 def test_meta_gradient_matches_central_finite_differences(later):
     params, tasks = tiny_params(), tiny_tasks()
@@ -153,13 +172,24 @@ def test_first_order_maml_is_the_mean_query_gradient_at_the_adapted_weights():
 def test_zero_gate_is_exactly_maml(later):
     params, tasks = tiny_params(gs=True), tiny_tasks()
     with torch.no_grad():
-        params["lambda"].fill_(-math.inf)  # σ(λ) = 0: Δ = ∇L_t exactly
+        params["lambda"].fill_(-math.inf)  # σ(λ) = 0: Δ = 0·ĝ + 1·∇L_t = ∇L_t, bit for bit
     maml = {n: p for n, p in params.items() if n not in maml_gs.GS_PARAMS}
     ghat = stored_ghat(params) if later else None
-    gs_result, maml_result = run_step(params, ghat, tasks), run_step(maml, None, tasks)
+    kwargs = dict(inner_steps=STEPS, inner_lr=LR, create_graph=True, use_vmap=False)
+    theta, m, lam = maml_gs.split_params(params)
+    gs_fast, _ = maml_gs.inner_loop(theta, m, lam, ghat, tasks.x_s, tasks.y_s, share=True, **kwargs)
+    maml_fast, _ = maml_gs.inner_loop(maml, None, None, None, tasks.x_s, tasks.y_s, share=True, **kwargs)
+    assert all(torch.equal(gs_fast[n], maml_fast[n]) for n in maml)
+    # The meta-gradient: bit for bit on one task; on several, plain MAML sums the tasks one at a time
+    # (to save memory), so only the order of the floating-point sum differs.
+    one = common.Tasks(*(t[:1] for t in tasks))
+    gs_result, maml_result = run_step(params, ghat, one), run_step(maml, None, one)
     assert torch.equal(gs_result.loss, maml_result.loss)
+    assert all(torch.equal(gs_result.grads[n], maml_result.grads[n]) for n in maml)
+    gs_result, maml_result = run_step(params, ghat, tasks), run_step(maml, None, tasks)
+    torch.testing.assert_close(gs_result.loss, maml_result.loss, rtol=1e-14, atol=0)
     for name in maml:
-        assert torch.equal(gs_result.grads[name], maml_result.grads[name]), name
+        torch.testing.assert_close(gs_result.grads[name], maml_result.grads[name], rtol=1e-12, atol=1e-15)
     kwargs = dict(inner_steps=STEPS, inner_lr=LR, use_vmap=False)
     assert torch.equal(maml_gs.predict(params, {"ghat": ghat}, tasks, **kwargs),
                        maml_gs.predict(maml, {"ghat": None}, tasks, **kwargs))
@@ -204,3 +234,15 @@ def test_predict_is_the_same_for_vmap_and_loop_and_for_any_task_batching():
     halves = [maml_gs.predict(params, state, common.Tasks(*(t[i:i + 2] for t in tasks)), use_vmap=False, **kwargs)
               for i in (0, 2)]
     torch.testing.assert_close(torch.cat(halves), whole, rtol=1e-12, atol=1e-12)
+
+
+def test_the_benchmarked_path_gives_the_plain_loops_gradients():
+    """tools/bench.py times maml_gs.meta_gradient against its plain loop: both must compute the same thing."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import bench
+    params, tasks = tiny_params(gs=False), tiny_tasks()
+    bench.plain_loop(params, tasks, inner_steps=STEPS, inner_lr=LR)
+    for use_vmap in (False, True):
+        result = run_step(params, None, tasks, use_vmap=use_vmap)
+        for name, p in params.items():
+            torch.testing.assert_close(result.grads[name], p.grad, rtol=1e-10, atol=1e-14, msg=name)

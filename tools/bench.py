@@ -1,22 +1,29 @@
 """Benchmark: task sampling, and one meta-iteration against a plain per-task loop and peer libraries.
 
-    python tools/bench.py                    # CPU: all configurations (several minutes on 2 cores)
-    python tools/bench.py --device cuda      # on a GPU
-    python tools/bench.py --quick            # 28×28 only, fewer repeats
+    python tools/bench.py                  # CPU: every configuration (about 10 minutes on 2 cores)
+    python tools/bench.py --device cuda    # on a GPU
+    python tools/bench.py --quick          # 28×28 only
 
-Second-order MAML, Conv4-48, 5 tasks, 5 inner steps, 5-way, 15 queries, synthetic data. For every
-configuration, in the same process: this project's `maml_gs.meta_gradient` (with and without gradient
-sharing), the plain loop below (`torch.autograd.grad(..., create_graph=True)` per task, the reference),
-and `higher` / `torchopt` when installed (requirements-bench.txt; skipped peers are listed). Times are
-medians over --repeats after one warm-up; peak memory is CUDA's max allocated, or the process's peak
-RSS growth on the CPU; GFLOP counted with torch.utils.flop_counter, shown against a measured matmul peak.
+Second-order MAML, Conv4-48, 5 tasks, 5 inner steps, inner lr 0.1, 5-way, 15 queries, synthetic data,
+at 84×84×3 (MiniImagenet shape) and 28×28×1 (Omniglot shape), 1 and 5 shots. For every configuration
+the same work is done by each candidate: this project's `maml_gs.meta_gradient` with and without
+gradient sharing (and with `--recompute`), the plain loop below (`torch.autograd.grad(...,
+create_graph=True)` one task at a time: the reference), and `higher` / `torchopt` when installed
+(`pip install -r requirements-bench.txt`; the table lists the skipped ones).
+
+Each candidate runs in a fresh process: peak memory is the growth of the process's peak RSS during
+its first meta-iteration (CPU) or CUDA's max allocated memory; time is the median of --repeats
+meta-iterations after it; GFLOP are counted by torch.utils.flop_counter and compared with a measured
+float32 matmul peak of the device.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,8 +37,10 @@ import common  # noqa: E402
 import maml_gs  # noqa: E402
 
 WAYS, QUERIES, TASKS, INNER_STEPS, INNER_LR, FILTERS = 5, 15, 5, 5, 0.1, 48
+SHAPES = {"84": (3, 84, 84), "28": (1, 28, 28)}
 SAMPLING_SHAPE, SAMPLING_SHOTS, SAMPLING_PER_CLASS = (3, 84, 84), 5, 100
-MATMUL_SIZE = 4096
+MATMUL_SIZE = 2048
+REFERENCE = "plain loop"
 
 
 def sync(device: torch.device) -> None:
@@ -39,9 +48,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
+def median_seconds(fn, device: torch.device, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         sync(device)
@@ -55,129 +62,163 @@ def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> f
 def matmul_peak_gflops(device: torch.device) -> float:
     """Measured float32 matmul throughput: the ceiling the meta-iteration is compared with."""
     a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
-    seconds = median_seconds(lambda: a @ a, device, repeats=5)
-    return 2 * MATMUL_SIZE ** 3 / seconds / 1e9
+    a @ a
+    return 2 * MATMUL_SIZE ** 3 / median_seconds(lambda: a @ a, device, repeats=10) / 1e9
 
 
-def bench_sampling(device: torch.device, repeats: int) -> None:
+def bench_sampling(device: torch.device) -> float:
+    """Seconds to sample one MiniImagenet-shaped task batch on the device."""
     split = common.load_split("synthetic", "train", synthetic_shape=SAMPLING_SHAPE,
                               synthetic_per_class=SAMPLING_PER_CLASS, verbose=False).to(device)
     sampler = common.TaskSampler(split, WAYS, SAMPLING_SHOTS, QUERIES, TASKS, seed=0)
-    seconds = median_seconds(sampler.sample, device, repeats=max(repeats, 20))
+    sampler.sample()
+    seconds = median_seconds(sampler.sample, device, repeats=50)
     print(f"task sampling, {'x'.join(map(str, SAMPLING_SHAPE))}, {WAYS}-way {SAMPLING_SHOTS}-shot {QUERIES} queries, "
           f"{TASKS} tasks: {seconds * 1e3:.2f} ms per batch, {TASKS / seconds:.0f} tasks/s")
     return seconds
 
 
-# ---- The reference: a plain per-task loop, as most MAML code is written ----------------------------------
+# ---- The candidates: the same second-order meta-gradient, each its own way ------------------------------
 
-def plain_loop(params: dict[str, torch.Tensor], tasks: common.Tasks) -> None:
-    """Second-order MAML, one task at a time; accumulates the meta-gradient into params' .grad."""
-    for t in range(tasks.x_s.shape[0]):
+def plain_loop(params: dict[str, torch.Tensor], tasks: common.Tasks, inner_steps: int = INNER_STEPS,
+               inner_lr: float = INNER_LR) -> None:
+    """The reference: second-order MAML one task at a time, as most MAML code is written; grads into .grad."""
+    num_tasks = tasks.x_s.shape[0]
+    for t in range(num_tasks):
         fast = dict(params)
-        for _ in range(INNER_STEPS):
+        for _ in range(inner_steps):
             loss = F.cross_entropy(common.conv4_forward(fast, tasks.x_s[t]), tasks.y_s[t])
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
-            fast = {name: w - INNER_LR * g for (name, w), g in zip(fast.items(), grads)}
-        (F.cross_entropy(common.conv4_forward(fast, tasks.x_q[t]), tasks.y_q[t]) / tasks.x_s.shape[0]).backward()
+            fast = {name: w - inner_lr * g for (name, w), g in zip(fast.items(), grads)}
+        (F.cross_entropy(common.conv4_forward(fast, tasks.x_q[t]), tasks.y_q[t]) / num_tasks).backward()
 
 
-def higher_loop(params: dict[str, torch.Tensor], tasks: common.Tasks) -> None:
-    """The same with `higher` (innerloop_ctx over an nn.Module holding the same Conv4)."""
+class Conv4Module(torch.nn.Module):
+    """The same Conv4 as an nn.Module, for the peers that patch modules (higher, torchopt)."""
+
+    def __init__(self, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self.names = list(params)
+        for name, p in params.items():
+            self.register_parameter(name.replace(".", "_"), torch.nn.Parameter(p.detach().clone()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return common.conv4_forward({name: getattr(self, name.replace(".", "_")) for name in self.names}, x)
+
+
+def higher_loop(net: Conv4Module, tasks: common.Tasks) -> None:
     import higher
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.p = torch.nn.ParameterDict({name.replace(".", "_"): torch.nn.Parameter(v.detach().clone())
-                                             for name, v in params.items()})
-
-        def forward(self, x):
-            return common.conv4_forward({name: self.p[name.replace(".", "_")] for name in params}, x)
-
-    net = bench_sampling.higher_net = getattr(bench_sampling, "higher_net", None) or Net().to(tasks.x_s.device)
     inner_opt = torch.optim.SGD(net.parameters(), lr=INNER_LR)
-    for t in range(tasks.x_s.shape[0]):
+    for t in range(TASKS):
         with higher.innerloop_ctx(net, inner_opt, copy_initial_weights=False) as (fnet, diffopt):
             for _ in range(INNER_STEPS):
                 diffopt.step(F.cross_entropy(fnet(tasks.x_s[t]), tasks.y_s[t]))
-            (F.cross_entropy(fnet(tasks.x_q[t]), tasks.y_q[t]) / tasks.x_s.shape[0]).backward()
+            (F.cross_entropy(fnet(tasks.x_q[t]), tasks.y_q[t]) / TASKS).backward()
 
 
-def peak_memory(fn, device: torch.device) -> float:
-    """MiB: CUDA max allocated during fn, or growth of the process's peak RSS on the CPU (0 if below the old peak)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2 ** 10
+def torchopt_loop(net: Conv4Module, tasks: common.Tasks) -> None:
+    import torchopt
+    inner_opt = torchopt.MetaSGD(net, lr=INNER_LR)
+    net_state = torchopt.extract_state_dict(net, by="reference", detach_buffers=True)
+    opt_state = torchopt.extract_state_dict(inner_opt)
+    for t in range(TASKS):
+        for _ in range(INNER_STEPS):
+            inner_opt.step(F.cross_entropy(net(tasks.x_s[t]), tasks.y_s[t]))
+        (F.cross_entropy(net(tasks.x_q[t]), tasks.y_q[t]) / TASKS).backward()
+        torchopt.recover_state_dict(net, net_state)
+        torchopt.recover_state_dict(inner_opt, opt_state)
 
 
-def bench_meta_iteration(device: torch.device, shape: tuple[int, int, int], shots: int, repeats: int,
-                         peak: float) -> dict[str, float]:
-    gen = torch.Generator(device=device).manual_seed(0)
+def make_candidate(name: str, theta: dict[str, torch.Tensor], tasks: common.Tasks, device: torch.device):
+    """A no-argument function doing one meta-iteration the named way."""
+    params = {n: p.to(device).requires_grad_() for n, p in theta.items()}
+    if name.startswith("maml_gs.py"):
+        if "--gs" in name:
+            params.update({n: torch.zeros(INNER_STEPS, device=device, requires_grad=True) for n in maml_gs.GS_PARAMS})
+        use_vmap, recompute = common.use_vmap("auto", device), "--recompute" in name
+        return lambda: maml_gs.meta_gradient(params, {"ghat": None}, tasks, 0, inner_steps=INNER_STEPS,
+                                             inner_lr=INNER_LR, first_order=False, use_vmap=use_vmap,
+                                             recompute=recompute)
+    if name == REFERENCE:
+        return lambda: plain_loop(params, tasks)
+    net = Conv4Module(theta).to(device)
+    return lambda: {"higher": higher_loop, "torchopt": torchopt_loop}[name](net, tasks)
+
+
+CANDIDATES = ("maml_gs.py --no-gs", "maml_gs.py --gs", "maml_gs.py --gs --recompute", REFERENCE, "higher", "torchopt")
+
+
+def child(name: str, shape: str, shots: int, device: torch.device, repeats: int) -> None:
+    """Measure one candidate in this (fresh) process; print a JSON line."""
+    gen = torch.Generator().manual_seed(0)
     def images(n):
-        return torch.randn(TASKS, WAYS * n, *shape, generator=gen, device=device)
+        return torch.randn(TASKS, WAYS * n, *SHAPES[shape], generator=gen).to(device)
     def labels(n):
         return torch.arange(WAYS, device=device).repeat_interleave(n).repeat(TASKS, 1)
     tasks = common.Tasks(images(shots), labels(shots), images(QUERIES), labels(QUERIES))
-    theta = common.conv4_init(shape, WAYS, FILTERS, generator=torch.Generator().manual_seed(0))
-    use_vmap = common.use_vmap("auto", device)
-    candidates = {}
-    for gs in (False, True):
-        params = {name: p.to(device).requires_grad_() for name, p in theta.items()}
-        if gs:
-            params.update({name: torch.zeros(INNER_STEPS, device=device, requires_grad=True) for name in maml_gs.GS_PARAMS})
-        step = lambda params=params: maml_gs.meta_gradient(params, {"ghat": None}, tasks, 0, inner_steps=INNER_STEPS,
-                                                           inner_lr=INNER_LR, first_order=False, use_vmap=use_vmap)
-        candidates["maml_gs.py --gs" if gs else "maml_gs.py --no-gs"] = step
-    plain_params = {name: p.to(device).requires_grad_() for name, p in theta.items()}
-    candidates["plain loop"] = lambda: plain_loop(plain_params, tasks)
-    skipped = []
-    if importlib.util.find_spec("higher"):
-        candidates["higher"] = lambda: higher_loop(plain_params, tasks)
-    else:
-        skipped.append("higher")
-    rows = {}
-    for name, fn in candidates.items():
-        seconds = median_seconds(fn, device, repeats)
-        memory = peak_memory(fn, device)
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        gflop = counter.get_total_flops() / 1e9
-        rows[name] = (seconds, memory, gflop)
-    print(f"\nmeta-iteration, {'x'.join(map(str, shape))}, {WAYS}-way {shots}-shot, {TASKS} tasks, {INNER_STEPS} steps, "
-          f"second order, Conv4-{FILTERS}, {device.type}, vmap {'on' if use_vmap else 'off'}")
-    print(f"{'':<22}{'s/iter':>9}{'vs plain':>10}{'peak MiB':>10}{'GFLOP':>8}{'GFLOP/s':>9}{'of peak':>9}")
-    for name, (seconds, memory, gflop) in rows.items():
-        print(f"{name:<22}{seconds:>9.3f}{rows['plain loop'][0] / seconds:>9.2f}x{memory:>10.0f}{gflop:>8.1f}"
-              f"{gflop / seconds:>9.1f}{gflop / seconds / peak:>8.1%}")
+    theta = common.conv4_init(SHAPES[shape], WAYS, FILTERS, generator=torch.Generator().manual_seed(0))
+    fn = make_candidate(name, theta, tasks, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    sync(device)
+    peak_mib = (torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else
+                (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2 ** 10)  # ru_maxrss is in KiB
+    seconds = median_seconds(fn, device, repeats)
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib, "gflop": counter.get_total_flops() / 1e9}))
+
+
+def bench_configuration(shape: str, shots: int, args, peak_gflops: float) -> dict[str, float]:
+    rows, skipped = {}, []
+    for name in CANDIDATES:
+        if name in ("higher", "torchopt") and importlib.util.find_spec(name) is None:
+            skipped.append(name)
+            continue
+        out = subprocess.run([sys.executable, __file__, "--child", name, "--shape", shape, "--shots", str(shots),
+                              "--device", args.device, "--repeats", str(args.repeats)], capture_output=True, text=True)
+        if out.returncode != 0:
+            skipped.append(f"{name} (failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode})")
+            continue
+        rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    size = "x".join(map(str, SHAPES[shape]))
+    print(f"\nmeta-iteration: {size}, {WAYS}-way {shots}-shot, {QUERIES} queries, {TASKS} tasks, {INNER_STEPS} steps, "
+          f"second order, Conv4-{FILTERS}")
+    print(f"{'':<28}{'s/iter':>8}{'speed-up':>10}{'vs higher':>10}{'peak MiB':>10}{'GFLOP':>8}{'GFLOP/s':>9}{'of peak':>9}")
+    for name, r in rows.items():
+        vs = lambda other: f"{rows[other]['seconds'] / r['seconds']:>9.2f}x" if other in rows else f"{'-':>10}"
+        print(f"{name:<28}{r['seconds']:>8.3f}{vs(REFERENCE)}{vs('higher')}{r['peak_mib']:>10.0f}{r['gflop']:>8.1f}"
+              f"{r['gflop'] / r['seconds']:>9.1f}{r['gflop'] / r['seconds'] / peak_gflops:>8.0%}")
     if skipped:
-        print(f"skipped (not installed; pip install -r requirements-bench.txt): {', '.join(skipped)}")
-    return {name: seconds for name, (seconds, _, _) in rows.items()}
+        print("skipped: " + ", ".join(skipped))
+    return {name: r["seconds"] for name, r in rows.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
-    parser.add_argument("--quick", action="store_true", help="28×28 configurations only, 3 repeats")
+    parser.add_argument("--repeats", type=int, default=5, help="timed meta-iterations per candidate (median)")
+    parser.add_argument("--quick", action="store_true", help="28×28 configurations only")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", choices=tuple(SHAPES), help=argparse.SUPPRESS)
+    parser.add_argument("--shots", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = common.pick_device(args.device)
-    repeats = 3 if args.quick else args.repeats
+    args.device = device.type
+    if args.child:
+        return child(args.child, args.shape, args.shots, device, args.repeats)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {name}")
+    print(f"torch {torch.__version__}, {name}, vmap over tasks {'on' if common.use_vmap('auto', device) else 'off'}")
     peak = matmul_peak_gflops(device)
     print(f"float32 matmul peak: {peak:.0f} GFLOP/s")
-    sample_seconds = bench_sampling(device, repeats)
-    shapes = [(1, 28, 28)] if args.quick else [(3, 84, 84), (1, 28, 28)]
-    for shape in shapes:
+    sample_seconds = bench_sampling(device)
+    for shape in (("28",) if args.quick else ("84", "28")):
         for shots in (1, 5):
-            times = bench_meta_iteration(device, shape, shots, repeats, peak)
-            ratio = times["maml_gs.py --no-gs"] / sample_seconds
-            print(f"sampling one task batch is {ratio:.0f}x faster than this MAML meta-iteration")
+            times = bench_configuration(shape, shots, args, peak)
+            print(f"sampling a task batch is {times['maml_gs.py --no-gs'] / sample_seconds:.0f}x faster than "
+                  f"this meta-iteration")
 
 
 if __name__ == "__main__":
