@@ -760,6 +760,29 @@ def forward_tasks(forward: Callable, params: dict[str, torch.Tensor], x: torch.T
     return torch.stack([forward({name: p[t] for name, p in per_task.items()}, x[t]) for t in range(x.shape[0])])
 
 
+def query_loss_grads(fast: dict[str, torch.Tensor], x_q: torch.Tensor, y_q: torch.Tensor, weight: float,
+                     use_vmap: bool, forward: Callable | None = None):
+    """The query loss at the adapted weights and its gradient w.r.t. them, one task at a time.
+
+    fast: adapted weights, (tasks, ...) per tensor; x_q (tasks, ways*queries, C, H, W), y_q (tasks,
+    ways*queries). Returns (loss, accuracy, grads): weight · Σ_t L_t^query, each L_t the mean over task
+    t's queries (detached, ()); per-task accuracy (tasks,); d loss / d fast, (tasks, ...) per tensor.
+    The caller then backpropagates grads through its inner loop in one call (torch.autograd.grad(fast,
+    params, grads)). On the loop path each task's query activations are freed before the next task's
+    are made, so that peak memory holds the inner loop and one task's query pass, not every task's.
+    """
+    forward = forward or conv4_forward
+    adapted = {name: w.detach().requires_grad_() for name, w in fast.items()}  # θ_{t,K} as leaves
+    chunks = [slice(None)] if use_vmap else [slice(t, t + 1) for t in range(x_q.shape[0])]
+    loss, accs = 0.0, []
+    for chunk in chunks:
+        logits = forward_tasks(forward, {name: a[chunk] for name, a in adapted.items()}, x_q[chunk], use_vmap)
+        chunk_loss = F.cross_entropy(logits.flatten(0, 1), y_q[chunk].flatten(), reduction="sum") * (weight / y_q.shape[1])
+        chunk_loss.backward()  # accumulates into adapted[name].grad, this chunk's rows
+        loss, accs = loss + chunk_loss.detach(), accs + [accuracy(logits.detach(), y_q[chunk])]
+    return loss, torch.cat(accs), {name: a.grad for name, a in adapted.items()}
+
+
 def use_vmap(setting: str, device: torch.device) -> bool:
     """--vmap auto|on|off -> whether forward_tasks batches the tasks with vmap (auto: on CUDA only)."""
     return device.type == "cuda" if setting == "auto" else setting == "on"

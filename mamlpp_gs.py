@@ -217,17 +217,20 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
         trajectory, ghat = inner_loop(theta, bn, lslr, m, lam, state["ghat"], tasks.x_s[group], tasks.y_s[group],
                                       inner_steps=inner_steps, share=True, create_graph=epoch >= first_order_epochs,
                                       use_vmap=use_vmap, recompute=recompute)
-        query_logits = [common.forward_tasks(common.conv4_forward, step_weights(trajectory[j], bn, j), tasks.x_q[group],
-                                             use_vmap) for j in steps]  # at θ_{t,j}, BN row j: (tasks, ways*queries, ways)
-        # (1/T) Σ_t L_t^query (Eq. 5) at each step: every task has the same number of queries. MSL: Σ_j w_j L(θ_j).
-        losses = [F.cross_entropy(step_logits.flatten(0, 1), tasks.y_q[group].flatten()) for step_logits in query_logits]
-        group_loss = losses[-1] if weights is None else sum(w * step_loss for w, step_loss in zip(weights, losses))
-        logits = query_logits[-1]  # at θ_{t,K}, for the accuracy
-        group_loss = group_loss * (logits.shape[0] / num_tasks)
-        group_grads = torch.autograd.grad(group_loss, list(params.values()), allow_unused=True)  # m: none on iteration 1
+        # (1/T) Σ_t L_t^query (Eq. 5) at θ_{t,j} with BN row j, MSL: Σ_j w_j L(θ_j), and its gradient w.r.t. the
+        # weights of each step, one task at a time (memory); then one backward through the inner loop to every
+        # meta-parameter (m gets none on the first iteration).
+        outputs, grad_outputs = [], []
+        for j, weight in zip(steps, weights or [1.0]):
+            at_step = step_weights(trajectory[j], bn, j)
+            step_loss, step_acc, d_step = common.query_loss_grads(at_step, tasks.x_q[group], tasks.y_q[group],
+                                                                  weight / num_tasks, use_vmap)
+            outputs += list(at_step.values())
+            grad_outputs += list(d_step.values())
+            loss = loss + step_loss
+        group_grads = torch.autograd.grad(outputs, list(params.values()), grad_outputs, allow_unused=True)
         grads = [total if g is None else g if total is None else total + g for total, g in zip(grads, group_grads)]
-        loss = loss + group_loss.detach()
-        correct = correct + common.accuracy(logits.detach(), tasks.y_q[group]).sum()
+        correct = correct + step_acc.sum()  # at θ_{t,K}, the last step
     grads = dict(zip(params, grads))
     if clip_grad > 0:  # as the reference: the network's meta-gradients only, not the learning rates, m or λ
         grads = {name: g.clamp(-clip_grad, clip_grad) if g is not None and (name in theta or name in bn) else g

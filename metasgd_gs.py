@@ -155,13 +155,14 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
         fast, ghat = inner_loop(theta, alpha, m, lam, state["ghat"], tasks.x_s[group], tasks.y_s[group],
                                 inner_steps=inner_steps, share=True, create_graph=not first_order, use_vmap=use_vmap,
                                 recompute=recompute)
-        logits = common.forward_tasks(common.conv4_forward, fast, tasks.x_q[group], use_vmap)  # (tasks, ways*queries, ways)
-        # (1/T) Σ_t L_t^query (Eq. 5): every task has the same number of queries.
-        group_loss = F.cross_entropy(logits.flatten(0, 1), tasks.y_q[group].flatten()) * (logits.shape[0] / num_tasks)
-        group_grads = torch.autograd.grad(group_loss, list(params.values()), allow_unused=True)  # m: none on iteration 1
+        # (1/T) Σ_t L_t^query (Eq. 5) and its gradient w.r.t. θ_{t,K}, one task at a time (memory), then one
+        # backward through the inner loop to every meta-parameter (m gets none on the first iteration).
+        group_loss, group_acc, d_fast = common.query_loss_grads(fast, tasks.x_q[group], tasks.y_q[group],
+                                                                1 / num_tasks, use_vmap)
+        group_grads = torch.autograd.grad(list(fast.values()), list(params.values()), list(d_fast.values()),
+                                          allow_unused=True)
         grads = [total if g is None else g if total is None else total + g for total, g in zip(grads, group_grads)]
-        loss = loss + group_loss.detach()
-        correct = correct + common.accuracy(logits.detach(), tasks.y_q[group]).sum()
+        loss, correct = loss + group_loss, correct + group_acc.sum()
     if ghat is not None:
         state = {"ghat": [{name: g.detach() for name, g in ghat_k.items()} for ghat_k in ghat]}
     return common.StepResult(loss, correct / num_tasks, dict(zip(params, grads)), state)

@@ -11,8 +11,8 @@ gradient sharing (and with `--recompute`), the plain loop below (`torch.autograd
 create_graph=True)` one task at a time: the reference), and `higher` / `torchopt` when installed
 (`pip install -r requirements-bench.txt`; the table lists the skipped ones).
 
-Each candidate runs in a fresh process: peak memory is the growth of the process's peak RSS during
-its first meta-iteration (CPU) or CUDA's max allocated memory; time is the median of --repeats
+Each candidate runs in a fresh process: peak memory is the growth of the process's resident memory
+during its first meta-iteration, sampled every millisecond (CPU), or CUDA's max allocated memory; time is the median of --repeats
 meta-iterations after it; GFLOP are counted by torch.utils.flop_counter and compared with a measured
 float32 matmul peak of the device.
 """
@@ -21,10 +21,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +42,8 @@ SHAPES = {"84": (3, 84, 84), "28": (1, 28, 28)}
 SAMPLING_SHAPE, SAMPLING_SHOTS, SAMPLING_PER_CLASS = (3, 84, 84), 5, 100
 MATMUL_SIZE = 2048
 REFERENCE = "plain loop"
+RSS_SAMPLE_S = 0.001
+PROFILE_ROWS = 15
 
 
 def sync(device: torch.device) -> None:
@@ -148,7 +151,36 @@ def make_candidate(name: str, theta: dict[str, torch.Tensor], tasks: common.Task
 CANDIDATES = ("maml_gs.py --no-gs", "maml_gs.py --gs", "maml_gs.py --gs --recompute", REFERENCE, "higher", "torchopt")
 
 
-def child(name: str, shape: str, shots: int, device: torch.device, repeats: int) -> None:
+def rss() -> int:
+    """Resident set size of this process in bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_growth(fn) -> int:
+    """Bytes by which the process's resident memory grew at its highest while fn ran (sampled every ms).
+
+    The process-lifetime peak (ru_maxrss) cannot be used: importing torch alone reaches a higher peak
+    than a small meta-iteration.
+    """
+    before, peak, done = rss(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(RSS_SAMPLE_S)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        watcher.join()
+    return max(peak[0], rss()) - before
+
+
+def child(name: str, shape: str, shots: int, device: torch.device, repeats: int, count_flops: bool,
+          profile: bool = False) -> None:
     """Measure one candidate in this (fresh) process; print a JSON line."""
     gen = torch.Generator().manual_seed(0)
     def images(n):
@@ -160,15 +192,22 @@ def child(name: str, shape: str, shots: int, device: torch.device, repeats: int)
     fn = make_candidate(name, theta, tasks, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()
-    sync(device)
-    peak_mib = (torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else
-                (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2 ** 10)  # ru_maxrss is in KiB
-    seconds = median_seconds(fn, device, repeats)
-    with FlopCounterMode(display=False) as counter:
         fn()
-    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib, "gflop": counter.get_total_flops() / 1e9}))
+        peak_mib = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        peak_mib = peak_rss_growth(fn) / 2 ** 20
+    seconds = median_seconds(fn, device, repeats)
+    gflop = None
+    if count_flops:  # one more meta-iteration, slowed down by the counting
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        gflop = counter.get_total_flops() / 1e9
+    if profile:
+        with torch.profiler.profile() as prof:
+            fn()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total" if device.type == "cpu" else
+                                        "self_device_time_total", row_limit=PROFILE_ROWS), file=sys.stderr)
+    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib, "gflop": gflop}))
 
 
 def bench_configuration(shape: str, shots: int, args, peak_gflops: float) -> dict[str, float]:
@@ -177,12 +216,16 @@ def bench_configuration(shape: str, shots: int, args, peak_gflops: float) -> dic
         if name in ("higher", "torchopt") and importlib.util.find_spec(name) is None:
             skipped.append(name)
             continue
+        # The candidates do the same arithmetic, so FLOPs are counted once (and for --recompute, which adds some).
+        flops = ["--count-flops"] if name in (CANDIDATES[0], "maml_gs.py --gs --recompute") else []
         out = subprocess.run([sys.executable, __file__, "--child", name, "--shape", shape, "--shots", str(shots),
-                              "--device", args.device, "--repeats", str(args.repeats)], capture_output=True, text=True)
+                              "--device", args.device, "--repeats", str(args.repeats), *flops],
+                             capture_output=True, text=True)
         if out.returncode != 0:
             skipped.append(f"{name} (failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode})")
             continue
         rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        rows[name]["gflop"] = rows[name]["gflop"] or rows[CANDIDATES[0]]["gflop"]
     size = "x".join(map(str, SHAPES[shape]))
     print(f"\nmeta-iteration: {size}, {WAYS}-way {shots}-shot, {QUERIES} queries, {TASKS} tasks, {INNER_STEPS} steps, "
           f"second order, Conv4-{FILTERS}")
@@ -199,16 +242,21 @@ def bench_configuration(shape: str, shots: int, args, peak_gflops: float) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--repeats", type=int, default=5, help="timed meta-iterations per candidate (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed meta-iterations per candidate (median)")
     parser.add_argument("--quick", action="store_true", help="28×28 configurations only")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile maml_gs.py --gs at 84x84 1-shot: the operators that take the time")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shape", choices=tuple(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--shots", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = common.pick_device(args.device)
     args.device = device.type
     if args.child:
-        return child(args.child, args.shape, args.shots, device, args.repeats)
+        return child(args.child, args.shape, args.shots, device, args.repeats, args.count_flops)
+    if args.profile:
+        return child(CANDIDATES[1], "84", 1, device, repeats=1, count_flops=False, profile=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}, vmap over tasks {'on' if common.use_vmap('auto', device) else 'off'}")
     peak = matmul_peak_gflops(device)
