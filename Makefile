@@ -23,7 +23,7 @@ test: setup
 # MAML with and without gradient sharing on Omniglot, then both runs side by side.
 DEMO_FLAGS = --dataset omniglot --data-root $(DATA) --cache-dir .cache --download --device $(DEVICE) --ways 5 --shots 1 --tasks 5 \
 	--epochs 5 --iters-per-epoch 30 --val-tasks 100 --test-tasks 200 --seed 1
-DATA_HINT = echo "hint: no Omniglot under DATA=$(DATA) and no network to download it; point DATA at a folder holding omniglot-py/ (torchvision's layout) or omniglot-small/, e.g. make demo DATA=../shared/data"; exit 1
+DATA_HINT = echo "hint: if the error above says that no Omniglot was found under DATA=$(DATA) (and none could be downloaded), point DATA at a folder holding omniglot-py/ (torchvision's layout) or omniglot-small/, e.g. make demo DATA=../shared/data"; exit 1
 demo: setup
 	rm -rf runs/demo
 	$(PY) maml_gs.py $(DEMO_FLAGS) --gs --out runs/demo/maml_gs || { $(DATA_HINT); }
