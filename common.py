@@ -1220,6 +1220,8 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
     if loop["status"] == "running":
         loop["status"] = "finished"
     save(run_dir / LAST)  # also a diverged run: --resume then reports it again instead of training on
+    if loop["history"]:  # again: a kill between the last epoch's checkpoint and its metrics.csv loses no row
+        write_csv(run_dir / "metrics.csv", loop["history"])
     return finish(args, algorithm, run_dir, loop, test_tasks, device, progress)
 
 
