@@ -12,7 +12,7 @@ import torch
 
 import common
 import maml_gs
-from test_cli import REPO, TINY, metrics, run
+from test_cli import REPO, TINY, Crash, metrics, run
 
 
 def test_overflowing_inner_lr_diverges_cleanly(tmp_path):
@@ -129,3 +129,20 @@ def test_damaged_cache_is_named_by_the_command_line(tmp_path, shared_data):
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert str(cache) in out.stderr and "delete it" in out.stderr
+
+
+def test_kill_between_the_last_checkpoint_and_metrics_csv_loses_no_row(tmp_path, monkeypatch):
+    reference = run(TINY + ["--out", str(tmp_path / "ref")])
+    original = common.write_csv
+
+    def write_csv(path, rows):
+        if len(rows) == 3:  # the last epoch: last.pt is saved, metrics.csv not yet
+            raise Crash()
+        original(path, rows)
+    monkeypatch.setattr(common, "write_csv", write_csv)
+    with pytest.raises(Crash):
+        run(TINY + ["--out", str(tmp_path / "run")])
+    monkeypatch.undo()
+    assert len(metrics(tmp_path / "run")) == 2
+    assert run(["--resume", str(tmp_path / "run"), "--quiet"]) == reference
+    assert metrics(tmp_path / "run") == metrics(tmp_path / "ref")
