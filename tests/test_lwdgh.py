@@ -1,0 +1,259 @@
+"""lwdgh.py: GCI and weights by hand, per-task meta-gradients against finite differences and a plain
+per-task loop, the explore and exploit updates, the schedule, the command line."""
+import csv
+import math
+import signal
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import lwdgh
+import maml_gs
+
+DTYPE = torch.float64
+SHAPE = (1, 8, 8)  # tiny images: 2 conv blocks take 8×8 to 2×2
+WAYS, SHOTS, QUERIES, TASKS, FILTERS, BLOCKS = 3, 2, 2, 3, 4, 2
+STEPS, LR = 2, 0.4  # a large α makes the second-order terms matter
+
+
+def tiny_params(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    theta = common.conv4_init(SHAPE, WAYS, FILTERS, BLOCKS, generator=gen, dtype=DTYPE)
+    # Move every tensor off its initial value (BN scale 1, zero biases) so that no term vanishes by symmetry.
+    return {n: (p + 0.2 * torch.randn(p.shape, generator=gen, dtype=DTYPE)).requires_grad_() for n, p in theta.items()}
+
+
+def tiny_tasks(seed: int = 1, tasks: int = TASKS) -> common.Tasks:
+    gen = torch.Generator().manual_seed(seed)
+    def labels(per_class):
+        return torch.arange(WAYS).repeat_interleave(per_class).repeat(tasks, 1)
+    return common.Tasks(torch.randn(tasks, WAYS * SHOTS, *SHAPE, generator=gen, dtype=DTYPE), labels(SHOTS),
+                        torch.randn(tasks, WAYS * QUERIES, *SHAPE, generator=gen, dtype=DTYPE), labels(QUERIES))
+
+
+def fresh_state(seed: int = 0) -> dict:
+    return {"rng": torch.Generator().manual_seed(seed).get_state(), "epoch": -1, "steps": 0, "sums": {}}
+
+
+def run_step(params, tasks, p_explore, state=None, epoch=0, use_vmap=False, first_order=False):
+    return lwdgh.meta_gradient(params, state or fresh_state(), tasks, epoch, explore_prob=lambda e: p_explore,
+                               inner_steps=STEPS, inner_lr=LR, first_order=first_order, use_vmap=use_vmap)
+
+
+def maml_step(params, tasks):
+    return maml_gs.meta_gradient(params, {"ghat": None}, tasks, 0, inner_steps=STEPS, inner_lr=LR,
+                                 first_order=False, use_vmap=False)
+
+
+def reference_task_loss(params, tasks, t):
+    """L_t^query(θ_{t,K}) written out plainly for one task: K steps of θ ← θ − α ∇L_t^support."""
+    fast = dict(params)
+    for _ in range(STEPS):
+        loss = F.cross_entropy(common.conv4_forward(fast, tasks.x_s[t]), tasks.y_s[t])
+        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+        fast = {n: w - LR * g for (n, w), g in zip(fast.items(), grads)}
+    return F.cross_entropy(common.conv4_forward(fast, tasks.x_q[t]), tasks.y_q[t])
+
+
+def reference_task_grads(params, tasks) -> list[dict[str, torch.Tensor]]:
+    return [dict(zip(params, torch.autograd.grad(reference_task_loss(params, tasks, t), list(params.values()))))
+            for t in range(tasks.x_s.shape[0])]
+
+
+def test_gci_and_weights_match_a_hand_computation():
+    # Two tasks, one layer of 2 numbers: g_1 = (3, 0), g_2 = (0, 1); ḡ = (1.5, 0.5), ‖ḡ‖ = √2.5.
+    g = torch.tensor([[3.0, 0.0], [0.0, 1.0]], dtype=DTYPE)
+    norm_mean = math.sqrt(2.5)
+    cos = [4.5 / (3 * norm_mean), 0.5 / (1 * norm_mean)]
+    gci = [3 * (1 - cos[0]), 1 * (1 - cos[1])]
+    torch.testing.assert_close(lwdgh.gci(g, g.mean(0)), torch.tensor(gci, dtype=DTYPE), rtol=1e-14, atol=1e-15)
+    # A second layer (2×1 per task) where the two tasks disagree in sign only: equal GCI, equal weights.
+    h = torch.tensor([[[2.0], [0.0]], [[-2.0], [0.0]]], dtype=DTYPE)
+    harmonised, weights = lwdgh.harmonise({"a": g, "b": h})
+    w = [math.exp(-gci[0]) / (math.exp(-gci[0]) + math.exp(-gci[1]))]
+    w.append(1 - w[0])
+    torch.testing.assert_close(weights, torch.tensor([w, [0.5, 0.5]], dtype=DTYPE), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(harmonised["a"], torch.tensor([3 * w[0], w[1]], dtype=DTYPE), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(harmonised["b"], torch.zeros(2, 1, dtype=DTYPE))
+    # ‖ḡ‖ = 0 (here for layer b): cos counts as 0, GCI = ‖g_t‖, no NaN.
+    torch.testing.assert_close(lwdgh.gci(h.flatten(1), h.flatten(1).mean(0)), torch.tensor([2.0, 2.0], dtype=DTYPE))
+
+
+@pytest.mark.parametrize("use_vmap", [False, True], ids=["loop", "vmap"])
+def test_per_task_meta_gradients_match_an_independent_per_task_loop(use_vmap):
+    params, tasks = tiny_params(), tiny_tasks()
+    task_grads, loss, _ = lwdgh.task_gradients(params, tasks, inner_steps=STEPS, inner_lr=LR, first_order=False,
+                                               use_vmap=use_vmap)
+    want = reference_task_grads(params, tasks)
+    want_loss = sum(reference_task_loss(params, tasks, t) for t in range(TASKS)).detach()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
+    for t in range(TASKS):
+        for name, g in task_grads.items():
+            torch.testing.assert_close(g[t], want[t][name], rtol=1e-9, atol=1e-12, msg=f"task {t} {name}")
+
+
+def test_per_task_meta_gradients_match_central_finite_differences():
+    params, tasks = tiny_params(), tiny_tasks()
+    task_grads, _, _ = lwdgh.task_gradients(params, tasks, inner_steps=STEPS, inner_lr=LR, first_order=False,
+                                            use_vmap=False)
+    gen, eps = torch.Generator().manual_seed(3), 1e-6
+    for name, p in params.items():
+        direction = torch.randn(p.shape, generator=gen, dtype=DTYPE)
+        for t in range(TASKS):
+            def loss_at(sign):
+                shifted = {n: (q + sign * eps * direction if n == name else q).detach().requires_grad_()
+                           for n, q in params.items()}
+                return reference_task_loss(shifted, tasks, t).item()
+            numeric = (loss_at(1) - loss_at(-1)) / (2 * eps)
+            analytic = float((task_grads[name][t] * direction).sum())
+            assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-8), (name, t)
+
+
+def test_identical_tasks_give_uniform_weights_and_exactly_the_maml_update():
+    one = tiny_tasks(tasks=1)
+    same = common.Tasks(*(x.expand(TASKS, *x.shape[1:]) for x in one))
+    params = tiny_params()
+    result = run_step(params, same, p_explore=0.0)  # exploit: the harmonised gradient
+    assert result.state["sums"]["explore_fraction"] == 0
+    torch.testing.assert_close(result.state["sums"]["weight_entropy"], torch.tensor(math.log(TASKS), dtype=DTYPE),
+                               rtol=1e-14, atol=0)
+    for name, g in maml_step(params, same).grads.items():
+        torch.testing.assert_close(result.grads[name], g, rtol=1e-12, atol=1e-15, msg=name)
+
+
+def test_explore_steps_use_the_plain_mean_and_exploit_steps_the_harmonised_gradient():
+    params, tasks = tiny_params(), tiny_tasks()
+    explore, exploit, maml = run_step(params, tasks, 1.0), run_step(params, tasks, 0.0), maml_step(params, tasks)
+    harmonised, _ = lwdgh.harmonise({name: torch.stack([g[name] for g in reference_task_grads(params, tasks)])
+                                     for name in params})
+    assert explore.state["sums"]["explore_fraction"] == 1 and exploit.state["sums"]["explore_fraction"] == 0
+    for name in params:
+        torch.testing.assert_close(explore.grads[name], maml.grads[name], rtol=1e-12, atol=1e-15, msg=name)
+        torch.testing.assert_close(exploit.grads[name], harmonised[name], rtol=1e-9, atol=1e-12, msg=name)
+        assert not torch.allclose(exploit.grads[name], maml.grads[name], rtol=1e-6, atol=0), name
+    torch.testing.assert_close(explore.loss, maml.loss, rtol=1e-14, atol=0)
+
+
+def test_explore_draws_come_from_the_state_generator_not_the_global_rng():
+    params, tasks, p = tiny_params(), tiny_tasks(tasks=2), 0.5
+    draws = 16
+    def decisions():
+        state, out = fresh_state(), []
+        for _ in range(draws):
+            state = run_step(params, tasks, p, state).state
+            out.append(state["sums"]["explore_fraction"].item())
+        return out, state
+    torch.manual_seed(0)
+    first, state = decisions()
+    global_rng = torch.get_rng_state()
+    torch.manual_seed(12345)
+    second, _ = decisions()
+    assert first == second and 0 < first[-1] < draws  # both kinds of step occur
+    gen = torch.Generator().manual_seed(0)
+    want = [float(torch.rand((), generator=gen).item() < p) for _ in range(draws)]
+    assert [b - a for a, b in zip([0.0] + first, first)] == want
+    torch.manual_seed(0)
+    decisions()
+    assert torch.equal(torch.get_rng_state(), global_rng)  # no draw from the global RNG
+    assert state["steps"] == draws
+
+
+def test_epoch_statistics_are_means_over_the_epoch_and_restart_with_a_new_epoch():
+    params, tasks = tiny_params(), tiny_tasks(tasks=2)
+    state = run_step(params, tasks, 1.0, epoch=0).state
+    state = run_step(params, tasks, 0.0, epoch=0, state=state).state
+    assert state["steps"] == 2 and lwdgh.scalars(params, state)["explore_fraction"] == 0.5
+    state = run_step(params, tasks, 0.0, epoch=1, state=state).state
+    numbers = lwdgh.scalars(params, state)
+    assert state["steps"] == 1 and numbers["explore_fraction"] == 0.0
+    # GCI w.r.t. ḡ is the smallest over all reference directions (Cauchy–Schwarz): g_u never beats it.
+    assert 0 < numbers["gci_mean"] <= numbers["gci_harmonised"]
+    assert 0 < numbers["weight_entropy"] <= math.log(2)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "fixed"])
+def test_explore_probability_at_0_half_E_E_and_after(schedule):
+    p = partial(lwdgh.explore_probability, transition_epoch=10, p_min=0.1, p_max=0.9, schedule=schedule)
+    middle = 0.5 if schedule == "cosine" else 0.9  # cosine: halfway between p_max and p_min at E/2
+    assert p(0) == pytest.approx(0.9) and p(5) == pytest.approx(middle)
+    assert p(10) == pytest.approx(0.1) and p(17) == pytest.approx(0.1)
+    before = 0.1 + 0.4 * (1 + math.cos(math.pi * 0.2)) if schedule == "cosine" else 0.9
+    assert p(2) == pytest.approx(before)
+    assert lwdgh.explore_probability(0, transition_epoch=0, p_min=0.1, p_max=0.9, schedule=schedule) == 0.1
+
+
+TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--filters", "8", "--tasks", "2",
+        "--ways", "3", "--queries", "2", "--inner-steps", "2", "--test-inner-steps", "3", "--epochs", "3",
+        "--iters-per-epoch", "3", "--val-tasks", "6", "--test-tasks", "6", "--ensemble", "2", "--quiet"]
+
+
+def columns(run_dir) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-ee"], ["--schedule", "fixed"]])
+def test_synthetic_run_logs_the_conflict_numbers(tmp_path, flags):
+    result = common.main(lwdgh.Args, lwdgh.make_algorithm, TINY + flags + ["--out", str(tmp_path / "run")])
+    assert result["status"] == "finished" and result["epochs_run"] == 3
+    rows = columns(tmp_path / "run")
+    explore = [float(row["explore_fraction"]) for row in rows]
+    # E = round(0.33 · 3) = 1: epoch 1 explores with p_max = 1, later epochs with p_min = 0.
+    assert explore == ([0.0, 0.0, 0.0] if flags == ["--no-ee"] else [1.0, 0.0, 0.0])
+    for row in rows:
+        assert 0 < float(row["gci_mean"]) <= float(row["gci_harmonised"])
+        assert 0 < float(row["weight_entropy"]) <= math.log(2) + 1e-6
+
+
+def test_sigterm_mid_epoch_resumes_to_the_same_draws_and_numbers(tmp_path, monkeypatch):
+    """The explore draws and the epoch sums live in the checkpointed state: a resumed run repeats them exactly."""
+    argv = TINY + ["--p-min", "0.5", "--p-max", "0.5", "--iters-per-epoch", "4"]
+    reference = common.main(lwdgh.Args, lwdgh.make_algorithm, argv + ["--out", str(tmp_path / "ref")])
+    original, calls = common.TaskSampler.sample, []
+    def sample(self):  # SIGTERM during the 2nd meta-iteration of epoch 2
+        calls.append(1)
+        if len(calls) == 6:
+            signal.raise_signal(signal.SIGTERM)
+        return original(self)
+    monkeypatch.setattr(common.TaskSampler, "sample", sample)
+    with pytest.raises(SystemExit):
+        common.main(lwdgh.Args, lwdgh.make_algorithm, argv + ["--out", str(tmp_path / "run")])
+    monkeypatch.undo()
+    resumed = common.main(lwdgh.Args, lwdgh.make_algorithm, ["--resume", str(tmp_path / "run"), "--quiet"])
+    assert resumed == reference
+    def numbers(run_dir):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in columns(run_dir)]
+    assert numbers(tmp_path / "run") == numbers(tmp_path / "ref")
+    assert 0 < sum(float(row["explore_fraction"]) for row in numbers(tmp_path / "ref")) < 3  # both kinds drawn
+
+
+def test_omniglot_small(tmp_path, shared_data):
+    result = common.main(lwdgh.Args, lwdgh.make_algorithm, [
+        "--dataset", "omniglot", "--data-root", str(shared_data), "--cache-dir", str(tmp_path / "cache"),
+        "--filters", "8", "--tasks", "2", "--inner-steps", "1", "--test-inner-steps", "2", "--epochs", "2",
+        "--iters-per-epoch", "2", "--val-tasks", "5", "--test-tasks", "5", "--quiet", "--out", str(tmp_path / "run")])
+    assert result["status"] == "finished" and result["epochs_run"] == 2
+
+
+def test_evaluation_adapts_with_the_test_inner_steps():
+    args = lwdgh.Args(dataset="synthetic", filters=FILTERS, ways=WAYS, inner_steps=1, test_inner_steps=3, inner_lr=LR)
+    algorithm = lwdgh.make_algorithm(args, (1, 16, 16), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(4)
+    x_s, x_q = (torch.randn(2, WAYS * n, 1, 16, 16, generator=gen) for n in (SHOTS, QUERIES))
+    tasks = common.Tasks(x_s, torch.arange(WAYS).repeat_interleave(SHOTS).repeat(2, 1),
+                         x_q, torch.arange(WAYS).repeat_interleave(QUERIES).repeat(2, 1))
+    logits = algorithm.predict(algorithm.params, algorithm.state, tasks)
+    def adapted(steps):
+        return lwdgh.predict(algorithm.params, algorithm.state, tasks, inner_steps=steps, inner_lr=LR, use_vmap=False)
+    torch.testing.assert_close(logits, adapted(3), rtol=0, atol=0)
+    assert not torch.allclose(logits, adapted(1))
+
+
+def test_defaults_follow_the_paper_and_bad_probabilities_are_rejected():
+    args = lwdgh.Args()
+    assert (args.tasks, args.inner_lr, args.inner_steps, args.test_inner_steps, args.transition) == (4, 0.01, 5, 10, 0.33)
+    assert any("--p-min" in p for p in lwdgh.Args(p_min=0.8, p_max=0.2).check())
+    assert any("--transition" in p for p in lwdgh.Args(transition=1.5).check())
