@@ -1,0 +1,186 @@
+"""cml.py: γ = 0 is the base method; φ is never adapted; finite differences; an independent loop; the CLI."""
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cml
+import common
+import maml_gs
+import mamlpp_gs
+from test_cli import TINY
+
+DTYPE = torch.float64
+SHAPE = (1, 8, 8)  # tiny images: 2 conv blocks take 8×8 to 2×2
+WAYS, SHOTS, QUERIES, TASKS, FILTERS, BLOCKS = 3, 2, 2, 3, 4, 2
+STEPS, LR, GAMMA = 2, 0.4, 0.7  # a large α makes the second-order terms matter
+MAML = dict(base="maml", inner_steps=STEPS, inner_lr=LR, per_step_bn=False, first_order=False, msl_epochs=0,
+            first_order_epochs=0, clip_grad=0.0, use_vmap=False)
+
+
+def tiny_params(seed: int = 0, mamlpp: bool = False) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    theta = common.conv4_init(SHAPE, WAYS, FILTERS, BLOCKS, generator=gen, dtype=DTYPE)
+    params = {**theta, **cml.colearner_init(theta, gen)}
+    # Move every tensor off its initial value (BN scale 1, zero biases) so that no term vanishes by symmetry.
+    params = {n: p + 0.2 * torch.randn(p.shape, generator=gen, dtype=DTYPE) for n, p in params.items()}
+    if mamlpp:  # per-step BN rows and LSLR rates, each off its initial value too
+        for n in [n for n in params if n.startswith("bn")]:
+            params[n] = params[n] + 0.1 * torch.randn(STEPS + 1, *params[n].shape, generator=gen, dtype=DTYPE)
+        adapted = [n for n in params if not n.startswith(("bn", cml.COLEARNER))]
+        params.update({mamlpp_gs.LSLR + n: LR + 0.05 * torch.randn(STEPS, generator=gen, dtype=DTYPE) for n in adapted})
+    return {n: p.requires_grad_() for n, p in params.items()}
+
+
+def tiny_tasks(seed: int = 1) -> common.Tasks:
+    gen = torch.Generator().manual_seed(seed)
+    def labels(per_class):
+        return torch.arange(WAYS).repeat_interleave(per_class).repeat(TASKS, 1)
+    return common.Tasks(torch.randn(TASKS, WAYS * SHOTS, *SHAPE, generator=gen, dtype=DTYPE), labels(SHOTS),
+                        torch.randn(TASKS, WAYS * QUERIES, *SHAPE, generator=gen, dtype=DTYPE), labels(QUERIES))
+
+
+def cml_step(params, tasks, gamma=GAMMA, **kw):
+    return cml.meta_gradient(params, {"epoch": -1, "steps": 0, "sums": {}}, tasks, 0, gamma=gamma, **{**MAML, **kw})
+
+
+def test_gamma_zero_is_maml_bitwise():
+    params, tasks = tiny_params(), tiny_tasks()
+    net, _ = cml.split_params(params)
+    ours = cml_step(params, tasks, gamma=0.0)
+    base = maml_gs.meta_gradient(net, {"ghat": None}, tasks, 0, inner_steps=STEPS, inner_lr=LR, first_order=False,
+                                 use_vmap=False)
+    assert torch.equal(ours.state["sums"]["loss_meta"], base.loss) and torch.equal(ours.accuracy, base.accuracy)
+    assert all(torch.equal(ours.grads[n], base.grads[n]) for n in net)
+    assert all(torch.equal(ours.grads[n], torch.zeros_like(p)) for n, p in params.items() if n.startswith(cml.COLEARNER))
+
+
+def test_gamma_zero_is_mamlpp_bitwise():
+    params, tasks = tiny_params(mamlpp=True), tiny_tasks()
+    net, _ = cml.split_params(params)
+    kw = dict(inner_steps=STEPS, inner_lr=LR, per_step_bn=True, msl_epochs=3, first_order_epochs=0, clip_grad=0.05,
+              use_vmap=False)  # MSL on at epoch 1 and a clamp that bites
+    ours = cml.meta_gradient(params, {"epoch": -1, "steps": 0, "sums": {}}, tasks, 1, base="mamlpp", gamma=0.0,
+                             first_order=False, **kw)
+    base = mamlpp_gs.meta_gradient(net, {"ghat": None}, tasks, 1, **kw)
+    assert torch.equal(ours.state["sums"]["loss_meta"], base.loss) and torch.equal(ours.accuracy, base.accuracy)
+    assert all(torch.equal(ours.grads[n], base.grads[n]) for n in net)
+
+
+def test_colearner_is_never_adapted():
+    params, tasks = tiny_params(), tiny_tasks()
+    net, phi = cml.split_params(params)
+    before = {n: p.detach().clone() for n, p in phi.items()}
+    adapted = cml.inner_loop(net, tasks.x_s, tasks.y_s, base="maml", inner_steps=STEPS, inner_lr=LR,
+                             per_step_bn=False, create_graph=True, use_vmap=False)[-1]
+    assert set(adapted) == set(net)  # the inner loop sees θ only
+    cml_step(params, tasks)
+    assert all(torch.equal(p, before[n]) for n, p in phi.items())
+
+
+def reference_loss(params, tasks):
+    """Independent: per task, K plain gradient steps on all of θ, then L^meta + γ L^co on the query set."""
+    theta = {n: p for n, p in params.items() if not n.startswith(cml.COLEARNER)}
+    phi = {n.removeprefix(cml.COLEARNER): p for n, p in params.items() if n.startswith(cml.COLEARNER)}
+    total = 0.0
+    for t in range(TASKS):
+        fast = dict(theta)
+        for _ in range(STEPS):
+            support = F.cross_entropy(common.conv4_forward(fast, tasks.x_s[t]), tasks.y_s[t])
+            grads = torch.autograd.grad(support, list(fast.values()), create_graph=True)
+            fast = {n: w - LR * g for (n, w), g in zip(fast.items(), grads)}
+        x = tasks.x_q[t]
+        for i in range(BLOCKS):  # the extractor, written out: pool after every block but the last
+            x = F.relu(F.batch_norm(F.conv2d(x, fast[f"conv{i}.weight"], fast[f"conv{i}.bias"], padding=1), None, None,
+                                    fast[f"bn{i}.weight"], fast[f"bn{i}.bias"], training=True))
+            x = F.max_pool2d(x, 2) if i < BLOCKS - 1 else x
+        meta = F.linear(F.max_pool2d(x, 2).flatten(1), fast["head.weight"], fast["head.bias"])
+        z = x
+        for i in range(2):
+            z = F.relu(F.batch_norm(F.conv2d(z, phi[f"conv{i}.weight"], phi[f"conv{i}.bias"], padding=1), None, None,
+                                    phi[f"bn{i}.weight"], phi[f"bn{i}.bias"], training=True))
+        co = F.linear(F.max_pool2d(z, 2).flatten(1), phi["head.weight"], phi["head.bias"])
+        total = total + F.cross_entropy(meta, tasks.y_q[t]) + GAMMA * F.cross_entropy(co, tasks.y_q[t])
+    return total / TASKS
+
+
+def test_matches_an_independent_loop():
+    params, tasks = tiny_params(), tiny_tasks()
+    ours = cml_step(params, tasks)
+    loss = reference_loss(params, tasks)
+    expected = torch.autograd.grad(loss, list(params.values()))
+    assert ours.loss.item() == pytest.approx(loss.item(), rel=1e-12)
+    for (name, _), g in zip(params.items(), expected):
+        torch.testing.assert_close(ours.grads[name], g, rtol=1e-9, atol=1e-11, msg=name)
+
+
+MAMLPP = dict(base="mamlpp", per_step_bn=True, msl_epochs=3, clip_grad=0.0)  # MSL on at epoch 0
+
+
+@pytest.mark.parametrize("base", ["maml", "mamlpp"])
+@pytest.mark.parametrize("part", ["theta", "colearner"])
+def test_finite_differences(part, base):
+    params, tasks, kw = tiny_params(mamlpp=base == "mamlpp"), tiny_tasks(), MAMLPP if base == "mamlpp" else {}
+    grads = cml_step(params, tasks, **kw).grads
+    # Direction seed 5: from these weights, seed 3's θ direction meets a max-pool switch in the inner loop within
+    # 1e-6 (the adapted weights, hence the loss, jump there; the independent reference_loss jumps the same way).
+    gen = torch.Generator().manual_seed(5)
+    direction = {n: torch.randn(p.shape, generator=gen, dtype=DTYPE) * (n.startswith(cml.COLEARNER) == (part == "colearner"))
+                 for n, p in params.items()}
+    eps = 1e-6
+    def loss_at(sign):
+        with torch.no_grad():
+            moved = {n: (p + sign * eps * direction[n]).requires_grad_() for n, p in params.items()}
+        return cml_step(moved, tasks, **kw).loss.item()
+    numeric = (loss_at(1) - loss_at(-1)) / (2 * eps)
+    analytic = sum((grads[n] * direction[n]).sum().item() for n in params)
+    assert analytic != 0 and numeric == pytest.approx(analytic, rel=1e-6)
+
+
+@pytest.mark.parametrize("base", ["maml", "mamlpp"])
+def test_vmap_matches_the_loop(base):
+    params, tasks, kw = tiny_params(mamlpp=base == "mamlpp"), tiny_tasks(), MAMLPP if base == "mamlpp" else {}
+    loop, batched = cml_step(params, tasks, **kw), cml_step(params, tasks, use_vmap=True, **kw)
+    torch.testing.assert_close(batched.loss, loop.loss, rtol=1e-12, atol=0)
+    for name in params:
+        torch.testing.assert_close(batched.grads[name], loop.grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_logged_statistics():
+    params, tasks = tiny_params(), tiny_tasks()
+    result = cml_step(params, tasks)
+    values = cml.scalars(params, result.state, base_scalars=maml_gs.scalars)
+    assert set(values) == set(cml.STATS) and -1 <= values["grad_cos"] <= 1 and values["grad_norm_ratio"] > 0
+    assert values["loss_meta"] + GAMMA * values["loss_co"] == pytest.approx(result.loss.item())
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("base", ["maml", "mamlpp"])
+def test_cli_synthetic(tmp_path, base):
+    result = common.main(cml.Args, cml.make_algorithm, TINY + ["--base", base, "--out", str(tmp_path / "run")])
+    assert result["status"] == "finished" and 0 <= result["test_acc_ensemble"] <= 1
+    rows = metrics(tmp_path / "run")
+    assert len(rows) == 3 and all(float(rows[-1][name]) == float(rows[-1][name]) for name in cml.STATS)  # not NaN
+    saved = common.load_checkpoint(tmp_path / "run" / "last.pt")["params"]
+    assert {n for n in saved if n.startswith(cml.COLEARNER)} == set(cml.colearner_init(
+        {n: p for n, p in saved.items() if not n.startswith(cml.COLEARNER)}, torch.Generator()))
+
+
+def test_cli_rejects_options_of_the_other_base(tmp_path):
+    with pytest.raises(SystemExit):
+        common.main(cml.Args, cml.make_algorithm, TINY + ["--base", "maml", "--msl-epochs", "3", "--out", str(tmp_path)])
+
+
+def test_cli_omniglot_small(tmp_path, shared_data):
+    argv = ["--dataset", "omniglot", "--data-root", str(shared_data), "--cache-dir", str(tmp_path / "cache"),
+            "--filters", "8", "--tasks", "2", "--ways", "3", "--queries", "2", "--inner-steps", "1", "--epochs", "1",
+            "--iters-per-epoch", "2", "--val-tasks", "4", "--test-tasks", "4", "--ensemble", "1", "--quiet",
+            "--out", str(tmp_path / "run")]
+    result = common.main(cml.Args, cml.make_algorithm, argv)
+    assert result["status"] == "finished" and 0 <= result["test_acc_ensemble"] <= 1
