@@ -849,6 +849,8 @@ class Args:
     """continue the interrupted run in this run directory from its last checkpoint"""
     quiet: bool = False
     """no progress line"""
+    tensorboard: bool = False
+    """also write the per-epoch scalars as TensorBoard events into the run directory (needs `pip install tensorboard`)"""
 
     def check(self) -> list[str]:
         """Problems with the values, each saying what is expected (subclasses add their own)."""
@@ -1035,6 +1037,17 @@ class Progress:
             sys.stderr.flush()
 
 
+def tensorboard_writer(run_dir: Path):
+    """A TensorBoard SummaryWriter on run_dir, or None (with a message) when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch.utils.tensorboard needs the separate tensorboard package
+        print("--tensorboard: the tensorboard package is not installed (pip install tensorboard); "
+              "the scalars are in metrics.csv only", file=sys.stderr)
+        return None
+    return SummaryWriter(log_dir=str(run_dir))
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1157,6 +1170,8 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
     def save(path: Path) -> None:
         atomic_write(path, lambda f: torch.save(checkpoint(), f))
 
+    writer = tensorboard_writer(run_dir) if args.tensorboard else None
+
     # SIGINT / SIGTERM: finish the current meta-iteration, save, exit.
     stop = []
     handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -1212,11 +1227,18 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
             for _, old in evicted:
                 (run_dir / f"epoch{old:04d}.pt").unlink(missing_ok=True)
             write_csv(run_dir / "metrics.csv", loop["history"])
+            if writer is not None:  # the same numbers as metrics.csv's row, one TensorBoard tag per column
+                for key, value in loop["history"][-1].items():
+                    if key != "epoch":
+                        writer.add_scalar(key, value, epoch + 1)
+                writer.flush()
             progress.message(f"epoch {epoch + 1}/{args.epochs}: train loss {loop['history'][-1]['train_loss']:.4f} "
                              f"acc {loop['history'][-1]['train_acc']:.4f}, val acc {val_acc:.4f} ± {val_ci:.4f}")
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        if writer is not None:
+            writer.close()
     if loop["status"] == "running":
         loop["status"] = "finished"
     save(run_dir / LAST)  # also a diverged run: --resume then reports it again instead of training on

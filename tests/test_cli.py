@@ -142,3 +142,39 @@ def test_a_usage_error_is_a_message_not_a_traceback():
 def test_ways_above_the_class_count_is_a_clear_error(tmp_path):
     out = cli(*TINY, "--ways", "500", "--out", str(tmp_path / "run"))
     assert out.returncode != 0 and "Traceback" not in out.stderr and "ways" in out.stderr
+
+
+def test_tensorboard_writes_every_metrics_column_per_epoch(tmp_path, monkeypatch):
+    """--tensorboard sends each metrics.csv value to a SummaryWriter on the run directory (a recording stand-in)."""
+    calls = []
+
+    class RecordingWriter:
+        def __init__(self, log_dir):
+            calls.append(("open", log_dir))
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+        def flush(self):
+            pass
+        def close(self):
+            calls.append(("close",))
+    fake = type(sys)("torch.utils.tensorboard")
+    fake.SummaryWriter = RecordingWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    run(TINY + ["--gs", "--tensorboard", "--out", str(tmp_path / "run")])
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert calls[0] == ("open", str(tmp_path / "run")) and calls[-1] == ("close",)
+    logged = {(tag, step): value for tag, value, step in (c for c in calls if len(c) == 3)}
+    columns = [key for key in rows[0] if key != "epoch"]
+    assert "sigma_lambda" in columns and "val_acc" in columns
+    assert len(logged) == len(columns) * len(rows) == len(calls) - 2
+    for row in rows:
+        for key in columns:
+            assert logged[(key, int(row["epoch"]))] == pytest.approx(float(row[key]), rel=1e-6, nan_ok=True)
+
+
+def test_tensorboard_without_the_package_says_so_and_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as when not installed
+    result = run(TINY + ["--epochs", "1", "--tensorboard", "--quiet", "--out", str(tmp_path / "run")])
+    assert result["status"] == "finished"
+    assert "tensorboard package is not installed (pip install tensorboard)" in capsys.readouterr().err

@@ -132,23 +132,53 @@ def torchopt_loop(net: Conv4Module, tasks: common.Tasks) -> None:
         torchopt.recover_state_dict(inner_opt, opt_state)
 
 
-def make_candidate(name: str, theta: dict[str, torch.Tensor], tasks: common.Tasks, device: torch.device):
+def algorithm_step(label: str, tasks: common.Tasks, image_shape: tuple[int, int, int], ways: int,
+                   device: torch.device, *, filters: int = FILTERS, inner_steps: int = INNER_STEPS, inner_lr: float = INNER_LR,
+                   dtype: torch.dtype = torch.float32):
+    """An algorithm file's default path, as its command line builds it: (algorithm, one-meta-iteration fn).
+
+    label: "<file>.py [flags]", e.g. "maml_gs.py --gs". The workload flags (ways, shots, tasks, filters,
+    inner steps and lr) are the bench's; everything else is the file's default. The function carries the
+    algorithm's state from one meta-iteration to the next, as training does (e.g. the stored ĝ).
+    """
+    file, *flags = label.split()
+    module = importlib.import_module(file.removesuffix(".py"))
+    argv = ["--dataset", "synthetic", "--synthetic-shape", ",".join(map(str, image_shape)), "--ways", str(ways),
+            "--shots", str(tasks.y_s.shape[1] // ways), "--queries", str(tasks.y_q.shape[1] // ways),
+            "--tasks", str(tasks.x_s.shape[0]),
+            "--filters", str(filters), "--inner-steps", str(inner_steps), "--inner-lr", str(inner_lr),
+            "--device", device.type, *flags]
+    algorithm = module.make_algorithm(common.parse_args(module.Args, argv), image_shape, device)
+    algorithm.params = {name: p.detach().to(dtype).requires_grad_() for name, p in algorithm.params.items()}
+    state = [algorithm.state]
+
+    def step() -> common.StepResult:
+        result = algorithm.meta_gradient(algorithm.params, state[0], tasks, 0)
+        state[0] = result.state
+        return result
+    return algorithm, step
+
+
+def make_candidate(name: str, theta: dict[str, torch.Tensor], tasks: common.Tasks, image_shape: tuple[int, int, int],
+                   device: torch.device):
     """A no-argument function doing one meta-iteration the named way."""
-    params = {n: p.to(device).requires_grad_() for n, p in theta.items()}
-    if name.startswith("maml_gs.py"):
-        if "--gs" in name:
-            params.update({n: torch.zeros(INNER_STEPS, device=device, requires_grad=True) for n in maml_gs.GS_PARAMS})
-        use_vmap, recompute = common.use_vmap("auto", device), "--recompute" in name
-        return lambda: maml_gs.meta_gradient(params, {"ghat": None}, tasks, 0, inner_steps=INNER_STEPS,
-                                             inner_lr=INNER_LR, first_order=False, use_vmap=use_vmap,
-                                             recompute=recompute)
+    if name.split()[0].endswith(".py"):
+        return algorithm_step(name, tasks, image_shape, WAYS, device)[1]
     if name == REFERENCE:
+        params = {n: p.to(device).requires_grad_() for n, p in theta.items()}
         return lambda: plain_loop(params, tasks)
     net = Conv4Module(theta).to(device)
     return lambda: {"higher": higher_loop, "torchopt": torchopt_loop}[name](net, tasks)
 
 
+# The MAML candidates of every configuration; the other algorithm files get one line each, at 28×28 1-shot.
 CANDIDATES = ("maml_gs.py --no-gs", "maml_gs.py --gs", "maml_gs.py --gs --recompute", REFERENCE, "higher", "torchopt")
+OTHER_FILES = ("metasgd_gs.py --gs", "mamlpp_gs.py --gs", "cml.py", "lwdgh.py")
+# (shape, shots, candidates) per device type.
+CONFIGURATIONS = {
+    "cuda": (("84", 1, CANDIDATES + OTHER_FILES), ("84", 5, CANDIDATES), ("28", 1, CANDIDATES), ("28", 5, CANDIDATES)),
+    "cpu": (("84", 1, CANDIDATES), ("84", 5, CANDIDATES), ("28", 1, CANDIDATES + OTHER_FILES), ("28", 5, CANDIDATES)),
+}
 
 
 def rss() -> int:
@@ -179,9 +209,13 @@ def peak_rss_growth(fn) -> int:
     return max(peak[0], rss()) - before
 
 
-def child(name: str, shape: str, shots: int, device: torch.device, repeats: int, count_flops: bool,
-          profile: bool = False) -> None:
-    """Measure one candidate in this (fresh) process; print a JSON line."""
+def child(name: str, shape: str, shots: int, device: torch.device, repeats: int, profile: bool = False) -> None:
+    """Measure one candidate in this (fresh) process; print a JSON line.
+
+    The first meta-iteration warms up (kernel selection, allocator) and gives the peak memory and the
+    GFLOP (counted by torch.utils.flop_counter, which slows it down: it is not timed); the median of the
+    next `repeats` is the time.
+    """
     gen = torch.Generator().manual_seed(0)
     def images(n):
         return torch.randn(TASKS, WAYS * n, *SHAPES[shape], generator=gen).to(device)
@@ -189,50 +223,46 @@ def child(name: str, shape: str, shots: int, device: torch.device, repeats: int,
         return torch.arange(WAYS, device=device).repeat_interleave(n).repeat(TASKS, 1)
     tasks = common.Tasks(images(shots), labels(shots), images(QUERIES), labels(QUERIES))
     theta = common.conv4_init(SHAPES[shape], WAYS, FILTERS, generator=torch.Generator().manual_seed(0))
-    fn = make_candidate(name, theta, tasks, device)
+    fn = make_candidate(name, theta, tasks, SHAPES[shape], device)
+    counter = FlopCounterMode(display=False)
+    def counted():
+        with counter:
+            fn()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        fn()
+        counted()
         peak_mib = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
-        peak_mib = peak_rss_growth(fn) / 2 ** 20
+        peak_mib = peak_rss_growth(counted) / 2 ** 20
     seconds = median_seconds(fn, device, repeats)
-    gflop = None
-    if count_flops:  # one more meta-iteration, slowed down by the counting
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        gflop = counter.get_total_flops() / 1e9
     if profile:
         with torch.profiler.profile() as prof:
             fn()
         print(prof.key_averages().table(sort_by="self_cpu_time_total" if device.type == "cpu" else
                                         "self_device_time_total", row_limit=PROFILE_ROWS), file=sys.stderr)
-    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib, "gflop": gflop}))
+    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib, "gflop": counter.get_total_flops() / 1e9}))
 
 
-def bench_configuration(shape: str, shots: int, args, peak_gflops: float) -> dict[str, float]:
+def bench_configuration(shape: str, shots: int, candidates: tuple[str, ...], args, peak_gflops: float) -> dict[str, float]:
+    """Run every candidate in a fresh process, print the table; return seconds per candidate."""
     rows, skipped = {}, []
-    for name in CANDIDATES:
+    for name in candidates:
         if name in ("higher", "torchopt") and importlib.util.find_spec(name) is None:
-            skipped.append(name)
+            skipped.append(f"{name} (not installed)")
             continue
-        # The candidates do the same arithmetic, so FLOPs are counted once (and for --recompute, which adds some).
-        flops = ["--count-flops"] if name in (CANDIDATES[0], "maml_gs.py --gs --recompute") else []
         out = subprocess.run([sys.executable, __file__, "--child", name, "--shape", shape, "--shots", str(shots),
-                              "--device", args.device, "--repeats", str(args.repeats), *flops],
-                             capture_output=True, text=True)
+                              "--device", args.device, "--repeats", str(args.repeats)], capture_output=True, text=True)
         if out.returncode != 0:
             skipped.append(f"{name} (failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode})")
             continue
         rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        rows[name]["gflop"] = rows[name]["gflop"] or rows[CANDIDATES[0]]["gflop"]
     size = "x".join(map(str, SHAPES[shape]))
     print(f"\nmeta-iteration: {size}, {WAYS}-way {shots}-shot, {QUERIES} queries, {TASKS} tasks, {INNER_STEPS} steps, "
-          f"second order, Conv4-{FILTERS}")
-    print(f"{'':<28}{'s/iter':>8}{'speed-up':>10}{'vs higher':>10}{'peak MiB':>10}{'GFLOP':>8}{'GFLOP/s':>9}{'of peak':>9}")
+          f"second order, Conv4-{FILTERS}; median of {args.repeats}")
+    print(f"{'':<30}{'s/iter':>8}{'vs plain':>10}{'vs higher':>10}{'peak MiB':>10}{'GFLOP':>8}{'GFLOP/s':>9}{'of peak':>9}")
     for name, r in rows.items():
         vs = lambda other: f"{rows[other]['seconds'] / r['seconds']:>9.2f}x" if other in rows else f"{'-':>10}"
-        print(f"{name:<28}{r['seconds']:>8.3f}{vs(REFERENCE)}{vs('higher')}{r['peak_mib']:>10.0f}{r['gflop']:>8.1f}"
+        print(f"{name:<30}{r['seconds']:>8.3f}{vs(REFERENCE)}{vs('higher')}{r['peak_mib']:>10.0f}{r['gflop']:>8.1f}"
               f"{r['gflop'] / r['seconds']:>9.1f}{r['gflop'] / r['seconds'] / peak_gflops:>8.0%}")
     if skipped:
         print("skipped: " + ", ".join(skipped))
@@ -242,31 +272,31 @@ def bench_configuration(shape: str, shots: int, args, peak_gflops: float) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--repeats", type=int, default=3, help="timed meta-iterations per candidate (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed meta-iterations per candidate (median)")
     parser.add_argument("--quick", action="store_true", help="28×28 configurations only")
     parser.add_argument("--profile", action="store_true",
                         help="only profile maml_gs.py --gs at 84x84 1-shot: the operators that take the time")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shape", choices=tuple(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--shots", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = common.pick_device(args.device)
     args.device = device.type
     if args.child:
-        return child(args.child, args.shape, args.shots, device, args.repeats, args.count_flops)
+        return child(args.child, args.shape, args.shots, device, args.repeats)
     if args.profile:
-        return child(CANDIDATES[1], "84", 1, device, repeats=1, count_flops=False, profile=True)
+        return child(CANDIDATES[1], "84", 1, device, repeats=1, profile=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}, vmap over tasks {'on' if common.use_vmap('auto', device) else 'off'}")
     peak = matmul_peak_gflops(device)
     print(f"float32 matmul peak: {peak:.0f} GFLOP/s")
     sample_seconds = bench_sampling(device)
-    for shape in (("28",) if args.quick else ("84", "28")):
-        for shots in (1, 5):
-            times = bench_configuration(shape, shots, args, peak)
-            print(f"sampling a task batch is {times['maml_gs.py --no-gs'] / sample_seconds:.0f}x faster than "
-                  f"this meta-iteration")
+    for shape, shots, candidates in CONFIGURATIONS[device.type]:
+        if args.quick and shape != "28":
+            continue
+        times = bench_configuration(shape, shots, candidates, args, peak)
+        if CANDIDATES[0] in times:
+            print(f"sampling a task batch is {times[CANDIDATES[0]] / sample_seconds:.0f}x faster than this meta-iteration")
 
 
 if __name__ == "__main__":
