@@ -1,4 +1,5 @@
-"""cml.py: γ = 0 is the base method; φ is never adapted; finite differences; an independent loop; the CLI."""
+"""cml.py: γ = 0 is the base method (maml_gs.py / mamlpp_gs.py, of which cml.py holds its own copy); φ is never
+adapted; finite differences; an independent loop; the CLI."""
 import csv
 from pathlib import Path
 
@@ -20,17 +21,17 @@ MAML = dict(base="maml", inner_steps=STEPS, inner_lr=LR, per_step_bn=False, firs
             first_order_epochs=0, clip_grad=0.0, use_vmap=False)
 
 
-def tiny_params(seed: int = 0, mamlpp: bool = False) -> dict[str, torch.Tensor]:
+def tiny_params(seed: int = 0, mamlpp: bool = False, colearner_blocks: int = 2) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     theta = common.conv4_init(SHAPE, WAYS, FILTERS, BLOCKS, generator=gen, dtype=DTYPE)
-    params = {**theta, **cml.colearner_init(theta, gen)}
+    params = {**theta, **cml.colearner_init(theta, gen, colearner_blocks)}
     # Move every tensor off its initial value (BN scale 1, zero biases) so that no term vanishes by symmetry.
     params = {n: p + 0.2 * torch.randn(p.shape, generator=gen, dtype=DTYPE) for n, p in params.items()}
     if mamlpp:  # per-step BN rows and LSLR rates, each off its initial value too
         for n in [n for n in params if n.startswith("bn")]:
             params[n] = params[n] + 0.1 * torch.randn(STEPS + 1, *params[n].shape, generator=gen, dtype=DTYPE)
         adapted = [n for n in params if not n.startswith(("bn", cml.COLEARNER))]
-        params.update({mamlpp_gs.LSLR + n: LR + 0.05 * torch.randn(STEPS, generator=gen, dtype=DTYPE) for n in adapted})
+        params.update({cml.LSLR + n: LR + 0.05 * torch.randn(STEPS, generator=gen, dtype=DTYPE) for n in adapted})
     return {n: p.requires_grad_() for n, p in params.items()}
 
 
@@ -42,13 +43,26 @@ def tiny_tasks(seed: int = 1) -> common.Tasks:
                         torch.randn(TASKS, WAYS * QUERIES, *SHAPE, generator=gen, dtype=DTYPE), labels(QUERIES))
 
 
+def image_tasks(size: int = 28) -> common.Tasks:
+    """tiny_tasks as float32 images of size×size, what a real run feeds make_algorithm's functions."""
+    tasks = tiny_tasks()
+    x_s, x_q = (F.interpolate(x.flatten(0, 1).float(), size=size).view(TASKS, -1, 1, size, size)
+                for x in (tasks.x_s, tasks.x_q))
+    return tasks._replace(x_s=x_s, x_q=x_q)
+
+
+def base_params(params):
+    """The base method's meta-parameters: all but φ."""
+    return {n: p for n, p in params.items() if not n.startswith(cml.COLEARNER)}
+
+
 def cml_step(params, tasks, gamma=GAMMA, **kw):
     return cml.meta_gradient(params, {"epoch": -1, "steps": 0, "sums": {}}, tasks, 0, gamma=gamma, **{**MAML, **kw})
 
 
 def test_gamma_zero_is_maml_bitwise():
     params, tasks = tiny_params(), tiny_tasks()
-    net, _ = cml.split_params(params)
+    net = base_params(params)
     ours = cml_step(params, tasks, gamma=0.0)
     base = maml_gs.meta_gradient(net, {"ghat": None}, tasks, 0, inner_steps=STEPS, inner_lr=LR, first_order=False,
                                  use_vmap=False)
@@ -59,7 +73,7 @@ def test_gamma_zero_is_maml_bitwise():
 
 def test_gamma_zero_is_mamlpp_bitwise():
     params, tasks = tiny_params(mamlpp=True), tiny_tasks()
-    net, _ = cml.split_params(params)
+    net = base_params(params)
     kw = dict(inner_steps=STEPS, inner_lr=LR, per_step_bn=True, msl_epochs=3, first_order_epochs=0, clip_grad=0.05,
               use_vmap=False)  # MSL on at epoch 1 and a clamp that bites
     ours = cml.meta_gradient(params, {"epoch": -1, "steps": 0, "sums": {}}, tasks, 1, base="mamlpp", gamma=0.0,
@@ -71,11 +85,11 @@ def test_gamma_zero_is_mamlpp_bitwise():
 
 def test_colearner_is_never_adapted():
     params, tasks = tiny_params(), tiny_tasks()
-    net, phi = cml.split_params(params)
+    theta, bn, lslr, phi = cml.split_params(params, STEPS, LR, per_step_bn=False)
     before = {n: p.detach().clone() for n, p in phi.items()}
-    adapted = cml.inner_loop(net, tasks.x_s, tasks.y_s, base="maml", inner_steps=STEPS, inner_lr=LR,
-                             per_step_bn=False, create_graph=True, use_vmap=False)[-1]
-    assert set(adapted) == set(net)  # the inner loop sees θ only
+    adapted = cml.inner_loop(theta, bn, lslr, tasks.x_s, tasks.y_s, inner_steps=STEPS, create_graph=True,
+                             use_vmap=False)[-1]
+    assert set(adapted) == set(base_params(params))  # the inner loop sees θ only
     cml_step(params, tasks)
     assert all(torch.equal(p, before[n]) for n, p in phi.items())
 
@@ -139,6 +153,25 @@ def test_finite_differences(part, base):
     assert analytic != 0 and numeric == pytest.approx(analytic, rel=1e-6)
 
 
+@pytest.mark.parametrize("blocks", [0, 1])
+def test_colearner_depth(blocks):
+    """--colearner-blocks n (the paper's Conv(n)): n conv blocks in φ, and φ's meta-gradient is still exact."""
+    params, tasks = tiny_params(colearner_blocks=blocks), tiny_tasks()
+    phi = [n for n in params if n.startswith(cml.COLEARNER)]
+    assert len(phi) == 4 * blocks + 2  # conv weight, bias, BN scale, shift per block; the linear layer
+    grads = cml_step(params, tasks).grads
+    direction = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(7), dtype=DTYPE) * (n in phi)
+                 for n, p in params.items()}
+    eps = 1e-6
+    def loss_at(sign):
+        with torch.no_grad():
+            moved = {n: (p + sign * eps * direction[n]).requires_grad_() for n, p in params.items()}
+        return cml_step(moved, tasks).loss.item()
+    numeric = (loss_at(1) - loss_at(-1)) / (2 * eps)
+    analytic = sum((grads[n] * direction[n]).sum().item() for n in params)
+    assert analytic != 0 and numeric == pytest.approx(analytic, rel=1e-6)
+
+
 @pytest.mark.parametrize("base", ["maml", "mamlpp"])
 def test_vmap_matches_the_loop(base):
     params, tasks, kw = tiny_params(mamlpp=base == "mamlpp"), tiny_tasks(), MAMLPP if base == "mamlpp" else {}
@@ -151,9 +184,37 @@ def test_vmap_matches_the_loop(base):
 def test_logged_statistics():
     params, tasks = tiny_params(), tiny_tasks()
     result = cml_step(params, tasks)
-    values = cml.scalars(params, result.state, base_scalars=maml_gs.scalars)
+    values = cml.scalars(params, result.state)
     assert set(values) == set(cml.STATS) and -1 <= values["grad_cos"] <= 1 and values["grad_norm_ratio"] > 0
     assert values["loss_meta"] + GAMMA * values["loss_co"] == pytest.approx(result.loss.item())
+
+
+# mamlpp: MSL on at epochs 0 and 1, first order at epoch 0 only, a clamp that bites.
+BASE_FLAGS = {"maml": [], "mamlpp": ["--msl-epochs", "3", "--first-order-epochs", "1", "--clip-grad", "0.05"]}
+
+
+@pytest.mark.parametrize("base", ["maml", "mamlpp"])
+def test_make_algorithm_is_the_base_file_at_gamma_zero(base):
+    """cml.py's own copy of the base (init, meta-gradient, prediction, outer lr, scalars) is the base file's, bitwise."""
+    module = {"maml": maml_gs, "mamlpp": mamlpp_gs}[base]
+    argv = ["--ways", str(WAYS), "--shots", str(SHOTS), "--queries", str(QUERIES), "--filters", str(FILTERS),
+            "--epochs", "4"] + BASE_FLAGS[base]
+    cpu = torch.device("cpu")
+    ours = cml.make_algorithm(common.parse_args(cml.Args, argv + ["--base", base, "--gamma", "0"]), (1, 28, 28), cpu)
+    want = module.make_algorithm(common.parse_args(module.Args, argv + ["--no-gs"]), (1, 28, 28), cpu)
+    assert list(base_params(ours.params)) == list(want.params)
+    assert all(torch.equal(ours.params[n], want.params[n]) for n in want.params)
+    assert (ours.outer_lr is None) == (base == "maml") == (want.outer_lr is None)
+    assert base == "maml" or [ours.outer_lr(e) for e in range(5)] == [want.outer_lr(e) for e in range(5)]
+    tasks = image_tasks()
+    for epoch in range(2):
+        got = ours.meta_gradient(ours.params, ours.state, tasks, epoch)
+        ref = want.meta_gradient(want.params, want.state, tasks, epoch)
+        assert torch.equal(got.state["sums"]["loss_meta"], ref.loss) and torch.equal(got.accuracy, ref.accuracy)
+        assert all((ref.grads[n] is None and got.grads[n] is None) or torch.equal(got.grads[n], ref.grads[n])
+                   for n in want.params)
+    assert torch.equal(ours.predict(ours.params, ours.state, tasks), want.predict(want.params, want.state, tasks))
+    assert ours.scalars(ours.params, ours.state).items() >= want.scalars(want.params, want.state).items()
 
 
 def metrics(run_dir: Path) -> list[dict]:
