@@ -1,4 +1,6 @@
-"""The Makefile's reproduction targets: `make -n` lists the runs of each paper table row with their flags."""
+"""The Makefile's reproduction targets: `make -n` lists the runs of each paper table (count, flags, run
+directories); finished runs are skipped, interrupted ones resumed; `make report`."""
+import ast
 import re
 import shutil
 import subprocess
@@ -40,3 +42,122 @@ def test_seeds_multiply_the_runs_and_name_their_directories():
     assert len(runs) == 2 * 3
     assert {re.search(r"--out (\S+)", c).group(1) for c in runs} == {
         f"runs/table1/maml_{gs}__cub__5w5s__t5__{seed}" for gs in ("og", "gs") for seed in (1, 2, 3)}
+
+
+FIGURE_GRID = 3 * 2 * 2 * 2 * 2 * 2  # method × dataset × shots {1, 5} × task batch {5, 1} × inner lr {0.1, 1.0} × OG/GS
+DEFAULT_INNER_LR = 0.1
+
+
+def flag(command: str, name: str) -> str | None:
+    """The value after `name` in a command, or None when the flag is absent."""
+    found = re.search(rf"{name} (\S+)", command)
+    return found.group(1) if found else None
+
+
+def out_dir(command: str) -> str:
+    return flag(command, "--out")
+
+
+def test_figures_are_the_full_grid_of_figures_4_to_11_and_reuse_table1():
+    runs = planned_runs("reproduce-figures", DATA="/data", DEVICE="cuda", RUNNER="srun")
+    assert len(runs) == FIGURE_GRID
+    table1 = planned_runs("reproduce-table1", DATA="/data", DEVICE="cuda", RUNNER="srun")
+    assert set(table1) <= set(runs)  # Table 1's runs are the 5-shot, inner lr 0.1 panels: the same commands
+    seen = set()
+    for command in runs:
+        method = re.search(r"(\w+)_gs\.py", command).group(1)
+        dataset, shots, tasks = flag(command, "--dataset"), int(flag(command, "--shots")), int(flag(command, "--tasks"))
+        lr = float(flag(command, "--inner-lr") or DEFAULT_INNER_LR)
+        side = "og" if "--no-gs" in command.split() else "gs"
+        assert command.startswith("srun ") and "--data-root /data --device cuda" in command and "--ways 5" in command
+        assert f"--epochs {EPOCHS[dataset, tasks]}" in command  # appendix A.3, the same for 1 and 5 shots
+        assert ("--clip-grad 10" in command) == (method == "mamlpp" and dataset == "miniimagenet")
+        if shots == 5 and lr == DEFAULT_INNER_LR:
+            assert command in table1 and out_dir(command) == f"runs/table1/{method}_{side}__{dataset}__5w5s__t{tasks}__1"
+        else:
+            assert out_dir(command) == f"runs/figures/{method}_{side}__{dataset}__5w{shots}s__t{tasks}__lr{lr}__1"
+        seen.add((method, dataset, shots, tasks, lr, side))
+    assert len(seen) == FIGURE_GRID
+    assert {s[4] for s in seen} == {0.1, 1.0} and {s[2] for s in seen} == {1, 5}
+    # Both targets together: each run once.
+    assert len(planned_runs("reproduce-table1", "reproduce-figures")) == FIGURE_GRID
+
+
+def test_figure_panels_and_figure_groups():
+    panel = planned_runs("figure-metasgd-cub-1s-t1-lr1.0", SEEDS="1 2")
+    assert sorted(out_dir(c) for c in panel) == sorted(
+        f"runs/figures/metasgd_{side}__cub__5w1s__t1__lr1.0__{seed}" for side in ("og", "gs") for seed in (1, 2))
+    assert all("--inner-lr 1.0" in c for c in panel)
+    group = planned_runs("figures-miniimagenet-lr1.0")  # Figures 10 and 11
+    assert len(group) == FIGURE_GRID // 4 and all("--dataset miniimagenet" in c and "--inner-lr 1.0" in c for c in group)
+
+
+def docstring_commands(program: str) -> list[str]:
+    """The flags of every `python <program> ...` line of the program's module docstring."""
+    doc = ast.get_docstring(ast.parse((REPO / program).read_text()))
+    return re.findall(rf"^\s*python {re.escape(program)} (.+?)\s*$", doc, flags=re.M)
+
+
+def make_flags(command: str, program: str) -> tuple[str, str]:
+    """(the flags before --seed, the seed) of a planned run of `program`."""
+    found = re.search(rf"{re.escape(program)} (.+?) --seed (\d+) --data-root", command)
+    return found.group(1), found.group(2)
+
+
+def test_cml_runs_the_commands_of_its_docstring():
+    runs = planned_runs("reproduce-cml", DATA="/data", DEVICE="cuda", RUNNER="srun")
+    documented = docstring_commands("cml.py")
+    assert len(documented) == 4 and len(runs) == 4
+    assert sorted(make_flags(c, "cml.py")[0] for c in runs) == sorted(documented)
+    for command in runs:
+        base, shots, tasks = flag(command, "--base"), flag(command, "--shots"), flag(command, "--tasks")
+        assert command.startswith("srun ") and "--dataset miniimagenet" in command
+        assert out_dir(command) == f"runs/cml/cml_{base}__miniimagenet__5w{shots}s__t{tasks}__1"
+    assert len(planned_runs("reproduce-cml", SEEDS="1 2 3")) == 4 * 3
+
+
+LWDGH_VARIANTS = {"maml": "--p-min 1 --p-max 1", "lwdgh": "--no-ee", "lwdgh_ee": None}
+
+
+def test_lwdgh_runs_the_commands_of_its_docstring():
+    runs = planned_runs("reproduce-lwdgh", DATA="/data", DEVICE="cuda", RUNNER="srun")
+    documented = docstring_commands("lwdgh.py")
+    assert len(documented) == 2 * 2 + 2 * 2 + 3 == len(runs)  # Table 1, Table 4 (MAML, +LWDGH+EE × 1/5-shot), Table 5
+    assert sorted(make_flags(c, "lwdgh.py")[0] for c in runs) == sorted(documented)
+    tables = {"table1": ("miniimagenet", "300"), "table4": ("cub", "300"), "table5": ("miniimagenet", "20")}
+    for command in runs:
+        name = re.fullmatch(r"runs/lwdgh/(table\d)_(\w+?)__(\w+)__5w(\d)s__1", out_dir(command))
+        assert name is not None, out_dir(command)
+        table, variant, dataset, shots = name.groups()
+        assert (flag(command, "--dataset"), flag(command, "--epochs")) == tables[table] and dataset == tables[table][0]
+        assert flag(command, "--shots") == shots
+        for other, flags in LWDGH_VARIANTS.items():
+            if flags:
+                assert (flags in command) == (other == variant)
+    assert len(planned_runs("lwdgh-table5")) == 3 and len(planned_runs("lwdgh-table1")) == 4
+
+
+def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tmp_path):
+    """With RUNS in tmp_path and PY=echo, make really runs the targets (with -j): what each run would do."""
+    finished = tmp_path / "cml" / "cml_maml__miniimagenet__5w1s__t4__1"
+    interrupted = tmp_path / "cml" / "cml_maml__miniimagenet__5w5s__t4__1"
+    for run_dir, name in ((finished, "result.json"), (interrupted, "config.json")):
+        run_dir.mkdir(parents=True)
+        (run_dir / name).write_text("{}")
+    assert len(planned_runs("reproduce-cml", RUNS=str(tmp_path))) == 3  # the finished one is not even planned
+    done = subprocess.run(["make", "-s", "-j", "3", "-o", "setup", "reproduce-cml", f"RUNS={tmp_path}",
+                           "PY=echo python"], cwd=REPO, capture_output=True, text=True, check=True)
+    lines = sorted(done.stdout.splitlines())
+    assert len(lines) == 3 and not any(str(finished) in line for line in lines)
+    assert f"python cml.py --resume {interrupted} --device auto" in lines
+    assert sum(line.startswith("python cml.py --dataset miniimagenet --base mamlpp") for line in lines) == 2
+    # A finished Table 1 run is skipped by reproduce-figures too (the same run directory).
+    table1 = tmp_path / "table1" / "maml_og__cub__5w5s__t5__1"
+    table1.mkdir(parents=True)
+    (table1 / "result.json").write_text("{}")
+    assert len(planned_runs("reproduce-figures", RUNS=str(tmp_path))) == FIGURE_GRID - 1
+
+
+def test_report_target():
+    out = subprocess.run(["make", "-n", "report"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert re.search(r"python tools/report\.py --runs runs --out results --name report --exclude quick demo$", out, re.M)
