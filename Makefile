@@ -182,8 +182,32 @@ $(foreach table,$(LWDGH_TABLES),$(eval $(call lwdgh_table,$(table))))
 .PHONY: reproduce-lwdgh
 reproduce-lwdgh: $(foreach table,$(LWDGH_TABLES),lwdgh-$(table))
 
-# ---- reproduce-quick goes here (issue #8): the Table 1 grid scaled down to omniglot-small, its runs in
-# $(RUNS)/quick/, its report by `$(PY) tools/report.py --runs $(RUNS)/quick --name quick --only-found`. ----
+# Paper 002's Table 1 grid scaled down to Omniglot (the omniglot-small subsets where the full zips are
+# absent), 5-way 1-shot, to check the paper's qualitative claims in at most 30 minutes on 2 CPU cores: every
+# method × task batch {5, 1} × OG/GS at inner lr 0.1, and MAML at 10× (1.0). Scaled down: Conv4-32, 5
+# queries per class, 20 meta-iterations per epoch, 10 epochs with task batch 5 and five times as many with
+# task batch 1 (as the paper's appendix A.3: the same tasks seen), 100 validation and 200 test tasks.
+# QUICK_JOBS single-threaded runs at once (small tensors: one thread per run uses 2 cores best), then
+# results/quick.md and its figures.
+QUICK_JOBS ?= 2
+QUICK_EPOCHS_t5 = 10
+QUICK_EPOCHS_t1 = 50
+QUICK_FLAGS = --dataset omniglot --ways 5 --shots 1 --queries 5 --filters 32 --iters-per-epoch 20 \
+	--val-tasks 100 --test-tasks 200 --cache-dir .cache --quiet
+# (method, task batch, inner lr) cells; each has an OG and a GS run per seed.
+QUICK_CELLS = $(foreach m,$(GS_METHODS),$(foreach t,$(GS_TASKS),$(m)-$(t)-0.1)) maml-t5-1.0
+quick_dir = $(RUNS)/quick/$(1)_$(4)__omniglot__5w1s__$(2)__lr$(3)__$(5)
+QUICK_RUNS = $(foreach c,$(QUICK_CELLS),$(foreach gs,og gs,$(foreach seed,$(SEEDS),$(call quick_dir,$(call \
+	word_at,1,$(c)),$(call word_at,2,$(c)),$(call word_at,3,$(c)),$(gs),$(seed))/result.json)))
+$(foreach c,$(QUICK_CELLS),$(foreach gs,og gs,$(foreach seed,$(SEEDS),$(eval $(call run_rule,$(call \
+	word_at,1,$(c))_gs.py,$(QUICK_FLAGS) --tasks $(patsubst t%,%,$(call word_at,2,$(c))) \
+	--epochs $(QUICK_EPOCHS_$(call word_at,2,$(c))) --inner-lr $(call word_at,3,$(c)) $(call gs_flag,$(gs)) \
+	--seed $(seed),$(call quick_dir,$(call word_at,1,$(c)),$(call word_at,2,$(c)),$(call word_at,3,$(c)),$(gs),$(seed)))))))
+.PHONY: reproduce-quick quick-runs
+quick-runs: $(QUICK_RUNS)
+reproduce-quick: setup
+	OMP_NUM_THREADS=1 $(MAKE) -j $(QUICK_JOBS) quick-runs
+	$(PY) tools/report.py --runs $(RUNS)/quick --name quick --only-found --title "Quick reproduction: paper 002's Table 1 grid on Omniglot, 5-way 1-shot, scaled down"
 
 # The report: every run under RUNS but the quick grid and the demo, in the papers' layout beside the
 # papers' numbers, as results/report.md and its figures in results/report/.

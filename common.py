@@ -29,7 +29,9 @@ import json
 import math
 import os
 import pickle
+import platform
 import signal
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -973,7 +975,8 @@ def evaluate(algorithm: Algorithm, members: list[tuple[dict, dict]], tasks: Eval
 
 CHECKPOINT_FORMAT = "metalearn-gs checkpoint v1"
 LAST = "last.pt"  # the newest state of the run, for --resume
-RESUME_FREE = ("resume", "quiet", "device", "vmap", "out", "data_root", "cache_dir", "download", "eval_batch")
+RESUME_FREE = ("resume", "quiet", "device", "vmap", "out", "data_root", "cache_dir", "download", "eval_batch",
+               "tensorboard")
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -1035,6 +1038,25 @@ class Progress:
         if not self.quiet:
             sys.stderr.write(("\r" if self.tty else "") + text + "\n")
             sys.stderr.flush()
+
+
+def provenance(device: torch.device) -> dict[str, str]:
+    """Where a run ran, for its config.json: the machine (GPU name or CPU model and threads) and the git commit."""
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
+    else:
+        model = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            with open("/proc/cpuinfo") as f:
+                model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+        machine = f"{model}, {torch.get_num_threads()} threads"
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"  # not a git checkout, or no git
+    return {"machine": machine, "commit": commit}
 
 
 def tensorboard_writer(run_dir: Path):
@@ -1159,7 +1181,7 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", {"program": program_name(args), "algorithm": algorithm.name,
                                              **dataclasses.asdict(args), "out": str(run_dir), "resume": "",
-                                             "torch": torch.__version__})
+                                             "torch": torch.__version__, **provenance(device)})
 
     def checkpoint() -> dict:
         return {"format": CHECKPOINT_FORMAT, "program": program_name(args), "algorithm": algorithm.name,
