@@ -184,15 +184,16 @@ reproduce-lwdgh: $(foreach table,$(LWDGH_TABLES),lwdgh-$(table))
 
 # Paper 002's Table 1 grid scaled down to Omniglot (the omniglot-small subsets where the full zips are
 # absent), 5-way 1-shot, to check the paper's qualitative claims in at most 30 minutes on 2 CPU cores: every
-# method × task batch {5, 1} × OG/GS at inner lr 0.1, and MAML at 10× (1.0). Scaled down: Conv4-32, 5
-# queries per class, 20 meta-iterations per epoch, 10 epochs with task batch 5 and five times as many with
-# task batch 1 (as the paper's appendix A.3: the same tasks seen), 100 validation and 200 test tasks.
+# method × task batch {5, 1} × OG/GS at inner lr 0.1, and MAML at 10× (1.0). Scaled down: Conv4-32, 3
+# inner steps, 5 queries per class, 20 meta-iterations per epoch, 10 epochs with task batch 5 and five
+# times as many with task batch 1 (as the paper's appendix A.3: the same tasks seen), 100 validation and
+# 200 test tasks.
 # QUICK_JOBS single-threaded runs at once (small tensors: one thread per run uses 2 cores best), then
 # results/quick.md and its figures.
 QUICK_JOBS ?= 2
 QUICK_EPOCHS_t5 = 10
 QUICK_EPOCHS_t1 = 50
-QUICK_FLAGS = --dataset omniglot --ways 5 --shots 1 --queries 5 --filters 32 --iters-per-epoch 20 \
+QUICK_FLAGS = --dataset omniglot --ways 5 --shots 1 --queries 5 --filters 32 --inner-steps 3 --iters-per-epoch 20 \
 	--val-tasks 100 --test-tasks 200 --cache-dir .cache --quiet
 # (method, task batch, inner lr) cells; each has an OG and a GS run per seed.
 QUICK_CELLS = $(foreach m,$(GS_METHODS),$(foreach t,$(GS_TASKS),$(m)-$(t)-0.1)) maml-t5-1.0

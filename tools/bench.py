@@ -1,7 +1,8 @@
 """Benchmark: task sampling, and one meta-iteration against a plain per-task loop and peer libraries.
 
-    python tools/bench.py                  # CPU: every configuration (about 10 minutes on 2 cores)
-    python tools/bench.py --device cuda    # on a GPU
+    python tools/bench.py                  # CPU: all but 84×84 5-shot (under 10 minutes on 2 cores)
+    python tools/bench.py --full           # CPU: every configuration (about 30 minutes on 2 cores)
+    python tools/bench.py --device cuda    # on a GPU: every configuration
     python tools/bench.py --quick          # 28×28 only
 
 Second-order MAML, Conv4-48, 5 tasks, 5 inner steps, inner lr 0.1, 5-way, 15 queries, synthetic data,
@@ -11,14 +12,19 @@ gradient sharing (and with `--recompute`), the plain loop below (`torch.autograd
 create_graph=True)` one task at a time: the reference), and `higher` / `torchopt` when installed
 (`pip install -r requirements-bench.txt`; the table lists the skipped ones).
 
-Each candidate runs in a fresh process: peak memory is the growth of the process's resident memory
-during its first meta-iteration, sampled every millisecond (CPU), or CUDA's max allocated memory; time is the median of --repeats
-meta-iterations after it; GFLOP are counted by torch.utils.flop_counter and compared with a measured
-float32 matmul peak of the device.
+The algorithm files are timed as their command lines build them (`make_algorithm`: their default path),
+their state carried from one meta-iteration to the next; one line per other algorithm file (Meta-SGD,
+MAML++, CML, LWDGH, each with its defaults but the workload above). Each candidate runs in a fresh
+process: its first meta-iteration warms up and gives the peak memory (growth of the process's resident
+memory, sampled every millisecond, on a CPU; CUDA's max allocated memory) and the GFLOP (counted by
+torch.utils.flop_counter, compared with a measured float32 matmul peak of the device; counted once for
+MAML's candidates, which do the same convolutions, and for each candidate that does other work); the time
+is the median of the next --repeats (5) meta-iterations.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -174,11 +180,15 @@ def make_candidate(name: str, theta: dict[str, torch.Tensor], tasks: common.Task
 # The MAML candidates of every configuration; the other algorithm files get one line each, at 28×28 1-shot.
 CANDIDATES = ("maml_gs.py --no-gs", "maml_gs.py --gs", "maml_gs.py --gs --recompute", REFERENCE, "higher", "torchopt")
 OTHER_FILES = ("metasgd_gs.py --gs", "mamlpp_gs.py --gs", "cml.py", "lwdgh.py")
-# (shape, shots, candidates) per device type.
+# (shape, shots, candidates), in the order run. The other algorithm files get their line at 84×84 1-shot on a
+# GPU and at 28×28 1-shot on a CPU, where an 84×84 line costs a minute each.
 CONFIGURATIONS = {
     "cuda": (("84", 1, CANDIDATES + OTHER_FILES), ("84", 5, CANDIDATES), ("28", 1, CANDIDATES), ("28", 5, CANDIDATES)),
-    "cpu": (("84", 1, CANDIDATES), ("84", 5, CANDIDATES), ("28", 1, CANDIDATES + OTHER_FILES), ("28", 5, CANDIDATES)),
+    "cpu": (("84", 1, CANDIDATES), ("28", 1, CANDIDATES + OTHER_FILES), ("28", 5, CANDIDATES), ("84", 5, CANDIDATES)),
 }
+# On a CPU the 84×84 5-shot configuration alone takes about 20 minutes (6 candidates × 6 meta-iterations of
+# about 20 s on 2 cores): it runs with --full only, so that the default bench stays under 10 minutes.
+CPU_FULL_ONLY = (("84", 5),)
 
 
 def rss() -> int:
@@ -209,12 +219,13 @@ def peak_rss_growth(fn) -> int:
     return max(peak[0], rss()) - before
 
 
-def child(name: str, shape: str, shots: int, device: torch.device, repeats: int, profile: bool = False) -> None:
+def child(name: str, shape: str, shots: int, device: torch.device, repeats: int, count_flops: bool,
+          profile: bool = False) -> None:
     """Measure one candidate in this (fresh) process; print a JSON line.
 
-    The first meta-iteration warms up (kernel selection, allocator) and gives the peak memory and the
-    GFLOP (counted by torch.utils.flop_counter, which slows it down: it is not timed); the median of the
-    next `repeats` is the time.
+    The first meta-iteration warms up (kernel selection, allocator) and gives the peak memory and, with
+    count_flops, the GFLOP (counted by torch.utils.flop_counter, which slows it down: it is not timed);
+    the median of the next `repeats` is the time.
     """
     gen = torch.Generator().manual_seed(0)
     def images(n):
@@ -226,7 +237,7 @@ def child(name: str, shape: str, shots: int, device: torch.device, repeats: int,
     fn = make_candidate(name, theta, tasks, SHAPES[shape], device)
     counter = FlopCounterMode(display=False)
     def counted():
-        with counter:
+        with counter if count_flops else contextlib.nullcontext():
             fn()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -240,7 +251,8 @@ def child(name: str, shape: str, shots: int, device: torch.device, repeats: int,
             fn()
         print(prof.key_averages().table(sort_by="self_cpu_time_total" if device.type == "cpu" else
                                         "self_device_time_total", row_limit=PROFILE_ROWS), file=sys.stderr)
-    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib, "gflop": counter.get_total_flops() / 1e9}))
+    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib,
+                      "gflop": counter.get_total_flops() / 1e9 if count_flops else None}))
 
 
 def bench_configuration(shape: str, shots: int, candidates: tuple[str, ...], args, peak_gflops: float) -> dict[str, float]:
@@ -250,12 +262,17 @@ def bench_configuration(shape: str, shots: int, candidates: tuple[str, ...], arg
         if name in ("higher", "torchopt") and importlib.util.find_spec(name) is None:
             skipped.append(f"{name} (not installed)")
             continue
+        # MAML's candidates do the same convolutions and matmuls (gradient sharing adds only elementwise work):
+        # their FLOPs are counted once; --recompute and the other algorithm files do different work.
+        flops = ["--count-flops"] if name == candidates[0] or name not in CANDIDATES or "--recompute" in name else []
         out = subprocess.run([sys.executable, __file__, "--child", name, "--shape", shape, "--shots", str(shots),
-                              "--device", args.device, "--repeats", str(args.repeats)], capture_output=True, text=True)
+                              "--device", args.device, "--repeats", str(args.repeats), *flops],
+                             capture_output=True, text=True)
         if out.returncode != 0:
             skipped.append(f"{name} (failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode})")
             continue
         rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        rows[name]["gflop"] = rows[name]["gflop"] or rows[candidates[0]]["gflop"]
     size = "x".join(map(str, SHAPES[shape]))
     print(f"\nmeta-iteration: {size}, {WAYS}-way {shots}-shot, {QUERIES} queries, {TASKS} tasks, {INNER_STEPS} steps, "
           f"second order, Conv4-{FILTERS}; median of {args.repeats}")
@@ -274,25 +291,30 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--repeats", type=int, default=5, help="timed meta-iterations per candidate (median)")
     parser.add_argument("--quick", action="store_true", help="28×28 configurations only")
+    parser.add_argument("--full", action="store_true",
+                        help="on a CPU also 84×84 5-shot (about 20 more minutes on 2 cores); always on a GPU")
     parser.add_argument("--profile", action="store_true",
                         help="only profile maml_gs.py --gs at 84x84 1-shot: the operators that take the time")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shape", choices=tuple(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--shots", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = common.pick_device(args.device)
     args.device = device.type
     if args.child:
-        return child(args.child, args.shape, args.shots, device, args.repeats)
+        return child(args.child, args.shape, args.shots, device, args.repeats, args.count_flops)
     if args.profile:
-        return child(CANDIDATES[1], "84", 1, device, repeats=1, profile=True)
+        return child(CANDIDATES[1], "84", 1, device, repeats=1, count_flops=False, profile=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}, vmap over tasks {'on' if common.use_vmap('auto', device) else 'off'}")
     peak = matmul_peak_gflops(device)
     print(f"float32 matmul peak: {peak:.0f} GFLOP/s")
     sample_seconds = bench_sampling(device)
     for shape, shots, candidates in CONFIGURATIONS[device.type]:
-        if args.quick and shape != "28":
+        if (args.quick and shape != "28") or (device.type == "cpu" and not args.full and (shape, shots) in CPU_FULL_ONLY):
+            print(f"\n(skipped: {'x'.join(map(str, SHAPES[shape]))} {shots}-shot, " +
+                  ("--quick)" if args.quick else "CPU without --full)"))
             continue
         times = bench_configuration(shape, shots, candidates, args, peak)
         if CANDIDATES[0] in times:
