@@ -36,7 +36,9 @@ Decisions (shared/DESIGN.md; where the paper is silent):
   loss_meta, loss_co (the two query losses; loss_meta MSL-weighted while MAML++'s MSL is on; the logged
   train_loss is loss_meta + γ loss_co), grad_cos and grad_norm_ratio = ‖g_co‖/‖g_meta‖ between
   g_meta = ∇L^meta and g_co = ∇L^co (γ not applied) w.r.t. the extractor's conv and BN tensors of θ
-  (meta-gradients, through the inner loop). This costs a second backward through the inner loop.
+  (meta-gradients, through the inner loop). These two cost a second backward through the inner loop, so they
+  are taken from every --grad-stats-every-th (10) meta-iteration of an epoch; the others backpropagate
+  g_meta + γ g_co at once (28×28 1-shot: 2.35 s a meta-iteration with both backwards, tools/bench.py).
 
 Reproduces paper 003's MiniImagenet 5-way rows (paper headline: CML on MAML++ 5-shot, 70.08%), MAML+CML
 and MAML++ +CML, 1-shot and 5-shot. MAML rows with the reference's run_cml.sh / train_cml.py settings (task
@@ -70,6 +72,8 @@ class Args(common.Args):
     """weight γ of the co-learner's query loss in the outer loss"""
     colearner_blocks: int = 2
     """conv blocks of the co-learner before its max-pool and linear layer (the paper's Conv(n); 0: linear only)"""
+    grad_stats_every: int = 10
+    """log grad_cos / grad_norm_ratio from every N-th meta-iteration of an epoch (each costs a second backward); 0: never"""
     inner_steps: int = 5
     """inner-loop steps K, at meta-training and meta-test"""
     inner_lr: float = 0.1
@@ -105,6 +109,8 @@ class Args(common.Args):
                     problems.append(f"--{name.replace('_', '-')} must be 0 (off) or positive, got {getattr(self, name)}")
             if self.cosine and not 0 <= self.min_outer_lr <= self.outer_lr:
                 problems.append(f"--min-outer-lr must lie in [0, --outer-lr = {self.outer_lr}], got {self.min_outer_lr}")
+        if self.grad_stats_every < 0:
+            problems.append(f"--grad-stats-every must be 0 (never) or a positive integer, got {self.grad_stats_every}")
         if self.colearner_blocks < 0:
             problems.append(f"--colearner-blocks must be 0 or a positive integer, got {self.colearner_blocks}")
         if not self.gamma >= 0:
@@ -123,7 +129,9 @@ MSL_FLOOR = 0.03  # MSL: each non-final weight falls to at least MSL_FLOOR / K (
 COLEARNER = "colearner."  # colearner.<name>: the co-learner's tensors φ, meta-parameters like θ
 COLEARNER_SEED_OFFSET = 1  # φ's init generator: --seed + this
 EXTRACTOR = ("conv", "bn")  # θ's feature extractor: conv{i}.* and bn{i}.*, not the head
-STATS = ("loss_meta", "loss_co", "grad_cos", "grad_norm_ratio")
+LOSS_STATS = ("loss_meta", "loss_co")  # every meta-iteration
+GRAD_STATS = ("grad_cos", "grad_norm_ratio")  # every --grad-stats-every-th: they need g_meta and g_co apart
+STATS = LOSS_STATS + GRAD_STATS
 
 
 def step_weights(fast: dict[str, torch.Tensor], bn: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
@@ -240,8 +248,13 @@ def colearner_init(net: dict[str, torch.Tensor], generator: torch.Generator,
 def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, epoch: int, *, base: str,
                   gamma: float, inner_steps: int, inner_lr: float, per_step_bn: bool, first_order: bool,
                   msl_epochs: int, first_order_epochs: int, clip_grad: float, use_vmap: bool,
-                  recompute: bool = False) -> common.StepResult:
-    """One meta-iteration: the base's adaptation and query loss, plus γ · the co-learner's query loss."""
+                  recompute: bool = False, grad_stats_every: int = 1) -> common.StepResult:
+    """One meta-iteration: the base's adaptation and query loss, plus γ · the co-learner's query loss.
+
+    g_meta and g_co (the two losses' meta-gradients w.r.t. the base's parameters) are backpropagated through
+    the inner loop apart, for the logged gradient agreement, on every grad_stats_every-th meta-iteration of
+    an epoch (the first included); on the others, g_meta + γ g_co in one backward: the same sum, half the work.
+    """
     theta, bn, lslr, phi = split_params(params, inner_steps, inner_lr, per_step_bn)
     net = {name: p for name, p in params.items() if not name.startswith(COLEARNER)}  # the base's: θ, BN, LSLR
     weights = msl_weights(epoch, inner_steps, msl_epochs) if base == "mamlpp" else None  # None: the final step only
@@ -250,6 +263,9 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
     num_tasks = tasks.x_s.shape[0]
     # Tasks are independent: on the loop path one task at a time gives the same sums with 1/T of the memory.
     groups = [slice(None)] if use_vmap else [slice(t, t + 1) for t in range(num_tasks)]
+    same_epoch = state["epoch"] == epoch
+    steps_done = state["steps"] if same_epoch else 0  # meta-iterations of this epoch so far
+    apart = grad_stats_every > 0 and steps_done % grad_stats_every == 0  # g_meta and g_co apart this time
     loss_meta, loss_co, correct = 0.0, 0.0, 0.0
     g_meta, g_co, g_phi = [None] * len(net), [None] * len(net), [None] * len(phi)
     for group in groups:
@@ -275,10 +291,15 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
         d_co = torch.autograd.grad(co, list(adapted.values()) + list(phi.values()), allow_unused=True,
                                    materialize_grads=True)  # the adapted head is unused: zeros
         g_phi = add_grads(g_phi, d_co[len(adapted):])
-        g_meta = add_grads(g_meta, torch.autograd.grad(outputs, list(net.values()), grad_outputs, allow_unused=True,
-                                                 retain_graph=True))
-        g_co = add_grads(g_co, torch.autograd.grad(list(final.values()), list(net.values()), d_co[:len(adapted)],
-                                             allow_unused=True))
+        if apart:  # two backwards through the inner loop: g_meta and g_co each
+            g_meta = add_grads(g_meta, torch.autograd.grad(outputs, list(net.values()), grad_outputs,
+                                                           allow_unused=True, retain_graph=True))
+            g_co = add_grads(g_co, torch.autograd.grad(list(final.values()), list(net.values()), d_co[:len(adapted)],
+                                                       allow_unused=True))
+        else:  # one: g_meta + γ g_co, the co-learner's part entering as γ · its gradient w.r.t. θ_{t,K}
+            g_meta = add_grads(g_meta, torch.autograd.grad(
+                outputs + list(final.values()), list(net.values()),
+                grad_outputs + [gamma * d for d in d_co[:len(adapted)]], allow_unused=True))
         loss_co, correct = loss_co + co.detach(), correct + step_acc.sum()  # accuracy: the meta-learner's, at θ_{t,K}
     # g = g_meta + γ g_co: with γ = 0 exactly the base's meta-gradient (x + 0 = x).
     grads = {name: None if gm is None else gm + gamma * gc if gc is not None else gm
@@ -287,17 +308,19 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
         grads = {name: g.clamp(-clip_grad, clip_grad) if g is not None and (name in theta or name in bn) else g
                  for name, g in grads.items()}
     grads.update({COLEARNER + name: gamma * g for name, g in zip(phi, g_phi)})
-    # Gradient agreement on the extractor (conv and BN tensors of θ), flattened: cosine and norm ratio.
-    extractor = [i for i, name in enumerate(net) if name.startswith(EXTRACTOR)]
-    flat_meta = torch.cat([g_meta[i].flatten() for i in extractor])
-    flat_co = torch.cat([g_co[i].flatten() for i in extractor])
-    step_stats = {"loss_meta": loss_meta, "loss_co": loss_co,
-                  "grad_cos": F.cosine_similarity(flat_meta, flat_co, dim=0),
-                  "grad_norm_ratio": flat_co.norm() / flat_meta.norm()}
-    # Epoch means from sums kept per epoch, as lwdgh.py: only finite steps are kept by the loop.
-    same_epoch = state["epoch"] == epoch
-    sums = {name: (state["sums"][name] if same_epoch else 0) + value.detach() for name, value in step_stats.items()}
-    new_state = {"epoch": epoch, "steps": (state["steps"] if same_epoch else 0) + 1, "sums": sums}
+    step_stats = {"loss_meta": loss_meta, "loss_co": loss_co}
+    if apart:  # gradient agreement on the extractor (conv and BN tensors of θ), flattened: cosine and norm ratio
+        extractor = [i for i, name in enumerate(net) if name.startswith(EXTRACTOR)]
+        flat_meta = torch.cat([g_meta[i].flatten() for i in extractor])
+        flat_co = torch.cat([g_co[i].flatten() for i in extractor])
+        step_stats.update(grad_cos=F.cosine_similarity(flat_meta, flat_co, dim=0),
+                          grad_norm_ratio=flat_co.norm() / flat_meta.norm())
+    # Epoch means from sums kept per epoch, as lwdgh.py: only finite steps are kept by the loop. "steps" counts
+    # the meta-iterations (LOSS_STATS), "stat_steps" those with GRAD_STATS.
+    sums = {name: state["sums"][name] if same_epoch and name in state["sums"] else 0 for name in STATS}
+    sums.update({name: sums[name] + value.detach() for name, value in step_stats.items()})
+    new_state = {"epoch": epoch, "steps": steps_done + 1,
+                 "stat_steps": (state.get("stat_steps", 0) if same_epoch else 0) + apart, "sums": sums}
     return common.StepResult(loss_meta + gamma * loss_co, correct / num_tasks, grads, new_state)
 
 
@@ -320,9 +343,10 @@ def scalars(params: dict[str, torch.Tensor], state: dict) -> dict[str, float]:
     rates = [p.detach() for name, p in params.items() if name.startswith(LSLR)]
     if rates:
         values.update(lslr_mean=torch.stack(rates).mean().item())  # (adapted tensors, K)
-    if state["steps"] == 0:
-        return {**values, **{name: math.nan for name in STATS}}
-    return {**values, **{name: (state["sums"][name] / state["steps"]).item() for name in STATS}}
+    means = {name: (state["sums"][name] / state["steps"]).item() if state["steps"] else math.nan for name in LOSS_STATS}
+    means.update({name: (state["sums"][name] / state["stat_steps"]).item() if state.get("stat_steps") else math.nan
+                  for name in GRAD_STATS})
+    return {**values, **means}
 
 
 def make_algorithm(args: Args, image_shape: tuple[int, int, int], device: torch.device) -> common.Algorithm:
@@ -342,12 +366,13 @@ def make_algorithm(args: Args, image_shape: tuple[int, int, int], device: torch.
     params = {name: p.to(device).requires_grad_() for name, p in params.items()}
     vmap = common.use_vmap(args.vmap, device)
     inner = dict(inner_steps=args.inner_steps, inner_lr=args.inner_lr, per_step_bn=per_step_bn, use_vmap=vmap)
-    state = {"epoch": -1, "steps": 0, "sums": {}}  # epoch −1: the first meta-iteration starts its epoch's sums
+    state = {"epoch": -1, "steps": 0, "stat_steps": 0, "sums": {}}  # epoch −1: the first meta-iteration starts its epoch's sums
     return common.Algorithm(
         name=f"cml_{args.base}", params=params, state=state,
         meta_gradient=partial(meta_gradient, base=args.base, gamma=args.gamma, first_order=args.first_order,
                               msl_epochs=args.msl_epochs, first_order_epochs=args.first_order_epochs,
-                              clip_grad=args.clip_grad, recompute=args.recompute, **inner),
+                              clip_grad=args.clip_grad, recompute=args.recompute,
+                              grad_stats_every=args.grad_stats_every, **inner),
         predict=partial(predict, **inner), scalars=scalars,
         outer_lr=partial(cosine_lr, epochs=args.epochs, outer_lr=args.outer_lr, min_outer_lr=args.min_outer_lr)
         if mamlpp and args.cosine else None)

@@ -1,6 +1,7 @@
 """cml.py: γ = 0 is the base method (maml_gs.py / mamlpp_gs.py, of which cml.py holds its own copy); φ is never
 adapted; finite differences; an independent loop; the CLI."""
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,30 @@ def test_logged_statistics():
     values = cml.scalars(params, result.state)
     assert set(values) == set(cml.STATS) and -1 <= values["grad_cos"] <= 1 and values["grad_norm_ratio"] > 0
     assert values["loss_meta"] + GAMMA * values["loss_co"] == pytest.approx(result.loss.item())
+
+
+@pytest.mark.parametrize("base", ["maml", "mamlpp"])
+def test_one_backward_between_logged_iterations_gives_the_same_meta_gradient(base):
+    """Off the --grad-stats-every iterations, g_meta + γ g_co in one backward: the two backwards' sum."""
+    params, tasks, kw = tiny_params(mamlpp=base == "mamlpp"), tiny_tasks(), MAMLPP if base == "mamlpp" else {}
+    apart = cml_step(params, tasks, **kw)
+    state = {"epoch": 0, "steps": 1, "stat_steps": 1, "sums": dict(apart.state["sums"])}
+    joint = cml.meta_gradient(params, state, tiny_tasks(), 0, gamma=GAMMA, **{**MAML, **kw, "grad_stats_every": 2})
+    assert torch.equal(joint.loss, apart.loss)
+    for name in params:
+        torch.testing.assert_close(joint.grads[name], apart.grads[name], rtol=1e-12, atol=1e-15, msg=name)
+    # Epoch means: the losses over both meta-iterations, the gradient agreement over the logged one only.
+    assert joint.state["steps"] == 2 and joint.state["stat_steps"] == 1
+    values, first = cml.scalars(params, joint.state), cml.scalars(params, apart.state)
+    assert values["grad_cos"] == first["grad_cos"] and values["loss_co"] == pytest.approx(first["loss_co"])
+
+
+def test_grad_stats_every_zero_never_logs_the_agreement():
+    params, tasks = tiny_params(), tiny_tasks()
+    state = {"epoch": -1, "steps": 0, "stat_steps": 0, "sums": {}}
+    result = cml.meta_gradient(params, state, tasks, 0, gamma=GAMMA, **{**MAML, "grad_stats_every": 0})
+    values = cml.scalars(params, result.state)
+    assert math.isnan(values["grad_cos"]) and math.isnan(values["grad_norm_ratio"]) and values["loss_co"] > 0
 
 
 # mamlpp: MSL on at epochs 0 and 1, first order at epoch 0 only, a clamp that bites.
