@@ -1049,7 +1049,8 @@ def provenance(device: torch.device) -> dict[str, str]:
         with contextlib.suppress(OSError):
             with open("/proc/cpuinfo") as f:
                 model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-        machine = f"{model}, {torch.get_num_threads()} threads"
+        threads = torch.get_num_threads()
+        machine = f"{model}, {threads} thread{'s' if threads > 1 else ''}"
     try:
         here = Path(__file__).resolve().parent
         commit = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True,
