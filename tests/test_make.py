@@ -163,12 +163,12 @@ def test_report_target():
     assert re.search(r"python tools/report\.py --runs runs --out results --name report --exclude quick demo$", out, re.M)
 
 
-def test_reproduce_quick_is_the_table1_grid_on_omniglot_then_its_report():
+def test_reproduce_quick_is_the_table1_grid_on_omniglot_then_its_report(tmp_path):
     """14 runs: every method × task batch {5, 1} × OG/GS at inner lr 0.1, and MAML/5 at 1.0; one thread each."""
-    out = subprocess.run(["make", "-n", "reproduce-quick", "DATA=/data", "QUICK_JOBS=3"], cwd=REPO,
+    out = subprocess.run(["make", "-n", "reproduce-quick", "DATA=/data", "QUICK_JOBS=3", f"RUNS={tmp_path}"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     assert "OMP_NUM_THREADS=1 make -j 3 quick-runs" in out
-    assert re.search(r"tools/report\.py --runs runs/quick --name quick --only-found", out)
+    assert f"tools/report.py --runs {tmp_path}/quick --name quick --only-found" in out
     runs = re.findall(r"else\s+(.*?); fi", out)
     cells = set()
     for command in runs:
@@ -178,7 +178,7 @@ def test_reproduce_quick_is_the_table1_grid_on_omniglot_then_its_report():
         assert "--dataset omniglot --ways 5 --shots 1" in command and "--data-root /data" in command
         assert "--filters 32 --inner-steps 3 --iters-per-epoch 20" in command  # the scaled-down protocol
         assert int(flag(command, "--epochs")) == {5: 10, 1: 50}[tasks]  # task batch 1: five times the epochs
-        assert out_dir(command) == f"runs/quick/{method}_{'gs' if gs else 'og'}__omniglot__5w1s__t{tasks}__lr{flag(command, '--inner-lr')}__1"
+        assert out_dir(command) == f"{tmp_path}/quick/{method}_{'gs' if gs else 'og'}__omniglot__5w1s__t{tasks}__lr{flag(command, '--inner-lr')}__1"
         cells.add((method, tasks, lr, gs))
     grid = {(m, t, DEFAULT_INNER_LR, gs) for m in ("maml", "metasgd", "mamlpp") for t in (5, 1) for gs in (False, True)}
     assert cells == grid | {("maml", 5, 1.0, gs) for gs in (False, True)} and len(runs) == len(cells)
