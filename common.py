@@ -1108,14 +1108,14 @@ def resumed_args(args: Args) -> Args:
     if config.get("program") != program_name(args):
         raise SystemExit(f"error: {args.resume} is a run of {config.get('program')}.py, not {program_name(args)}.py")
     given, default = dataclasses.asdict(args), dataclasses.asdict(type(args)())
-    missing = sorted(set(given) - set(config))
+    missing = sorted(set(given) - set(config) - set(RESUME_FREE))  # a newer RESUME_FREE flag changes no result
     if missing:
         raise SystemExit(f"error: {args.resume} was made without the arguments {missing}: another version of the program")
     clash = [k for k in given if k not in RESUME_FREE and given[k] != default[k] and given[k] != config[k]]
     if clash:
         raise SystemExit(f"error: {args.resume} is a run with " + ", ".join(f"--{k.replace('_', '-')} {config[k]}" for k in clash)
                          + "; resume it without changing those flags, or start a new run")
-    return type(args)(**{k: given[k] if k in RESUME_FREE else config[k] for k in given})
+    return type(args)(**{k: given[k] if k in RESUME_FREE or k not in config else config[k] for k in given})
 
 
 def restore_params(params: dict[str, torch.Tensor], saved: dict, path: Path) -> None:

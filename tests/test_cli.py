@@ -178,3 +178,17 @@ def test_tensorboard_without_the_package_says_so_and_runs(tmp_path, monkeypatch,
     result = run(TINY + ["--epochs", "1", "--tensorboard", "--quiet", "--out", str(tmp_path / "run")])
     assert result["status"] == "finished"
     assert "tensorboard package is not installed (pip install tensorboard)" in capsys.readouterr().err
+
+
+def test_a_run_made_before_a_resume_free_flag_existed_still_resumes(tmp_path):
+    """config.json without --tensorboard (added later; it changes no result) resumes; a missing result flag does not."""
+    run(TINY + ["--epochs", "1", "--out", str(tmp_path / "run")])
+    path = tmp_path / "run" / "config.json"
+    config = json.loads(path.read_text())
+    del config["tensorboard"]
+    path.write_text(json.dumps(config))
+    assert run(["--resume", str(tmp_path / "run"), "--epochs", "1"])["status"] == "finished"
+    del config["inner_lr"]
+    path.write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match=r"made without the arguments \['inner_lr'\]"):
+        run(["--resume", str(tmp_path / "run")])
