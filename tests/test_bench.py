@@ -49,3 +49,74 @@ def test_every_benchmarked_algorithm_file_runs_and_carries_its_state(label):
         result = step()
         assert torch.isfinite(result.loss)
         assert all(torch.isfinite(g).all() for g in result.grads.values() if g is not None)
+
+
+GLIBC = sys.platform == "linux" and __import__("platform").libc_ver()[0] == "glibc"
+FREED_PROBE = """
+import sys, torch, common
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+applied = common.set_malloc(sys.argv[1])
+x = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB: above glibc's largest mmap threshold (32 MiB)
+held = rss()
+del x
+print(applied, (held - rss()) / 2 ** 20)
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="--malloc acts on glibc's malloc only")
+@pytest.mark.parametrize("setting", ["reuse", "default"])
+def test_malloc_reuse_keeps_freed_memory_for_the_next_tensor(setting):
+    """--malloc reuse: a freed 64 MiB tensor stays in the process (no munmap, no page faults next time)."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", FREED_PROBE, setting], cwd=root, capture_output=True, text=True,
+                         check=True).stdout.split()
+    applied, returned_mib = out[0] == "True", float(out[1])
+    assert applied == (setting == "reuse")
+    if setting == "reuse":
+        assert returned_mib < 1, f"{returned_mib:.0f} MiB went back to the system"
+    else:
+        assert returned_mib > 60, f"only {returned_mib:.0f} MiB went back to the system"
+
+
+def hvp(f, x: torch.Tensor, v: torch.Tensor, w: torch.Tensor):
+    """(f(x), ∇_x <f(x), w>, ∇_x <∇_x <f(x), w>, v>): values, first and second-order gradients."""
+    x = x.detach().requires_grad_()
+    y = f(x)
+    (g,) = torch.autograd.grad((y * w).sum(), x, create_graph=True)
+    (h,) = torch.autograd.grad((g * v).sum(), x)
+    return y, g, h
+
+
+@pytest.mark.parametrize("size", [8, 7])  # 7: the last row and column fall outside every window
+def test_max_pool_is_max_pool2d_to_the_second_derivative_ties_included(size):
+    """common.max_pool (its CPU path) = F.max_pool2d: values, gradient (which element of a tie gets it), HVP."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, size, size, generator=gen, dtype=DTYPE)
+    x[0] = x[0, :, :1, :1]  # sample 0: one value per plane, every window a four-way tie
+    x[1] = x[1].relu()  # sample 1: zero ties, as after a ReLU
+    v = torch.randn(x.shape, generator=gen, dtype=DTYPE)
+    w = torch.randn(3, 4, size // 2, size // 2, generator=gen, dtype=DTYPE)
+    ours = hvp(lambda t: common.max_pool(t * t), x, v, w)  # x ↦ max_pool(x²): a non-zero second derivative
+    stock = hvp(lambda t: torch.nn.functional.max_pool2d(t * t, 2), x, v, w)
+    for a, b in zip(ours, stock):
+        assert torch.equal(a, b)
+    x.requires_grad_()
+    (direct,) = torch.autograd.grad((common.max_pool(x) * w).sum(), x)
+    assert direct.count_nonzero() == w.numel()  # one element of each window, ties included, got its gradient
+
+
+def test_conv4_forward_is_the_reference_network_to_the_second_derivative():
+    """conv4_forward (max-pool before ReLU, common.max_pool) = Conv4 as the peers write it (bench.py)."""
+    gen = torch.Generator().manual_seed(0)
+    params = common.conv4_init(SHAPE, WAYS, FILTERS, generator=gen, dtype=DTYPE)
+    params = {name: p + 0.1 * torch.randn(p.shape, generator=gen, dtype=DTYPE) for name, p in params.items()}
+    x = torch.randn(6, *SHAPE, generator=gen, dtype=DTYPE)
+    x[:3, :, 4:12, 4:12] = 0.5  # constant patches: equal activations, ties in the max-pool windows
+    v, w = torch.randn(x.shape, generator=gen, dtype=DTYPE), torch.randn(6, WAYS, generator=gen, dtype=DTYPE)
+    ours = hvp(lambda t: common.conv4_forward(params, t), x, v, w)
+    reference = hvp(lambda t: bench.reference_forward(params, t), x, v, w)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -48,6 +48,7 @@ SHAPES = {"84": (3, 84, 84), "28": (1, 28, 28)}
 SAMPLING_SHAPE, SAMPLING_SHOTS, SAMPLING_PER_CLASS = (3, 84, 84), 5, 100
 MATMUL_SIZE = 2048
 REFERENCE = "plain loop"
+REFERENCE_REUSE = "plain loop, --malloc reuse"  # the reference with the algorithm files' malloc setting
 RSS_SAMPLE_S = 0.001
 PROFILE_ROWS = 15
 
@@ -89,6 +90,16 @@ def bench_sampling(device: torch.device) -> float:
 
 # ---- The candidates: the same second-order meta-gradient, each its own way ------------------------------
 
+def reference_forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Conv4 as MAML code writes it (conv, batch-statistics BN, ReLU, F.max_pool2d; linear head): the peers'
+    network. common.conv4_forward computes the same function its own, faster way (tests/test_bench.py)."""
+    for i in range(common.conv4_blocks(params)):
+        x = F.conv2d(x, params[f"conv{i}.weight"], params[f"conv{i}.bias"], padding=common.CONV_KERNEL // 2)
+        x = F.batch_norm(x, None, None, params[f"bn{i}.weight"], params[f"bn{i}.bias"], training=True)
+        x = F.max_pool2d(F.relu(x), common.POOL)
+    return F.linear(x.flatten(1), params["head.weight"], params["head.bias"])
+
+
 def plain_loop(params: dict[str, torch.Tensor], tasks: common.Tasks, inner_steps: int = INNER_STEPS,
                inner_lr: float = INNER_LR) -> None:
     """The reference: second-order MAML one task at a time, as most MAML code is written; grads into .grad."""
@@ -96,10 +107,10 @@ def plain_loop(params: dict[str, torch.Tensor], tasks: common.Tasks, inner_steps
     for t in range(num_tasks):
         fast = dict(params)
         for _ in range(inner_steps):
-            loss = F.cross_entropy(common.conv4_forward(fast, tasks.x_s[t]), tasks.y_s[t])
+            loss = F.cross_entropy(reference_forward(fast, tasks.x_s[t]), tasks.y_s[t])
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
             fast = {name: w - inner_lr * g for (name, w), g in zip(fast.items(), grads)}
-        (F.cross_entropy(common.conv4_forward(fast, tasks.x_q[t]), tasks.y_q[t]) / num_tasks).backward()
+        (F.cross_entropy(reference_forward(fast, tasks.x_q[t]), tasks.y_q[t]) / num_tasks).backward()
 
 
 class Conv4Module(torch.nn.Module):
@@ -112,7 +123,7 @@ class Conv4Module(torch.nn.Module):
             self.register_parameter(name.replace(".", "_"), torch.nn.Parameter(p.detach().clone()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return common.conv4_forward({name: getattr(self, name.replace(".", "_")) for name in self.names}, x)
+        return reference_forward({name: getattr(self, name.replace(".", "_")) for name in self.names}, x)
 
 
 def higher_loop(net: Conv4Module, tasks: common.Tasks) -> None:
@@ -154,7 +165,9 @@ def algorithm_step(label: str, tasks: common.Tasks, image_shape: tuple[int, int,
             "--tasks", str(tasks.x_s.shape[0]),
             "--filters", str(filters), "--inner-steps", str(inner_steps), "--inner-lr", str(inner_lr),
             "--device", device.type, *flags]
-    algorithm = module.make_algorithm(common.parse_args(module.Args, argv), image_shape, device)
+    args = common.parse_args(module.Args, argv)
+    common.set_malloc(args.malloc)  # as common.run does: --malloc reuse by default
+    algorithm = module.make_algorithm(args, image_shape, device)
     algorithm.params = {name: p.detach().to(dtype).requires_grad_() for name, p in algorithm.params.items()}
     state = [algorithm.state]
 
@@ -170,7 +183,9 @@ def make_candidate(name: str, theta: dict[str, torch.Tensor], tasks: common.Task
     """A no-argument function doing one meta-iteration the named way."""
     if name.split()[0].endswith(".py"):
         return algorithm_step(name, tasks, image_shape, WAYS, device)[1]
-    if name == REFERENCE:
+    if name in (REFERENCE, REFERENCE_REUSE):
+        if name == REFERENCE_REUSE:
+            common.set_malloc("reuse")
         params = {n: p.to(device).requires_grad_() for n, p in theta.items()}
         return lambda: plain_loop(params, tasks)
     net = Conv4Module(theta).to(device)
@@ -182,9 +197,12 @@ CANDIDATES = ("maml_gs.py --no-gs", "maml_gs.py --gs", "maml_gs.py --gs --recomp
 OTHER_FILES = ("metasgd_gs.py --gs", "mamlpp_gs.py --gs", "cml.py", "lwdgh.py")
 # (shape, shots, candidates), in the order run. The other algorithm files get their line at 84×84 1-shot on a
 # GPU and at 28×28 1-shot on a CPU, where an 84×84 line costs a minute each.
+# On a CPU the plain loop also runs with the algorithm files' --malloc reuse, to show what that setting alone gives.
+CPU_CANDIDATES = CANDIDATES + (REFERENCE_REUSE,)
 CONFIGURATIONS = {
     "cuda": (("84", 1, CANDIDATES + OTHER_FILES), ("84", 5, CANDIDATES), ("28", 1, CANDIDATES), ("28", 5, CANDIDATES)),
-    "cpu": (("84", 1, CANDIDATES), ("28", 1, CANDIDATES + OTHER_FILES), ("28", 5, CANDIDATES), ("84", 5, CANDIDATES)),
+    "cpu": (("84", 1, CPU_CANDIDATES), ("28", 1, CPU_CANDIDATES + OTHER_FILES), ("28", 5, CPU_CANDIDATES),
+            ("84", 5, CPU_CANDIDATES)),
 }
 # On a CPU the 84×84 5-shot configuration alone takes about 20 minutes (6 candidates × 6 meta-iterations of
 # about 20 s on 2 cores): it runs with --full only, so that the default bench stays under 10 minutes.
@@ -264,7 +282,7 @@ def bench_configuration(shape: str, shots: int, candidates: tuple[str, ...], arg
             continue
         # MAML's candidates do the same convolutions and matmuls (gradient sharing adds only elementwise work):
         # their FLOPs are counted once; --recompute and the other algorithm files do different work.
-        flops = ["--count-flops"] if name == candidates[0] or name not in CANDIDATES or "--recompute" in name else []
+        flops = ["--count-flops"] if name == candidates[0] or name not in CPU_CANDIDATES or "--recompute" in name else []
         out = subprocess.run([sys.executable, __file__, "--child", name, "--shape", shape, "--shots", str(shots),
                               "--device", args.device, "--repeats", str(args.repeats), *flops],
                              capture_output=True, text=True)
