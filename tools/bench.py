@@ -18,8 +18,12 @@ MAML++, CML, LWDGH, each with its defaults but the workload above). Each candida
 process: its first meta-iteration warms up and gives the peak memory (growth of the process's resident
 memory, sampled every millisecond, on a CPU; CUDA's max allocated memory) and the GFLOP (counted by
 torch.utils.flop_counter, compared with a measured float32 matmul peak of the device; counted once for
-MAML's candidates, which do the same convolutions, and for each candidate that does other work); the time
-is the median of the next --repeats (5) meta-iterations.
+MAML's candidates, which do the same convolutions, and for each candidate that does other work). Then
+the candidates take turns: each of --repeats (5) rounds times one meta-iteration of every candidate (in
+an order rotated by the round), and a candidate's time is the median of its rounds. On a shared host the
+speed drifts by ±20% from one minute to the next; taking turns spreads that drift over all candidates
+alike instead of favouring whichever ran in a fast minute. All candidates of a configuration are alive
+at once (memory: the sum of their peaks, about 8 GiB at 84×84 1-shot on a CPU).
 """
 from __future__ import annotations
 
@@ -58,15 +62,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def seconds(fn, device: torch.device) -> float:
+    """Wall-clock seconds of one call of fn, the device's queue drained before and after."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def median_seconds(fn, device: torch.device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds(fn, device) for _ in range(repeats))
 
 
 def matmul_peak_gflops(device: torch.device) -> float:
@@ -237,13 +243,13 @@ def peak_rss_growth(fn) -> int:
     return max(peak[0], rss()) - before
 
 
-def child(name: str, shape: str, shots: int, device: torch.device, repeats: int, count_flops: bool,
-          profile: bool = False) -> None:
-    """Measure one candidate in this (fresh) process; print a JSON line.
+def child(name: str, shape: str, shots: int, device: torch.device, count_flops: bool, profile: bool = False) -> None:
+    """Serve one candidate in this (fresh) process, one JSON line per command read from stdin.
 
-    The first meta-iteration warms up (kernel selection, allocator) and gives the peak memory and, with
-    count_flops, the GFLOP (counted by torch.utils.flop_counter, which slows it down: it is not timed);
-    the median of the next `repeats` is the time.
+    "warm": the first meta-iteration (kernel selection, allocator), which gives the peak memory and, with
+    count_flops, the GFLOP (torch.utils.flop_counter slows it down: it is not timed). "time": one timed
+    meta-iteration. The parent sends "time" to every candidate in turn, so that the candidates share the
+    slow and the fast minutes of a shared host alike (tools/bench.py's docstring).
     """
     gen = torch.Generator().manual_seed(0)
     def images(n):
@@ -253,44 +259,99 @@ def child(name: str, shape: str, shots: int, device: torch.device, repeats: int,
     tasks = common.Tasks(images(shots), labels(shots), images(QUERIES), labels(QUERIES))
     theta = common.conv4_init(SHAPES[shape], WAYS, FILTERS, generator=torch.Generator().manual_seed(0))
     fn = make_candidate(name, theta, tasks, SHAPES[shape], device)
-    counter = FlopCounterMode(display=False)
-    def counted():
-        with counter if count_flops else contextlib.nullcontext():
-            fn()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        counted()
-        peak_mib = torch.cuda.max_memory_allocated() / 2 ** 20
-    else:
-        peak_mib = peak_rss_growth(counted) / 2 ** 20
-    seconds = median_seconds(fn, device, repeats)
     if profile:
+        fn()
         with torch.profiler.profile() as prof:
             fn()
         print(prof.key_averages().table(sort_by="self_cpu_time_total" if device.type == "cpu" else
                                         "self_device_time_total", row_limit=PROFILE_ROWS), file=sys.stderr)
-    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib,
-                      "gflop": counter.get_total_flops() / 1e9 if count_flops else None}))
+        return
+    for command in sys.stdin:
+        if command.strip() == "warm":
+            counter = FlopCounterMode(display=False)
+            def counted():
+                with counter if count_flops else contextlib.nullcontext():
+                    fn()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                counted()
+                peak_mib = torch.cuda.max_memory_allocated() / 2 ** 20
+            else:
+                peak_mib = peak_rss_growth(counted) / 2 ** 20
+            reply = {"peak_mib": peak_mib, "gflop": counter.get_total_flops() / 1e9 if count_flops else None}
+        elif command.strip() == "time":
+            reply = {"seconds": seconds(fn, device)}
+        else:
+            return
+        print(json.dumps(reply), flush=True)
+
+
+class Candidate:
+    """A candidate's server process (child above)."""
+
+    def __init__(self, name: str, shape: str, shots: int, device: str, count_flops: bool):
+        self.name = name
+        self.process = subprocess.Popen([sys.executable, __file__, "--child", name, "--shape", shape, "--shots",
+                                         str(shots), "--device", device, *(["--count-flops"] if count_flops else [])],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def ask(self, command: str) -> dict:
+        """Send a command, return its JSON reply; RuntimeError with the child's last error line if it died."""
+        try:
+            self.process.stdin.write(command + "\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            error = self.process.stderr.read().strip().splitlines()
+            raise RuntimeError(error[-1] if error else f"exit {self.process.wait()}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(BrokenPipeError):
+                self.process.stdin.close()
+            self.process.wait()
 
 
 def bench_configuration(shape: str, shots: int, candidates: tuple[str, ...], args, peak_gflops: float) -> dict[str, float]:
-    """Run every candidate in a fresh process, print the table; return seconds per candidate."""
-    rows, skipped = {}, []
-    for name in candidates:
-        if name in ("higher", "torchopt") and importlib.util.find_spec(name) is None:
-            skipped.append(f"{name} (not installed)")
-            continue
-        # MAML's candidates do the same convolutions and matmuls (gradient sharing adds only elementwise work):
-        # their FLOPs are counted once; --recompute and the other algorithm files do different work.
-        flops = ["--count-flops"] if name == candidates[0] or name not in CPU_CANDIDATES or "--recompute" in name else []
-        out = subprocess.run([sys.executable, __file__, "--child", name, "--shape", shape, "--shots", str(shots),
-                              "--device", args.device, "--repeats", str(args.repeats), *flops],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            skipped.append(f"{name} (failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode})")
-            continue
-        rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        rows[name]["gflop"] = rows[name]["gflop"] or rows[candidates[0]]["gflop"]
+    """Run every candidate in its own process, print the table; return seconds per candidate.
+
+    The warm-ups (memory, FLOPs) run one candidate at a time; then round r of --repeats times one
+    meta-iteration of every candidate, in an order rotated by r, and each candidate's time is its median.
+    """
+    rows, skipped, running = {}, [], []
+    try:
+        for name in candidates:
+            if name in ("higher", "torchopt") and importlib.util.find_spec(name) is None:
+                skipped.append(f"{name} (not installed)")
+                continue
+            # MAML's candidates do the same convolutions and matmuls (gradient sharing adds only elementwise
+            # work): their FLOPs are counted once; --recompute and the other algorithm files do different work.
+            count = name == candidates[0] or name not in CPU_CANDIDATES or "--recompute" in name
+            candidate = Candidate(name, shape, shots, args.device, count)
+            try:
+                rows[name] = candidate.ask("warm")
+                running.append(candidate)
+            except RuntimeError as e:
+                skipped.append(f"{name} (failed: {e})")
+                candidate.close()
+        times = {c.name: [] for c in running}
+        for r in range(args.repeats):
+            for candidate in running[r % len(running):] + running[:r % len(running)]:
+                try:
+                    times[candidate.name].append(candidate.ask("time")["seconds"])
+                except RuntimeError as e:
+                    skipped.append(f"{candidate.name} (failed: {e})")
+                    running.remove(candidate)
+                    del rows[candidate.name]
+    finally:
+        for candidate in running:
+            candidate.close()
+    for name, r in rows.items():
+        r["seconds"] = statistics.median(times[name])
+        r["gflop"] = r["gflop"] or rows[candidates[0]]["gflop"]
     size = "x".join(map(str, SHAPES[shape]))
     print(f"\nmeta-iteration: {size}, {WAYS}-way {shots}-shot, {QUERIES} queries, {TASKS} tasks, {INNER_STEPS} steps, "
           f"second order, Conv4-{FILTERS}; median of {args.repeats}")
@@ -321,9 +382,9 @@ def main() -> None:
     device = common.pick_device(args.device)
     args.device = device.type
     if args.child:
-        return child(args.child, args.shape, args.shots, device, args.repeats, args.count_flops)
+        return child(args.child, args.shape, args.shots, device, args.count_flops)
     if args.profile:
-        return child(CANDIDATES[1], "84", 1, device, repeats=1, count_flops=False, profile=True)
+        return child(CANDIDATES[1], "84", 1, device, count_flops=False, profile=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}, vmap over tasks {'on' if common.use_vmap('auto', device) else 'off'}")
     peak = matmul_peak_gflops(device)
