@@ -321,7 +321,7 @@ def bench_configuration(shape: str, shots: int, candidates: tuple[str, ...], arg
     The warm-ups (memory, FLOPs) run one candidate at a time; then round r of --repeats times one
     meta-iteration of every candidate, in an order rotated by r, and each candidate's time is its median.
     """
-    rows, skipped, running = {}, [], []
+    rows, skipped, started, running = {}, [], [], []
     try:
         for name in candidates:
             if name in ("higher", "torchopt") and importlib.util.find_spec(name) is None:
@@ -330,12 +330,13 @@ def bench_configuration(shape: str, shots: int, candidates: tuple[str, ...], arg
             # MAML's candidates do the same convolutions and matmuls (gradient sharing adds only elementwise
             # work): their FLOPs are counted once; --recompute and the other algorithm files do different work.
             count = name == candidates[0] or name not in CPU_CANDIDATES or "--recompute" in name
-            candidate = Candidate(name, shape, shots, args.device, count)
+            started.append(Candidate(name, shape, shots, args.device, count))  # all import torch at once
+        for candidate in started:  # nothing is timed while processes start and warm up
             try:
-                rows[name] = candidate.ask("warm")
+                rows[candidate.name] = candidate.ask("warm")
                 running.append(candidate)
             except RuntimeError as e:
-                skipped.append(f"{name} (failed: {e})")
+                skipped.append(f"{candidate.name} (failed: {e})")
                 candidate.close()
         times = {c.name: [] for c in running}
         for r in range(args.repeats):
@@ -347,7 +348,7 @@ def bench_configuration(shape: str, shots: int, candidates: tuple[str, ...], arg
                     running.remove(candidate)
                     del rows[candidate.name]
     finally:
-        for candidate in running:
+        for candidate in started:
             candidate.close()
     for name, r in rows.items():
         r["seconds"] = statistics.median(times[name])
