@@ -1108,7 +1108,7 @@ def set_malloc(setting: str) -> bool:
     is 102 MB), so every meta-iteration page-faulted its activations in afresh: a third of the process's
     CPU time was the kernel's at 84×84 1-shot. Serving everything from the heap (M_MMAP_MAX = 0) and
     never giving its top back (M_TRIM_THRESHOLD = -1) makes the meta-iteration about 1.4× faster on a
-    CPU, for a resident memory up to ~20% higher (fragmentation: docs/benchmarks.md). It changes no
+    CPU, for a few hundred MiB more resident memory (fragmentation: docs/benchmarks.md). It changes no
     result, only where tensors live. Process-wide and not undone; "default" leaves malloc alone.
     Returns whether the setting was applied: False for "default", or where the C library is not glibc.
     """
