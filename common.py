@@ -751,7 +751,7 @@ def conv4_features(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Te
 def max_pool(x: torch.Tensor) -> torch.Tensor:
     """F.max_pool2d(x, POOL) for x (N, C, H, W): the same values and gradients of every order, faster on a CPU.
 
-    PyTorch's CPU max-pool is slow on NCHW tensors (a fifth of a meta-iteration at 84×84 went there) and
+    PyTorch's CPU max-pool is slow on NCHW tensors (an eighth of a meta-iteration at 84×84 went there) and
     fast on channels-last ones. So, on a CPU, each window's maximum is located in a channels-last copy
     (no gradient needed) and the output gathered from x at those positions: gather's backward scatters
     the gradient to each window's first maximum, exactly as max-pool's backward does, and its own

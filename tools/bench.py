@@ -23,7 +23,7 @@ the candidates take turns: each of --repeats (5) rounds times one meta-iteration
 an order rotated by the round), and a candidate's time is the median of its rounds. On a shared host the
 speed drifts by ±20% from one minute to the next; taking turns spreads that drift over all candidates
 alike instead of favouring whichever ran in a fast minute. All candidates of a configuration are alive
-at once (memory: the sum of their peaks, about 8 GiB at 84×84 1-shot on a CPU).
+at once (memory: the sum of their peaks, about 10 GiB at 84×84 1-shot on a CPU).
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -291,9 +292,10 @@ class Candidate:
 
     def __init__(self, name: str, shape: str, shots: int, device: str, count_flops: bool):
         self.name = name
+        self.stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty child never blocks on it
         self.process = subprocess.Popen([sys.executable, __file__, "--child", name, "--shape", shape, "--shots",
                                          str(shots), "--device", device, *(["--count-flops"] if count_flops else [])],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
 
     def ask(self, command: str) -> dict:
         """Send a command, return its JSON reply; RuntimeError with the child's last error line if it died."""
@@ -304,8 +306,10 @@ class Candidate:
         except BrokenPipeError:
             line = ""
         if not line:
-            error = self.process.stderr.read().strip().splitlines()
-            raise RuntimeError(error[-1] if error else f"exit {self.process.wait()}")
+            code = self.process.wait()
+            self.stderr.seek(0)
+            error = self.stderr.read().strip().splitlines()
+            raise RuntimeError(error[-1] if error else f"exit {code}")
         return json.loads(line)
 
     def close(self) -> None:
@@ -313,6 +317,7 @@ class Candidate:
             with contextlib.suppress(BrokenPipeError):
                 self.process.stdin.close()
             self.process.wait()
+        self.stderr.close()
 
 
 def bench_configuration(shape: str, shots: int, candidates: tuple[str, ...], args, peak_gflops: float) -> dict[str, float]:
@@ -352,7 +357,7 @@ def bench_configuration(shape: str, shots: int, candidates: tuple[str, ...], arg
             candidate.close()
     for name, r in rows.items():
         r["seconds"] = statistics.median(times[name])
-        r["gflop"] = r["gflop"] or rows[candidates[0]]["gflop"]
+        r["gflop"] = r["gflop"] or rows.get(candidates[0], {}).get("gflop") or float("nan")
     size = "x".join(map(str, SHAPES[shape]))
     print(f"\nmeta-iteration: {size}, {WAYS}-way {shots}-shot, {QUERIES} queries, {TASKS} tasks, {INNER_STEPS} steps, "
           f"second order, Conv4-{FILTERS}; median of {args.repeats}")
