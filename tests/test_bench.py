@@ -120,3 +120,24 @@ def test_conv4_forward_is_the_reference_network_to_the_second_derivative():
     reference = hvp(lambda t: bench.reference_forward(params, t), x, v, w)
     for a, b in zip(ours, reference):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("configuration, quick, full, expected", [
+    (None, False, False, {("84", 1), ("28", 1), ("28", 5)}),  # the default bench: under 10 minutes on a CPU
+    (None, False, True, {("84", 1), ("28", 1), ("28", 5), ("84", 5)}),
+    (None, True, False, {("28", 1), ("28", 5)}),
+    (["84x5"], True, False, {("84", 5)}),  # --configuration overrides --quick and --full
+    (["28x5", "84x1"], False, False, {("84", 1), ("28", 5)}),
+])
+def test_bench_runs_the_configurations_asked_for(configuration, quick, full, expected):
+    rows = bench.plan("cpu", configuration, quick, full)
+    assert {(shape, shots) for shape, shots, _, skip in rows if skip is None} == expected
+    assert len(rows) == len(bench.CONFIGURATIONS["cpu"])  # the others are listed as skipped, with the reason
+
+
+def test_bench_rejects_an_unknown_configuration(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--configuration", "84x3"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2
+    assert "expected one of 84x1, 28x1, 28x5, 84x5" in capsys.readouterr().err

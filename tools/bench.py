@@ -4,6 +4,7 @@
     python tools/bench.py --full           # CPU: every configuration (about 30 minutes on 2 cores)
     python tools/bench.py --device cuda    # on a GPU: every configuration
     python tools/bench.py --quick          # 28×28 only
+    python tools/bench.py --configuration 84x5   # one configuration (SHAPExSHOTS), e.g. 84×84 5-shot alone
 
 Second-order MAML, Conv4-48, 5 tasks, 5 inner steps, inner lr 0.1, 5-way, 15 queries, synthetic data,
 at 84×84×3 (MiniImagenet shape) and 28×28×1 (Omniglot shape), 1 and 5 shots. For every configuration
@@ -216,6 +217,26 @@ CONFIGURATIONS = {
 CPU_FULL_ONLY = (("84", 5),)
 
 
+def plan(device_type: str, configuration: list[str] | None, quick: bool, full: bool) -> list[tuple]:
+    """(shape, shots, candidates, why skipped or None) for each configuration, in the order run.
+
+    --configuration SHAPExSHOTS runs exactly those; otherwise --quick skips 84×84, and a CPU without --full
+    skips 84×84 5-shot.
+    """
+    rows = []
+    for shape, shots, candidates in CONFIGURATIONS[device_type]:
+        if configuration:
+            skip = None if f"{shape}x{shots}" in configuration else "not in --configuration"
+        elif quick and shape != "28":
+            skip = "--quick"
+        elif device_type == "cpu" and not full and (shape, shots) in CPU_FULL_ONLY:
+            skip = "CPU without --full"
+        else:
+            skip = None
+        rows.append((shape, shots, candidates, skip))
+    return rows
+
+
 def rss() -> int:
     """Resident set size of this process in bytes (Linux)."""
     with open("/proc/self/statm") as f:
@@ -378,6 +399,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="28×28 configurations only")
     parser.add_argument("--full", action="store_true",
                         help="on a CPU also 84×84 5-shot (about 20 more minutes on 2 cores); always on a GPU")
+    parser.add_argument("--configuration", action="append", metavar="SHAPExSHOTS",
+                        help="run only this configuration (repeatable), e.g. 84x5 for 84×84 5-shot; overrides "
+                             "--quick and --full")
     parser.add_argument("--profile", action="store_true",
                         help="only profile maml_gs.py --gs at 84x84 1-shot: the operators that take the time")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -385,6 +409,11 @@ def main() -> None:
     parser.add_argument("--shape", choices=tuple(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--shots", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    known = [f"{shape}x{shots}" for shape, shots, _ in CONFIGURATIONS["cpu"]]
+    unknown = sorted(set(args.configuration or ()) - set(known))
+    if unknown:
+        parser.error(f"--configuration {', '.join(unknown)}: expected one of {', '.join(known)} (image side x "
+                     "shots, e.g. 84x5)")
     device = common.pick_device(args.device)
     args.device = device.type
     if args.child:
@@ -396,10 +425,9 @@ def main() -> None:
     peak = matmul_peak_gflops(device)
     print(f"float32 matmul peak: {peak:.0f} GFLOP/s")
     sample_seconds = bench_sampling(device)
-    for shape, shots, candidates in CONFIGURATIONS[device.type]:
-        if (args.quick and shape != "28") or (device.type == "cpu" and not args.full and (shape, shots) in CPU_FULL_ONLY):
-            print(f"\n(skipped: {'x'.join(map(str, SHAPES[shape]))} {shots}-shot, " +
-                  ("--quick)" if args.quick else "CPU without --full)"))
+    for shape, shots, candidates, skip in plan(device.type, args.configuration, args.quick, args.full):
+        if skip:
+            print(f"\n(skipped: {'x'.join(map(str, SHAPES[shape]))} {shots}-shot, {skip})")
             continue
         times = bench_configuration(shape, shots, candidates, args, peak)
         if CANDIDATES[0] in times:
