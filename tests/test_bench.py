@@ -141,3 +141,12 @@ def test_bench_rejects_an_unknown_configuration(monkeypatch, capsys):
         bench.main()
     assert exit_info.value.code == 2
     assert "expected one of 84x1, 28x1, 28x5, 84x5" in capsys.readouterr().err
+
+
+def test_bench_warns_when_a_configuration_may_not_fit_in_memory():
+    assert bench.memory_warning("84", 5, available=8.0).startswith("warning: 3x84x84 5-shot needed about 23 GiB")
+    assert bench.memory_warning("84", 5, available=30.0) is None
+    assert bench.memory_warning("28", 1, available=1.0) is None  # small: no figure, no warning
+    assert bench.memory_warning("84", 1, available=None) is None  # MemAvailable unknown (not Linux)
+    available = bench.available_gib()
+    assert available is None or available > 0

@@ -24,7 +24,8 @@ the candidates take turns: each of --repeats (5) rounds times one meta-iteration
 an order rotated by the round), and a candidate's time is the median of its rounds. On a shared host the
 speed drifts by ±20% from one minute to the next; taking turns spreads that drift over all candidates
 alike instead of favouring whichever ran in a fast minute. All candidates of a configuration are alive
-at once (memory: the sum of their peaks, about 10 GiB at 84×84 1-shot on a CPU).
+at once (memory: the sum of their peaks, about 10 GiB at 84×84 1-shot and 23 GiB at 84×84 5-shot on a
+CPU; the bench warns before a configuration that may not fit in the available memory).
 """
 from __future__ import annotations
 
@@ -237,6 +238,31 @@ def plan(device_type: str, configuration: list[str] | None, quick: bool, full: b
     return rows
 
 
+# Resident memory of all candidates of a configuration at once, measured on the development CPU (GiB,
+# docs/benchmarks.md); the 28×28 configurations need about 3.
+CPU_MEMORY_GIB = {("84", 1): 10, ("84", 5): 23}
+
+
+def available_gib() -> float | None:
+    """The memory the kernel says can be allocated without swapping (MemAvailable, GiB); None off Linux."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) / 2 ** 20  # kB -> GiB
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def memory_warning(shape: str, shots: int, available: float | None) -> str | None:
+    """A warning when a CPU configuration needs more memory than is available (its candidates live at once)."""
+    need = CPU_MEMORY_GIB.get((shape, shots))
+    if need is None or available is None or available >= need:
+        return None
+    return (f"warning: {'x'.join(map(str, SHAPES[shape]))} {shots}-shot needed about {need} GiB on the development "
+            f"machine (all its candidate processes are alive at once) and {available:.1f} GiB are available: it may "
+            f"be killed for memory. Free memory, or leave this configuration out (--configuration, without --full).")
+
+
 def rss() -> int:
     """Resident set size of this process in bytes (Linux)."""
     with open("/proc/self/statm") as f:
@@ -429,6 +455,9 @@ def main() -> None:
         if skip:
             print(f"\n(skipped: {'x'.join(map(str, SHAPES[shape]))} {shots}-shot, {skip})")
             continue
+        warning = memory_warning(shape, shots, available_gib()) if device.type == "cpu" else None
+        if warning:
+            print(warning, flush=True)
         times = bench_configuration(shape, shots, candidates, args, peak)
         if CANDIDATES[0] in times:
             print(f"sampling a task batch is {times[CANDIDATES[0]] / sample_seconds:.0f}x faster than this meta-iteration")
