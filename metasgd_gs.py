@@ -82,18 +82,32 @@ GS_PARAMS = ("m", "lambda")  # meta-learned momentum and gate, one per inner ste
 ALPHA = "alpha."  # alpha.<name>: the learned inner learning rate of θ tensor <name>, same shape
 
 
-def inner_step(fast: dict[str, torch.Tensor], k: int, alpha: dict[str, torch.Tensor | float], m: torch.Tensor | None,
-               lam: torch.Tensor | None, ghat: list[dict[str, torch.Tensor]] | None, x_s: torch.Tensor,
-               y_s: torch.Tensor, *, share: bool, create_graph: bool, use_vmap: bool):
-    """Inner step k+1 for every task of the batch, Eq. 1-4 (k counts from 0 here and indexes m, λ, ĝ).
-
-    Returns θ_{t,k+1} for every task, (tasks, ...) per tensor, and ĝ_{k+1} (None unless shared).
-    """
+def task_grads(fast: dict[str, torch.Tensor], x_s: torch.Tensor, y_s: torch.Tensor, *, create_graph: bool,
+               use_vmap: bool) -> dict[str, torch.Tensor]:
+    """∇L_t(θ_{t,k}) of every task's support loss w.r.t. its own fast weights, (tasks, ...) per tensor."""
     logits = common.forward_tasks(common.conv4_forward, fast, x_s, use_vmap)  # (tasks, ways*shots, ways)
     # Σ_t L_t, each L_t a mean over task t's own support set. Tasks share nothing in the forward pass,
     # so one backward gives every task's gradient w.r.t. its own fast weights: ∇L_t, (tasks, ...).
     loss = F.cross_entropy(logits.flatten(0, 1), y_s.flatten(), reduction="sum") / y_s.shape[1]
-    grads = dict(zip(fast, torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)))
+    return dict(zip(fast, torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)))
+
+
+def inner_step(fast: dict[str, torch.Tensor], k: int, alpha: dict[str, torch.Tensor | float], m: torch.Tensor | None,
+               lam: torch.Tensor | None, ghat: list[dict[str, torch.Tensor]] | None, x_s: torch.Tensor,
+               y_s: torch.Tensor, *, share: bool, create_graph: bool, use_vmap: bool, recompute: bool = False):
+    """Inner step k+1 for every task of the batch, Eq. 1-4 (k counts from 0 here and indexes m, λ, ĝ).
+
+    Returns θ_{t,k+1} for every task, (tasks, ...) per tensor, and ĝ_{k+1} (None unless shared).
+    recompute: gradient checkpointing of ∇L_t (inner_loop's docstring).
+    """
+    if recompute:  # one region per task on the loop path: the backward recomputes one task at a time
+        chunks = [slice(None)] if use_vmap else [slice(t, t + 1) for t in range(x_s.shape[0])]
+        parts = [checkpoint(task_grads, {name: w[chunk] for name, w in fast.items()}, x_s[chunk], y_s[chunk],
+                            create_graph=create_graph, use_vmap=use_vmap, use_reentrant=False)
+                 for chunk in chunks]
+        grads = {name: torch.cat([part[name] for part in parts]) for name in fast}
+    else:
+        grads = task_grads(fast, x_s, y_s, create_graph=create_graph, use_vmap=use_vmap)
     delta, ghat_k = grads, None  # plain Meta-SGD: Δ_{t,k} = ∇L_t
     if lam is not None and (share or ghat is not None):
         if share:
@@ -120,16 +134,18 @@ def inner_loop(theta: dict[str, torch.Tensor], alpha: dict[str, torch.Tensor | f
     ways*shots). m, lam: (K,) or None for plain Meta-SGD. ghat: the stored ĝ (K dicts like theta) or
     None before the first meta-iteration. Returns the adapted weights, each (tasks, ...),
     and with share=True the new ĝ (K dicts, still attached to the graph: m gets its gradient there).
-    recompute: keep only each step's input and recompute the step in the backward pass (gradient
-    checkpointing): the same gradients with less memory, for one more forward-backward per step.
+    recompute: gradient checkpointing. Each task's ∇L_t at each step (its support forward and backward,
+    the activations) is not kept but recomputed in the backward pass, one task at a time on the loop path;
+    what couples the tasks (g_k, ĝ_k, Δ: parameter-sized) stays stored. The same gradients, with the
+    activations of one task's step instead of all of them, for one more support forward-backward per step.
     """
     tasks = x_s.shape[0]
     fast = {name: p.expand(tasks, *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
     step = partial(inner_step, alpha=alpha, m=m, lam=lam, ghat=ghat, x_s=x_s, y_s=y_s, share=share,
-                   create_graph=create_graph, use_vmap=use_vmap)
+                   create_graph=create_graph, use_vmap=use_vmap, recompute=recompute)
     new_ghat = []
     for k in range(inner_steps):
-        fast, ghat_k = checkpoint(step, fast, k, use_reentrant=False) if recompute else step(fast, k)
+        fast, ghat_k = step(fast, k)
         new_ghat.append(ghat_k)
     return fast, (new_ghat if share and lam is not None else None)
 

@@ -81,6 +81,34 @@ def test_malloc_reuse_keeps_freed_memory_for_the_next_tensor(setting):
         assert returned_mib > 60, f"only {returned_mib:.0f} MiB went back to the system"
 
 
+MEMORY_PROBE = """
+import sys, time, torch, common
+sys.path.insert(0, "tools")
+import bench
+common.set_malloc("reuse")
+kept = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, freed at once: with reuse its memory stays in the process
+del kept
+def make_and_free():
+    x = torch.ones(16 * 2 ** 20 // 4)  # 16 MiB in use, in memory the process already holds
+    time.sleep(0.05)  # long enough for the sampler (every ms) to see it
+    return float(x.sum())
+held, in_use = bench.peak_memory_growth(make_and_free)
+print(held / 2 ** 20, in_use / 2 ** 20)
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="the allocated measure reads glibc's mallinfo2")
+def test_bench_tells_memory_in_use_from_memory_the_allocator_holds():
+    """A 16 MiB tensor made in memory kept from an earlier free: 16 MiB allocated, nothing new held."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE], cwd=root, capture_output=True, text=True,
+                         check=True).stdout.split()
+    held_mib, allocated_mib = map(float, out)
+    assert 15.5 < allocated_mib < 17, allocated_mib
+    assert held_mib < 4, held_mib
+
+
 def hvp(f, x: torch.Tensor, v: torch.Tensor, w: torch.Tensor):
     """(f(x), ∇_x <f(x), w>, ∇_x <∇_x <f(x), w>, v>): values, first and second-order gradients."""
     x = x.detach().requires_grad_()

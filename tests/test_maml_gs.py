@@ -108,10 +108,12 @@ def test_matches_independent_per_task_loop(gs, later, first_order, use_vmap):
 
 @pytest.mark.parametrize("gs", [True, False])
 @pytest.mark.parametrize("later", [False, True], ids=["first-iteration", "later-iteration"])
-def test_recomputing_the_inner_steps_gives_the_same_meta_gradient(gs, later):
+@pytest.mark.parametrize("use_vmap", [False, True], ids=["loop", "vmap"])
+def test_recomputing_the_inner_steps_gives_the_same_meta_gradient(gs, later, use_vmap):
     params, tasks = tiny_params(gs=gs), tiny_tasks()
     ghat = stored_ghat(params) if (later and gs) else None
-    stored, recomputed = run_step(params, ghat, tasks), run_step(params, ghat, tasks, recompute=True)
+    stored = run_step(params, ghat, tasks, use_vmap=use_vmap)
+    recomputed = run_step(params, ghat, tasks, use_vmap=use_vmap, recompute=True)
     torch.testing.assert_close(recomputed.loss, stored.loss, rtol=1e-14, atol=0)
     for name, g in stored.grads.items():
         if g is None:

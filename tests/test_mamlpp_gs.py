@@ -174,10 +174,12 @@ def test_derivative_order_annealing_and_vmap(epoch, use_vmap):
 
 
 @pytest.mark.parametrize("gs", [True, False])
-def test_recomputing_the_inner_steps_gives_the_same_meta_gradient(gs):
+@pytest.mark.parametrize("use_vmap", [False, True], ids=["loop", "vmap"])
+def test_recomputing_the_inner_steps_gives_the_same_meta_gradient(gs, use_vmap):
     params, tasks = tiny_params(gs=gs), tiny_tasks()
     ghat = stored_ghat(params) if gs else None
-    stored, recomputed = run_step(params, ghat, tasks, 7), run_step(params, ghat, tasks, 7, recompute=True)
+    stored = run_step(params, ghat, tasks, 7, use_vmap=use_vmap)
+    recomputed = run_step(params, ghat, tasks, 7, use_vmap=use_vmap, recompute=True)
     torch.testing.assert_close(recomputed.loss, stored.loss, rtol=1e-14, atol=0)
     for name, g in stored.grads.items():
         torch.testing.assert_close(recomputed.grads[name], g, rtol=1e-12, atol=1e-15, msg=name)

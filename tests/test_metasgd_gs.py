@@ -127,10 +127,12 @@ def test_matches_independent_per_task_loop(gs, later, first_order, use_vmap):
 
 
 @pytest.mark.parametrize("gs", [True, False])
-def test_recomputing_the_inner_steps_gives_the_same_meta_gradient(gs):
+@pytest.mark.parametrize("use_vmap", [False, True], ids=["loop", "vmap"])
+def test_recomputing_the_inner_steps_gives_the_same_meta_gradient(gs, use_vmap):
     params, tasks = tiny_params(gs=gs), tiny_tasks()
     ghat = stored_ghat(params) if gs else None
-    stored, recomputed = run_step(params, ghat, tasks), run_step(params, ghat, tasks, recompute=True)
+    stored = run_step(params, ghat, tasks, use_vmap=use_vmap)
+    recomputed = run_step(params, ghat, tasks, use_vmap=use_vmap, recompute=True)
     torch.testing.assert_close(recomputed.loss, stored.loss, rtol=1e-14, atol=0)
     for name, g in stored.grads.items():
         torch.testing.assert_close(recomputed.grads[name], g, rtol=1e-12, atol=1e-15, msg=name)

@@ -16,8 +16,11 @@ create_graph=True)` one task at a time: the reference), and `higher` / `torchopt
 The algorithm files are timed as their command lines build them (`make_algorithm`: their default path),
 their state carried from one meta-iteration to the next; one line per other algorithm file (Meta-SGD,
 MAML++, CML, LWDGH, each with its defaults but the workload above). Each candidate runs in a fresh
-process: its first meta-iteration warms up and gives the peak memory (growth of the process's resident
-memory, sampled every millisecond, on a CPU; CUDA's max allocated memory) and the GFLOP (counted by
+process: its first meta-iteration warms up and gives the peak memory in two measures, both above the
+process's start: allocated (in use by tensors and objects: on a CPU malloc's bytes in use, glibc's
+mallinfo2, sampled every millisecond; CUDA's max allocated memory) and held (taken from the system: on a
+CPU the resident memory, which also counts what the allocator keeps after a free; CUDA's max reserved
+memory), and the GFLOP (counted by
 torch.utils.flop_counter, compared with a measured float32 matmul peak of the device; counted once for
 MAML's candidates, which do the same convolutions, and for each candidate that does other work). Then
 the candidates take turns: each of --repeats (5) rounds times one meta-iteration of every candidate (in
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import importlib.util
 import json
 import os
@@ -56,8 +60,11 @@ SAMPLING_SHAPE, SAMPLING_SHOTS, SAMPLING_PER_CLASS = (3, 84, 84), 5, 100
 MATMUL_SIZE = 2048
 REFERENCE = "plain loop"
 REFERENCE_REUSE = "plain loop, --malloc reuse"  # the reference with the algorithm files' malloc setting
-RSS_SAMPLE_S = 0.001
+MEMORY_SAMPLE_S = 0.001
 PROFILE_ROWS = 15
+# What the two peak-memory columns measure on each device (the table's legend).
+ALLOCATED = {"cpu": "malloc's bytes in use, glibc mallinfo2", "cuda": "torch.cuda.max_memory_allocated"}
+HELD = {"cpu": "resident memory, with what the allocator keeps after a free", "cuda": "torch.cuda.max_memory_reserved"}
 
 
 def sync(device: torch.device) -> None:
@@ -269,18 +276,54 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_rss_growth(fn) -> int:
-    """Bytes by which the process's resident memory grew at its highest while fn ran (sampled every ms).
+class _MallInfo2(ctypes.Structure):
+    """glibc's struct mallinfo2 (glibc >= 2.33), every field a size_t."""
+    _fields_ = [(field, ctypes.c_size_t) for field in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _mallinfo2():
+    """glibc's mallinfo2 function, or None (another C library, an older glibc)."""
+    try:
+        function = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
+MALLINFO2 = _mallinfo2()
+
+
+def allocated() -> int | None:
+    """Bytes in use through malloc in this process, every arena (glibc): heap chunks in use + mmapped chunks.
+
+    What the process's tensors and objects occupy, without the memory that the allocator keeps after a
+    free (fragmentation, --malloc reuse): the CPU counterpart of CUDA's memory_allocated. None off glibc.
+    """
+    if MALLINFO2 is None:
+        return None
+    info = MALLINFO2()
+    return info.uordblks + info.hblkhd
+
+
+def peak_memory_growth(fn) -> tuple[int, int | None]:
+    """(resident, allocated): bytes by which the process's resident memory, and its memory in use through
+    malloc (None off glibc), grew at their highest while fn ran (both sampled every ms).
 
     The process-lifetime peak (ru_maxrss) cannot be used: importing torch alone reaches a higher peak
     than a small meta-iteration.
     """
-    before, peak, done = rss(), [0], threading.Event()
+    before, before_allocated = rss(), allocated()
+    peak, peak_allocated, done = [0], [before_allocated], threading.Event()
 
     def watch():
         while not done.is_set():
             peak[0] = max(peak[0], rss())
-            time.sleep(RSS_SAMPLE_S)
+            if before_allocated is not None:
+                peak_allocated[0] = max(peak_allocated[0], allocated())
+            time.sleep(MEMORY_SAMPLE_S)
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
@@ -288,7 +331,8 @@ def peak_rss_growth(fn) -> int:
     finally:
         done.set()
         watcher.join()
-    return max(peak[0], rss()) - before
+    grown_allocated = None if before_allocated is None else max(peak_allocated[0], allocated()) - before_allocated
+    return max(peak[0], rss()) - before, grown_allocated
 
 
 def child(name: str, shape: str, shots: int, device: torch.device, count_flops: bool, profile: bool = False) -> None:
@@ -323,10 +367,11 @@ def child(name: str, shape: str, shots: int, device: torch.device, count_flops: 
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 counted()
-                peak_mib = torch.cuda.max_memory_allocated() / 2 ** 20
+                held, in_use = torch.cuda.max_memory_reserved(), torch.cuda.max_memory_allocated()
             else:
-                peak_mib = peak_rss_growth(counted) / 2 ** 20
-            reply = {"peak_mib": peak_mib, "gflop": counter.get_total_flops() / 1e9 if count_flops else None}
+                held, in_use = peak_memory_growth(counted)
+            reply = {"held_mib": held / 2 ** 20, "allocated_mib": None if in_use is None else in_use / 2 ** 20,
+                     "gflop": counter.get_total_flops() / 1e9 if count_flops else None}
         elif command.strip() == "time":
             reply = {"seconds": seconds(fn, device)}
         else:
@@ -408,11 +453,15 @@ def bench_configuration(shape: str, shots: int, candidates: tuple[str, ...], arg
     size = "x".join(map(str, SHAPES[shape]))
     print(f"\nmeta-iteration: {size}, {WAYS}-way {shots}-shot, {QUERIES} queries, {TASKS} tasks, {INNER_STEPS} steps, "
           f"second order, Conv4-{FILTERS}; median of {args.repeats}")
-    print(f"{'':<30}{'s/iter':>8}{'vs plain':>10}{'vs higher':>10}{'peak MiB':>10}{'GFLOP':>8}{'GFLOP/s':>9}{'of peak':>9}")
+    print(f"{'':<30}{'s/iter':>8}{'vs plain':>10}{'vs higher':>10}{'alloc MiB':>10}{'held MiB':>10}{'GFLOP':>8}"
+          f"{'GFLOP/s':>9}{'of peak':>9}")
     for name, r in rows.items():
         vs = lambda other: f"{rows[other]['seconds'] / r['seconds']:>9.2f}x" if other in rows else f"{'-':>10}"
-        print(f"{name:<30}{r['seconds']:>8.3f}{vs(REFERENCE)}{vs('higher')}{r['peak_mib']:>10.0f}{r['gflop']:>8.1f}"
-              f"{r['gflop'] / r['seconds']:>9.1f}{r['gflop'] / r['seconds'] / peak_gflops:>8.0%}")
+        in_use = f"{r['allocated_mib']:>10.0f}" if r["allocated_mib"] is not None else f"{'-':>10}"
+        print(f"{name:<30}{r['seconds']:>8.3f}{vs(REFERENCE)}{vs('higher')}{in_use}{r['held_mib']:>10.0f}"
+              f"{r['gflop']:>8.1f}{r['gflop'] / r['seconds']:>9.1f}{r['gflop'] / r['seconds'] / peak_gflops:>8.0%}")
+    print(f"peak memory of the first meta-iteration, above the process's start; alloc: in use "
+          f"({ALLOCATED[args.device]}); held: taken from the system ({HELD[args.device]})")
     if skipped:
         print("skipped: " + ", ".join(skipped))
     return {name: r["seconds"] for name, r in rows.items()}
