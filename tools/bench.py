@@ -20,7 +20,7 @@ process: its first meta-iteration warms up and gives the peak memory in two meas
 process's start: allocated (in use by tensors and objects: on a CPU malloc's bytes in use, glibc's
 mallinfo2, sampled every millisecond; CUDA's max allocated memory) and held (taken from the system: on a
 CPU the resident memory, which also counts what the allocator keeps after a free; CUDA's max reserved
-memory), and the GFLOP (counted by
+memory), and, in a second meta-iteration apart (the counter costs memory), the GFLOP (counted by
 torch.utils.flop_counter, compared with a measured float32 matmul peak of the device; counted once for
 MAML's candidates, which do the same convolutions, and for each candidate that does other work). Then
 the candidates take turns: each of --repeats (5) rounds times one meta-iteration of every candidate (in
@@ -338,8 +338,9 @@ def peak_memory_growth(fn) -> tuple[int, int | None]:
 def child(name: str, shape: str, shots: int, device: torch.device, count_flops: bool, profile: bool = False) -> None:
     """Serve one candidate in this (fresh) process, one JSON line per command read from stdin.
 
-    "warm": the first meta-iteration (kernel selection, allocator), which gives the peak memory and, with
-    count_flops, the GFLOP (torch.utils.flop_counter slows it down: it is not timed). "time": one timed
+    "warm": the first meta-iteration (kernel selection, allocator), which gives the peak memory, and with
+    count_flops a second one, which gives the GFLOP (torch.utils.flop_counter slows it down and adds to
+    the memory: it is neither timed nor measured). "time": one timed
     meta-iteration. The parent sends "time" to every candidate in turn, so that the candidates share the
     slow and the fast minutes of a shared host alike (tools/bench.py's docstring).
     """
@@ -360,18 +361,19 @@ def child(name: str, shape: str, shots: int, device: torch.device, count_flops: 
         return
     for command in sys.stdin:
         if command.strip() == "warm":
-            counter = FlopCounterMode(display=False)
-            def counted():
-                with counter if count_flops else contextlib.nullcontext():
-                    fn()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-                counted()
+                fn()
                 held, in_use = torch.cuda.max_memory_reserved(), torch.cuda.max_memory_allocated()
             else:
-                held, in_use = peak_memory_growth(counted)
+                held, in_use = peak_memory_growth(fn)
+            gflop = None
+            if count_flops:  # one more meta-iteration, apart: the counter's dispatch mode costs memory (~100 MiB)
+                with FlopCounterMode(display=False) as counter:
+                    fn()
+                gflop = counter.get_total_flops() / 1e9
             reply = {"held_mib": held / 2 ** 20, "allocated_mib": None if in_use is None else in_use / 2 ** 20,
-                     "gflop": counter.get_total_flops() / 1e9 if count_flops else None}
+                     "gflop": gflop}
         elif command.strip() == "time":
             reply = {"seconds": seconds(fn, device)}
         else:
