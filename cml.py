@@ -95,7 +95,7 @@ class Args(common.Args):
     clip_grad: float = 0.0
     """mamlpp base: clamp each meta-gradient element of the network to ±this value; 0: off"""
     recompute: bool = False
-    """gradient checkpointing: recompute each inner step in the backward pass; less memory, more time"""
+    """gradient checkpointing: recompute each inner step but the last in the backward pass; less memory, more time"""
 
     def check(self) -> list[str]:
         problems = super().check()
@@ -164,15 +164,18 @@ def inner_loop(theta: dict[str, torch.Tensor], bn: dict[str, torch.Tensor], lslr
     is in theta (the maml base); lslr: each adapted tensor's rates, (K,) or a list of K floats when fixed
     (the maml base: [α] * K, maml_gs.py's step); x_s (tasks, ways*shots, C, H, W), y_s (tasks, ways*shots).
     Returns the trajectory [θ_{t,0}, ..., θ_{t,K}] (MSL needs every step), each a dict of (tasks, ...) tensors.
-    recompute: keep only each step's input and recompute the step in the backward pass (gradient
-    checkpointing): the same gradients with less memory, for one more forward-backward per step.
+    recompute: keep only the input of steps 1..K-1 and recompute each in the backward pass (gradient
+    checkpointing; step K, the first the backward needs, stays stored): the same gradients with less
+    memory, for one more forward-backward per earlier step.
     """
     tasks = x_s.shape[0]
     fast = {name: p.expand(tasks, *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
     step = partial(inner_step, bn=bn, lslr=lslr, x_s=x_s, y_s=y_s, create_graph=create_graph, use_vmap=use_vmap)
     trajectory = [fast]
     for k in range(inner_steps):
-        fast = checkpoint(step, fast, k, use_reentrant=False) if recompute else step(fast, k)
+        # The last step is the first the backward needs: it stays stored (as in checkpoint_sequential).
+        recomputed = recompute and k < inner_steps - 1
+        fast = checkpoint(step, fast, k, use_reentrant=False) if recomputed else step(fast, k)
         trajectory.append(fast)
     return trajectory
 

@@ -86,7 +86,7 @@ class Args(common.Args):
     first_order: bool = False
     """first-order approximation: no gradient through the inner-loop gradients"""
     recompute: bool = False
-    """gradient checkpointing: recompute each inner step in the backward pass; less memory, more time"""
+    """gradient checkpointing: recompute each inner step but the last in the backward pass; less memory, more time"""
 
     def check(self) -> list[str]:
         problems = super().check()
@@ -151,12 +151,15 @@ def inner_loop(fast: dict[str, torch.Tensor], x_s: torch.Tensor, y_s: torch.Tens
     """Adapt every task of the batch: K plain MAML steps from θ_{t,0}, (tasks, ...) per tensor.
 
     x_s (tasks, ways*shots, C, H, W), y_s (tasks, ways*shots). Returns θ_{t,K}, (tasks, ...) per tensor.
-    recompute: keep only each step's input and recompute the step in the backward pass (gradient
-    checkpointing): the same gradients with less memory, for one more forward-backward per step.
+    recompute: keep only the input of steps 1..K-1 and recompute each in the backward pass (gradient
+    checkpointing; step K, the first the backward needs, stays stored): the same gradients with less
+    memory, for one more forward-backward per earlier step.
     """
     step = partial(inner_step, x_s=x_s, y_s=y_s, inner_lr=inner_lr, create_graph=create_graph, use_vmap=use_vmap)
-    for _ in range(inner_steps):
-        fast = checkpoint(step, fast, use_reentrant=False) if recompute else step(fast)
+    for k in range(inner_steps):
+        # The last step is the first the backward needs: it stays stored (as in checkpoint_sequential).
+        recomputed = recompute and k < inner_steps - 1
+        fast = checkpoint(step, fast, use_reentrant=False) if recomputed else step(fast)
     return fast
 
 

@@ -58,7 +58,7 @@ class Args(common.Args):
     first_order: bool = False
     """first-order approximation: no gradient through the inner-loop gradients"""
     recompute: bool = False
-    """gradient checkpointing: recompute each inner step in the backward pass; less memory, more time"""
+    """gradient checkpointing: recompute each inner step but the last in the backward pass; less memory, more time"""
 
     def check(self) -> list[str]:
         problems = super().check()
@@ -123,10 +123,10 @@ def inner_loop(theta: dict[str, torch.Tensor], m: torch.Tensor | None, lam: torc
     y_s (tasks, ways*shots). m, lam: (K,) or None for plain MAML. ghat: the stored ĝ (K dicts like
     theta) or None before the first meta-iteration. Returns the adapted weights, each (tasks, ...),
     and with share=True the new ĝ (K dicts, still attached to the graph: m gets its gradient there).
-    recompute: gradient checkpointing. Each task's ∇L_t at each step (its support forward and backward,
+    recompute: gradient checkpointing. Each task's ∇L_t at steps 1..K-1 (its support forward and backward,
     the activations) is not kept but recomputed in the backward pass, one task at a time on the loop path;
-    what couples the tasks (g_k, ĝ_k, Δ: parameter-sized) stays stored. The same gradients, with the
-    activations of one task's step instead of all of them, for one more support forward-backward per step.
+    what couples the tasks (g_k, ĝ_k, Δ: parameter-sized) and step K stay stored. The same gradients, with
+    the activations of step K and one task's step, for one more support forward-backward per earlier step.
     """
     tasks = x_s.shape[0]
     fast = {name: p.expand(tasks, *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
@@ -134,7 +134,8 @@ def inner_loop(theta: dict[str, torch.Tensor], m: torch.Tensor | None, lam: torc
                    create_graph=create_graph, use_vmap=use_vmap, recompute=recompute)
     new_ghat = []
     for k in range(inner_steps):
-        fast, ghat_k = step(fast, k)
+        # The last step is the first the backward needs: it stays stored (as in checkpoint_sequential).
+        fast, ghat_k = step(fast, k, recompute=recompute and k < inner_steps - 1)
         new_ghat.append(ghat_k)
     return fast, (new_ghat if share and lam is not None else None)
 

@@ -93,7 +93,7 @@ class Args(common.Args):
     clip_grad: float = 0.0
     """clamp each meta-gradient element of the network to ±this value; 0: off"""
     recompute: bool = False
-    """gradient checkpointing: recompute each inner step in the backward pass; less memory, more time"""
+    """gradient checkpointing: recompute each inner step but the last in the backward pass; less memory, more time"""
 
     def check(self) -> list[str]:
         problems = super().check()
@@ -176,10 +176,10 @@ def inner_loop(theta: dict[str, torch.Tensor], bn: dict[str, torch.Tensor], lslr
     stored ĝ (K dicts like theta) or None before the first meta-iteration. Returns the trajectory
     [θ_{t,0}, ..., θ_{t,K}] (MSL needs every step), each a dict of (tasks, ...) tensors, and with
     share=True the new ĝ (K dicts, still attached to the graph: m gets its gradient there).
-    recompute: gradient checkpointing. Each task's ∇L_t at each step (its support forward and backward,
+    recompute: gradient checkpointing. Each task's ∇L_t at steps 1..K-1 (its support forward and backward,
     the activations) is not kept but recomputed in the backward pass, one task at a time on the loop path;
-    what couples the tasks (g_k, ĝ_k, Δ: parameter-sized) stays stored. The same gradients, with the
-    activations of one task's step instead of all of them, for one more support forward-backward per step.
+    what couples the tasks (g_k, ĝ_k, Δ: parameter-sized) and step K stay stored. The same gradients, with
+    the activations of step K and one task's step, for one more support forward-backward per earlier step.
     """
     tasks = x_s.shape[0]
     fast = {name: p.expand(tasks, *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
@@ -187,7 +187,8 @@ def inner_loop(theta: dict[str, torch.Tensor], bn: dict[str, torch.Tensor], lslr
                    create_graph=create_graph, use_vmap=use_vmap, recompute=recompute)
     trajectory, new_ghat = [fast], []
     for k in range(inner_steps):
-        fast, ghat_k = step(fast, k)
+        # The last step is the first the backward needs: it stays stored (as in checkpoint_sequential).
+        fast, ghat_k = step(fast, k, recompute=recompute and k < inner_steps - 1)
         trajectory.append(fast)
         new_ghat.append(ghat_k)
     return trajectory, (new_ghat if share and lam is not None else None)

@@ -182,6 +182,17 @@ def test_vmap_matches_the_loop(base):
         torch.testing.assert_close(batched.grads[name], loop.grads[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("use_vmap", [False, True], ids=["loop", "vmap"])
+@pytest.mark.parametrize("base", ["maml", "mamlpp"])
+def test_recomputing_the_inner_steps_gives_the_same_meta_gradient(base, use_vmap):
+    params, tasks, kw = tiny_params(mamlpp=base == "mamlpp"), tiny_tasks(), MAMLPP if base == "mamlpp" else {}
+    stored, recomputed = cml_step(params, tasks, use_vmap=use_vmap, **kw), \
+        cml_step(params, tasks, use_vmap=use_vmap, recompute=True, **kw)
+    torch.testing.assert_close(recomputed.loss, stored.loss, rtol=1e-14, atol=0)
+    for name in params:
+        torch.testing.assert_close(recomputed.grads[name], stored.grads[name], rtol=1e-12, atol=1e-15, msg=name)
+
+
 def test_logged_statistics():
     params, tasks = tiny_params(), tiny_tasks()
     result = cml_step(params, tasks)

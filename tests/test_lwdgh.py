@@ -95,6 +95,16 @@ def test_per_task_meta_gradients_match_an_independent_per_task_loop(use_vmap):
             torch.testing.assert_close(g[t], want[t][name], rtol=1e-9, atol=1e-12, msg=f"task {t} {name}")
 
 
+@pytest.mark.parametrize("use_vmap", [False, True], ids=["loop", "vmap"])
+def test_recomputing_the_inner_steps_gives_the_same_per_task_meta_gradients(use_vmap):
+    params, tasks = tiny_params(), tiny_tasks()
+    stored, recomputed = (lwdgh.task_gradients(params, tasks, inner_steps=STEPS, inner_lr=LR, first_order=False,
+                                               use_vmap=use_vmap, recompute=recompute) for recompute in (False, True))
+    torch.testing.assert_close(recomputed[1], stored[1], rtol=1e-14, atol=0)
+    for name, g in stored[0].items():
+        torch.testing.assert_close(recomputed[0][name], g, rtol=1e-12, atol=1e-15, msg=name)
+
+
 def test_per_task_meta_gradients_match_central_finite_differences():
     params, tasks = tiny_params(), tiny_tasks()
     task_grads, _, _ = lwdgh.task_gradients(params, tasks, inner_steps=STEPS, inner_lr=LR, first_order=False,
