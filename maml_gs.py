@@ -131,7 +131,7 @@ def inner_loop(theta: dict[str, torch.Tensor], m: torch.Tensor | None, lam: torc
     tasks = x_s.shape[0]
     fast = {name: p.expand(tasks, *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
     step = partial(inner_step, m=m, lam=lam, ghat=ghat, x_s=x_s, y_s=y_s, inner_lr=inner_lr, share=share,
-                   create_graph=create_graph, use_vmap=use_vmap, recompute=recompute)
+                   create_graph=create_graph, use_vmap=use_vmap)
     new_ghat = []
     for k in range(inner_steps):
         # The last step is the first the backward needs: it stays stored (as in checkpoint_sequential).

@@ -184,7 +184,7 @@ def inner_loop(theta: dict[str, torch.Tensor], bn: dict[str, torch.Tensor], lslr
     tasks = x_s.shape[0]
     fast = {name: p.expand(tasks, *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
     step = partial(inner_step, bn=bn, lslr=lslr, m=m, lam=lam, ghat=ghat, x_s=x_s, y_s=y_s, share=share,
-                   create_graph=create_graph, use_vmap=use_vmap, recompute=recompute)
+                   create_graph=create_graph, use_vmap=use_vmap)
     trajectory, new_ghat = [fast], []
     for k in range(inner_steps):
         # The last step is the first the backward needs: it stays stored (as in checkpoint_sequential).

@@ -142,7 +142,7 @@ def inner_loop(theta: dict[str, torch.Tensor], alpha: dict[str, torch.Tensor | f
     tasks = x_s.shape[0]
     fast = {name: p.expand(tasks, *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
     step = partial(inner_step, alpha=alpha, m=m, lam=lam, ghat=ghat, x_s=x_s, y_s=y_s, share=share,
-                   create_graph=create_graph, use_vmap=use_vmap, recompute=recompute)
+                   create_graph=create_graph, use_vmap=use_vmap)
     new_ghat = []
     for k in range(inner_steps):
         # The last step is the first the backward needs: it stays stored (as in checkpoint_sequential).
