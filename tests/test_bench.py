@@ -126,6 +126,43 @@ def test_recompute_allocates_at_most_half_of_the_stored_inner_loop():
     assert allocated["--gs --recompute"] < allocated["--gs"] / 2, allocated  # measured: 53 against 165 MiB
 
 
+
+def test_op_timer_times_every_operator_call_forward_and_backward():
+    import torch.nn.functional as F
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3, requires_grad=True)
+    with bench.OpTimer() as timer:
+        F.conv2d(x, w, padding=1).sum().backward()
+        F.conv2d(x, w, padding=1)
+    assert timer.calls[("convolution", "(2, 3, 8, 8), (4, 3, 3, 3)")] == 2
+    assert timer.calls[("convolution_backward", "(2, 4, 8, 8), (2, 3, 8, 8)")] == 1  # the backward is timed too
+    assert all(s > 0 for s in timer.seconds.values())
+    by_operator = timer.table(by_shape=False)
+    assert any(line.endswith(" 2 x  convolution") for line in by_operator), by_operator
+    assert len(timer.table(by_shape=True, rows=1)) == 1
+
+
+def test_profile_tells_the_query_pass_from_the_inner_loop(monkeypatch, capsys):
+    """bench.py --profile on a small configuration: every convolution of one meta-iteration, by shape."""
+    monkeypatch.setattr(bench, "PROFILE_WARMUP", 1)
+    timer = bench.profile("maml_gs.py --no-gs --malloc default", "28", 1, torch.device("cpu"))
+    queries, support = bench.WAYS * bench.QUERIES, bench.WAYS * 1
+    # The first layer's convolutions of the images. Query pass: one forward of each task's 75 queries. Inner
+    # loop: each step's support forward, and in the backward through it (second order) the convolution of the
+    # same support images with the gradient of that step's weight gradient.
+    assert timer.calls[("convolution", f"({queries}, 1, 28, 28), (48, 1, 3, 3)")] == bench.TASKS
+    assert timer.calls[("convolution", f"({support}, 1, 28, 28), (48, 1, 3, 3)")] == 2 * bench.TASKS * bench.INNER_STEPS
+    out = capsys.readouterr().out
+    assert out.startswith("profile: maml_gs.py --no-gs --malloc default, 1x28x28 1-shot, CPU")
+    assert "minor page faults in the profiled meta-iteration" in out and "convolution_backward" in out
+
+
+def test_bench_rejects_an_unknown_profile_candidate(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--profile", "maml"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2
+    assert "expected an algorithm file's command line" in capsys.readouterr().err
+
 def hvp(f, x: torch.Tensor, v: torch.Tensor, w: torch.Tensor):
     """(f(x), ∇_x <f(x), w>, ∇_x <∇_x <f(x), w>, v>): values, first and second-order gradients."""
     x = x.detach().requires_grad_()

@@ -5,6 +5,7 @@
     python tools/bench.py --device cuda    # on a GPU: every configuration
     python tools/bench.py --quick          # 28×28 only
     python tools/bench.py --configuration 84x5   # one configuration (SHAPExSHOTS), e.g. 84×84 5-shot alone
+    python tools/bench.py --profile ["maml_gs.py --no-gs"]   # where one meta-iteration's time goes (84×84 1-shot)
 
 Second-order MAML, Conv4-48, 5 tasks, 5 inner steps, inner lr 0.1, 5-way, 15 queries, synthetic data,
 at 84×84×3 (MiniImagenet shape) and 28×28×1 (Omniglot shape), 1 and 5 shots. For every configuration
@@ -33,11 +34,13 @@ CPU; the bench warns before a configuration that may not fit in the available me
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import ctypes
 import importlib.util
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -48,6 +51,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,6 +66,8 @@ REFERENCE = "plain loop"
 REFERENCE_REUSE = "plain loop, --malloc reuse"  # the reference with the algorithm files' malloc setting
 MEMORY_SAMPLE_S = 0.001
 PROFILE_ROWS = 15
+PROFILE_WARMUP = 3  # meta-iterations before the profiled one: on a CPU the heap (--malloc reuse) settles first
+PROFILE_SHAPES = 2  # an operator's calls are grouped by the shapes of its first tensor arguments
 # What the two peak-memory columns measure on each device (the table's legend).
 ALLOCATED = {"cpu": "malloc's bytes in use, glibc mallinfo2", "cuda": "torch.cuda.max_memory_allocated"}
 HELD = {"cpu": "resident memory, with what the allocator keeps after a free", "cuda": "torch.cuda.max_memory_reserved"}
@@ -335,7 +341,19 @@ def peak_memory_growth(fn) -> tuple[int, int | None]:
     return max(peak[0], rss()) - before, grown_allocated
 
 
-def child(name: str, shape: str, shots: int, device: torch.device, count_flops: bool, profile: bool = False) -> None:
+def workload(name: str, shape: str, shots: int, device: torch.device):
+    """The named candidate's meta-iteration (a no-argument function) on the bench's synthetic task batch."""
+    gen = torch.Generator().manual_seed(0)
+    def images(n):
+        return torch.randn(TASKS, WAYS * n, *SHAPES[shape], generator=gen).to(device)
+    def labels(n):
+        return torch.arange(WAYS, device=device).repeat_interleave(n).repeat(TASKS, 1)
+    tasks = common.Tasks(images(shots), labels(shots), images(QUERIES), labels(QUERIES))
+    theta = common.conv4_init(SHAPES[shape], WAYS, FILTERS, generator=torch.Generator().manual_seed(0))
+    return make_candidate(name, theta, tasks, SHAPES[shape], device)
+
+
+def child(name: str, shape: str, shots: int, device: torch.device, count_flops: bool) -> None:
     """Serve one candidate in this (fresh) process, one JSON line per command read from stdin.
 
     "warm": the first meta-iteration (kernel selection, allocator), which gives the peak memory, and with
@@ -344,21 +362,7 @@ def child(name: str, shape: str, shots: int, device: torch.device, count_flops: 
     meta-iteration. The parent sends "time" to every candidate in turn, so that the candidates share the
     slow and the fast minutes of a shared host alike (tools/bench.py's docstring).
     """
-    gen = torch.Generator().manual_seed(0)
-    def images(n):
-        return torch.randn(TASKS, WAYS * n, *SHAPES[shape], generator=gen).to(device)
-    def labels(n):
-        return torch.arange(WAYS, device=device).repeat_interleave(n).repeat(TASKS, 1)
-    tasks = common.Tasks(images(shots), labels(shots), images(QUERIES), labels(QUERIES))
-    theta = common.conv4_init(SHAPES[shape], WAYS, FILTERS, generator=torch.Generator().manual_seed(0))
-    fn = make_candidate(name, theta, tasks, SHAPES[shape], device)
-    if profile:
-        fn()
-        with torch.profiler.profile() as prof:
-            fn()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total" if device.type == "cpu" else
-                                        "self_device_time_total", row_limit=PROFILE_ROWS), file=sys.stderr)
-        return
+    fn = workload(name, shape, shots, device)
     for command in sys.stdin:
         if command.strip() == "warm":
             if device.type == "cuda":
@@ -379,6 +383,82 @@ def child(name: str, shape: str, shots: int, device: torch.device, count_flops: 
         else:
             return
         print(json.dumps(reply), flush=True)
+
+
+class OpTimer(TorchDispatchMode):
+    """Wall-clock seconds and calls of every aten operator, by operator and the shapes of its first tensors.
+
+    --profile uses it on a CPU instead of torch.profiler, which distorts there: under torch.profiler a
+    maml_gs.py meta-iteration at 84×84 1-shot page-faulted 150 000-600 000 times (the profiler's own
+    allocations displace the heap that --malloc reuse keeps from one meta-iteration to the next; no fault
+    without it), and the operators on the (75, 48, 84, 84) activations showed 5-20× their time. A CPU
+    runs each operator when it is called, so the time around the call is the operator's; the timer's own
+    cost (Python, per call) adds to the meta-iteration's wall time, not to the operators' times.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: dict[tuple[str, str], float] = collections.defaultdict(float)
+        self.calls: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        elapsed = time.perf_counter() - start
+        shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)][:PROFILE_SHAPES]
+        key = (func.overloadpacket.__name__, ", ".join(map(str, shapes)))
+        self.seconds[key] += elapsed
+        self.calls[key] += 1
+        return out
+
+    def table(self, by_shape: bool, rows: int = PROFILE_ROWS) -> list[str]:
+        """The operators that took the most time: share of all operators' time, ms, calls, name (and shapes)."""
+        seconds, calls = collections.defaultdict(float), collections.Counter()
+        for key, s in self.seconds.items():
+            group = key if by_shape else key[:1]
+            seconds[group] += s
+            calls[group] += self.calls[key]
+        total = sum(seconds.values())
+        return [f"{s / total:>6.1%} {s * 1e3:>9.1f} ms {calls[group]:>6} x  {'  '.join(group)}"
+                for group, s in sorted(seconds.items(), key=lambda item: -item[1])[:rows]]
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far: memory touched for the first time since it was mapped."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def profile(name: str, shape: str, shots: int, device: torch.device) -> OpTimer | None:
+    """Print where one meta-iteration of the named candidate spends its time, after PROFILE_WARMUP others.
+
+    CPU: OpTimer (by operator, then by operator and input shapes: the 75 queries' tensors tell the query
+    pass from the inner loop's), the meta-iteration's time without and with the timer, and its page
+    faults (0 when the heap has settled). CUDA: torch.profiler, by device time (kernels run asynchronously).
+    """
+    fn = workload(name, shape, shots, device)
+    for _ in range(PROFILE_WARMUP):
+        fn()
+    plain = seconds(fn, device)
+    title = f"profile: {name}, {'x'.join(map(str, SHAPES[shape]))} {shots}-shot"
+    if device.type == "cuda":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            seconds(fn, device)
+        print(f"{title}, {torch.cuda.get_device_name(device)}: meta-iteration {plain:.3f} s")
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=PROFILE_ROWS))
+        return None
+    timer, faults = OpTimer(), minor_faults()
+    with timer:
+        timed = seconds(fn, device)
+    faults = minor_faults() - faults
+    print(f"{title}, CPU, {torch.get_num_threads()} threads, after {PROFILE_WARMUP} meta-iterations: "
+          f"{plain:.3f} s without the timer; {timed:.3f} s with it, of which the operators "
+          f"{sum(timer.seconds.values()):.3f} s; {faults} minor page faults in the profiled meta-iteration")
+    print("\nby operator (share of the operators' time, ms, calls):")
+    print("\n".join(timer.table(by_shape=False)))
+    print("\nby operator and the shapes of its first tensor arguments:")
+    print("\n".join(timer.table(by_shape=True)))
+    return timer
 
 
 class Candidate:
@@ -479,8 +559,9 @@ def main() -> None:
     parser.add_argument("--configuration", action="append", metavar="SHAPExSHOTS",
                         help="run only this configuration (repeatable), e.g. 84x5 for 84×84 5-shot; overrides "
                              "--quick and --full")
-    parser.add_argument("--profile", action="store_true",
-                        help="only profile maml_gs.py --gs at 84x84 1-shot: the operators that take the time")
+    parser.add_argument("--profile", nargs="?", const=CANDIDATES[1], metavar="CANDIDATE",
+                        help=f"only profile one candidate (default: {CANDIDATES[1]!r}) at 84x84 1-shot (or the first "
+                             "--configuration): the operators that take the time")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shape", choices=tuple(SHAPES), help=argparse.SUPPRESS)
@@ -496,7 +577,11 @@ def main() -> None:
     if args.child:
         return child(args.child, args.shape, args.shots, device, args.count_flops)
     if args.profile:
-        return child(CANDIDATES[1], "84", 1, device, count_flops=False, profile=True)
+        if args.profile not in CPU_CANDIDATES + OTHER_FILES and not args.profile.split()[0].endswith(".py"):
+            parser.error(f"--profile {args.profile!r}: expected an algorithm file's command line (e.g. "
+                         f"'maml_gs.py --no-gs') or one of: {', '.join(CPU_CANDIDATES[3:])}")
+        shape, shots = (args.configuration or ["84x1"])[0].split("x")
+        return profile(args.profile, shape, int(shots), device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}, vmap over tasks {'on' if common.use_vmap('auto', device) else 'off'}")
     peak = matmul_peak_gflops(device)
