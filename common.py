@@ -655,6 +655,7 @@ class TaskSampler:
         _check_task_shape(split, ways, shots, queries, tasks)
         self.split, self.ways, self.shots, self.queries, self.tasks = split, ways, shots, queries, tasks
         self.max_count = int(split.count.max())
+        self.seed, self.draws = seed, 0
         self.generator = torch.Generator(device=split.images.device)
         self.generator.manual_seed(seed)
 
@@ -662,14 +663,34 @@ class TaskSampler:
         """One batch of `tasks` tasks on the split's device."""
         index = _sample_indices(self.split.start, self.split.count, self.max_count, self.ways,
                                 self.shots + self.queries, self.tasks, self.generator)
+        self.draws += 1
         return _gather_tasks(self.split, index, self.shots)
 
     def state_dict(self) -> dict:
-        """Generator state, for checkpoints."""
-        return {"generator": self.generator.get_state()}
+        """Generator state, its device type and the batches drawn, for checkpoints."""
+        return {"generator": self.generator.get_state(), "device": self.generator.device.type, "draws": self.draws}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+    def load_state_dict(self, state: dict) -> str | None:
+        """Continue a checkpoint's task stream exactly; or, where it cannot be, say so (returned message).
+
+        A generator's state fits only its own device's kind of generator (a CPU's Mersenne Twister, CUDA's
+        Philox), and --device may change on --resume: a run resumed on another kind of device continues
+        with a new stream, seeded from the seed and the batches drawn so far (the same resume gives the
+        same tasks again), and its numbers differ from those of an uninterrupted run.
+        """
+        self.draws = state.get("draws", 0)
+        here, saved = self.generator.device.type, state.get("device")  # None: a checkpoint made before "device"
+        if saved in (None, here):
+            try:
+                self.generator.set_state(state["generator"])
+                return None
+            except RuntimeError:  # a state of the other kind of generator, from a checkpoint without "device"
+                pass
+        self.generator.manual_seed(hash((self.seed, self.draws)) % 2 ** 63)  # ints and tuples: hashed alike in every run
+        return (f"the run sampled its training tasks on {saved or 'another kind of device'} and this session on "
+                f"{here}: a generator's state fits only its own kind of device, so the tasks continue from a new "
+                f"stream (seeded from --seed and the {self.draws} batches drawn); the numbers will differ from an "
+                f"uninterrupted run's. Resume on {saved or 'the first device'} to continue it exactly.")
 
 
 class EvalTasks:
@@ -1216,9 +1237,13 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
         restore_params(params, ckpt["params"], run_dir / LAST)
         state = _to(ckpt["state"], device)
         optimizer.load_state_dict(ckpt["optimizer"])
-        sampler.load_state_dict(ckpt["sampler"])
+        sampler_note = sampler.load_state_dict(ckpt["sampler"])
         torch.set_rng_state(ckpt["torch_rng"])
         loop = ckpt["loop"]
+        if sampler_note:  # the numbers will differ from an uninterrupted run's: said even with --quiet, and kept
+            print(f"warning: {sampler_note}", file=sys.stderr)
+            loop.setdefault("notes", []).append(f"resumed at epoch {loop['epoch'] + 1}, iteration "
+                                                f"{loop['iteration'] + 1}: {sampler_note}")
         progress.message(f"resuming {run_dir} at epoch {loop['epoch'] + 1}, iteration {loop['iteration'] + 1}")
         # Leftovers of a kill: temp files of unfinished writes, checkpoints no longer (or not yet) in the top list.
         keep = {f"epoch{epoch:04d}.pt" for _, epoch in loop["top"]}
@@ -1327,6 +1352,8 @@ def finish(args: Args, algorithm: Algorithm, run_dir: Path, loop: dict, test_tas
               "max_val_acc": best["val_acc"] if best else None, "max_val_epoch": best["epoch"] if best else None,
               "test_acc_ensemble": None, "test_ci_ensemble": None, "test_acc_best": None, "test_ci_best": None,
               "ensemble_epochs": [epoch for _, epoch in loop["top"]], "test_tasks": len(test_tasks)}
+    if loop.get("notes"):  # what made this run differ from an uninterrupted one (a resume on another device)
+        result["notes"] = loop["notes"]
     if loop["top"]:
         members = []
         for _, epoch in loop["top"]:

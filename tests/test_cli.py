@@ -1,12 +1,14 @@
 """maml_gs.py end to end: the command line, the run directory, resuming, Omniglot."""
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import common
 import maml_gs
@@ -92,6 +94,28 @@ def test_sigterm_saves_mid_epoch_and_resumes_exactly(tmp_path, monkeypatch):
     assert common.load_checkpoint(tmp_path / "run" / "last.pt")["loop"]["iteration"] == 2
     assert run(["--resume", str(tmp_path / "run"), "--quiet"]) == reference
     assert metrics(tmp_path / "run") == metrics(tmp_path / "ref")
+
+
+def test_a_run_resumed_on_another_kind_of_device_finishes_and_says_its_tasks_differ(tmp_path, monkeypatch, capsys):
+    """--device may change on --resume. A checkpoint whose task generator was a CUDA one (its state written
+    into last.pt here, as a GPU session leaves it) resumes on the CPU with a new task stream, and says so."""
+    interrupt_after(monkeypatch, 5, lambda: (_ for _ in ()).throw(Crash()))  # in epoch 2, after one checkpoint
+    with pytest.raises(Crash):
+        run(TINY + ["--out", str(tmp_path / "run")])
+    monkeypatch.undo()
+    last = tmp_path / "run" / "last.pt"
+    ckpt = common.load_checkpoint(last)
+    ckpt["sampler"].update(generator=torch.zeros(16, dtype=torch.uint8), device="cuda")  # Philox: seed, offset
+    torch.save(ckpt, last)
+    shutil.copytree(tmp_path / "run", tmp_path / "again")
+    capsys.readouterr()
+    result = run(["--resume", str(tmp_path / "run"), "--quiet"])
+    assert result["status"] == "finished" and result["epochs_run"] == 3
+    (note,) = result["notes"]
+    assert note.startswith("resumed at epoch 2, iteration 1: the run sampled its training tasks on cuda and this "
+                           "session on cpu")
+    assert "warning: the run sampled its training tasks on cuda" in capsys.readouterr().err  # even with --quiet
+    assert run(["--resume", str(tmp_path / "again"), "--quiet"]) == result  # reproducible all the same
 
 
 def test_resume_refuses_another_configuration(tmp_path):

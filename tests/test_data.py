@@ -373,6 +373,33 @@ def test_training_sampler_seed_and_state():
     for e in expected:  # a restored checkpoint continues with the same tasks
         assert all(torch.equal(u, v) for u, v in zip(e, c.sample()))
     assert not torch.equal(expected[0].x_s, expected[1].x_s)
+    d = TaskSampler(split, 5, 2, 3, 4, seed=42)
+    assert d.load_state_dict({"generator": state["generator"]}) is None  # a checkpoint made before "device"
+    assert all(torch.equal(u, v) for u, v in zip(expected[0], d.sample()))
+
+
+PHILOX_STATE_BYTES = 16  # a CUDA generator's state: seed and offset
+
+
+@pytest.mark.parametrize("saved_device", ["cuda", None])  # None: a checkpoint made before "device" was saved
+def test_a_sampler_state_from_another_kind_of_device_starts_a_new_reproducible_stream(saved_device):
+    """--device may change on --resume; a CUDA generator's state cannot go into a CPU generator."""
+    split = coded_split([12] * 8)
+    uninterrupted = TaskSampler(split, 5, 2, 3, 4, seed=3)
+    for _ in range(2):
+        uninterrupted.sample()
+    state = {"generator": torch.zeros(PHILOX_STATE_BYTES, dtype=torch.uint8), "draws": 2}
+    if saved_device:
+        state["device"] = saved_device
+    resumed, again = TaskSampler(split, 5, 2, 3, 4, seed=3), TaskSampler(split, 5, 2, 3, 4, seed=3)
+    note = resumed.load_state_dict(state)
+    assert note.startswith(f"the run sampled its training tasks on {saved_device or 'another kind of device'} "
+                           "and this session on cpu") and "the 2 batches drawn" in note
+    assert again.load_state_dict(state) == note
+    batch = resumed.sample()
+    assert all(torch.equal(u, v) for u, v in zip(batch, again.sample()))  # the same resume, the same tasks
+    assert not torch.equal(batch.x_s, uninterrupted.sample().x_s)  # but not the first device's stream
+    assert resumed.state_dict()["draws"] == 3 and resumed.state_dict()["device"] == "cpu"
 
 
 # ---- synthetic ----
