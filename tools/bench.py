@@ -392,7 +392,9 @@ class OpTimer(TorchDispatchMode):
     allocations displace the heap that --malloc reuse keeps from one meta-iteration to the next; no fault
     without it), and the operators on the (75, 48, 84, 84) activations showed 5-20× their time. A CPU
     runs each operator when it is called, so the time around the call is the operator's; the timer's own
-    cost (Python, per call) adds to the meta-iteration's wall time, not to the operators' times.
+    cost (Python, per call) adds to the meta-iteration's wall time, not to the operators' times. One
+    operator differs under it, as under any dispatch mode: gather's backward (common.max_pool's) scatters
+    out of place, one input-sized copy more than without (docs/benchmarks.md).
     """
 
     def __init__(self):
