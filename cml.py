@@ -215,7 +215,7 @@ def prepool_features(net: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Ten
     blocks = common.conv4_blocks(net)
     for i in range(blocks):
         x = F.conv2d(x, net[f"conv{i}.weight"], net[f"conv{i}.bias"], padding=common.CONV_KERNEL // 2)
-        x = F.relu(F.batch_norm(x, None, None, net[f"bn{i}.weight"], net[f"bn{i}.bias"], training=True))
+        x = F.relu(common.batch_norm(x, net[f"bn{i}.weight"], net[f"bn{i}.bias"]))
         if i < blocks - 1:
             x = common.max_pool(x)
     return x
@@ -225,7 +225,7 @@ def colearner_forward(phi: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Te
     """φ on a pre-pooling feature map (N, filters, h, w) -> (N, ways) logits."""
     for i in range(sum(name.startswith("conv") and name.endswith(".weight") for name in phi)):
         z = F.conv2d(z, phi[f"conv{i}.weight"], phi[f"conv{i}.bias"], padding=common.CONV_KERNEL // 2)
-        z = F.relu(F.batch_norm(z, None, None, phi[f"bn{i}.weight"], phi[f"bn{i}.bias"], training=True))
+        z = F.relu(common.batch_norm(z, phi[f"bn{i}.weight"], phi[f"bn{i}.bias"]))
     z = common.max_pool(z)  # only the last block pools: (N, filters, h // 2, w // 2)
     return F.linear(z.flatten(1), phi["head.weight"], phi["head.bias"])
 

@@ -190,6 +190,47 @@ def test_max_pool_is_max_pool2d_to_the_second_derivative_ties_included(size):
     assert direct.count_nonzero() == w.numel()  # one element of each window, ties included, got its gradient
 
 
+def batch_norm_second_order(batch_norm, x, weight, bias, seed: int = 2):
+    """Values, first derivatives, and the derivative of a scalar of the first derivatives w.r.t. (x, γ, β, g)."""
+    gen = torch.Generator().manual_seed(seed)
+    x, weight, bias = (t.detach().requires_grad_() for t in (x, weight, bias))
+    y = batch_norm(x, weight, bias)
+    g = torch.randn(y.shape, generator=gen, dtype=DTYPE, requires_grad=True)  # ∂L/∂y, itself differentiated
+    dx, dweight, dbias = torch.autograd.grad(y, (x, weight, bias), g, create_graph=True)
+    # Every first derivative in the scalar, as in MAML's inner step (dγ, dβ update the fast weights and dx
+    # flows on to the convolution), each with its own random cotangent.
+    a, a_weight, a_bias = (torch.randn(t.shape, generator=gen, dtype=DTYPE) for t in (dx, dweight, dbias))
+    s = (dx * a).sum() + (dweight * a_weight).sum() + (dbias * a_bias).sum() + (dx * dx).sum()
+    second = torch.autograd.grad(s, (x, weight, bias, g), allow_unused=True, materialize_grads=True)
+    return (y, dx, dweight, dbias), second
+
+
+def test_batch_norm_is_f_batch_norm_to_the_second_derivative():
+    """common.batch_norm (its CPU path): the same kernels as F.batch_norm for values and gradients (bitwise),
+    its own second derivative (PyTorch's to rounding), and central finite differences to the second order."""
+    gen = torch.Generator().manual_seed(0)
+    x = 3 + 2 * torch.randn(4, 3, 5, 6, generator=gen, dtype=DTYPE)  # a mean and scale away from 0 and 1
+    weight, bias = torch.randn(3, generator=gen, dtype=DTYPE), torch.randn(3, generator=gen, dtype=DTYPE)
+    ours = batch_norm_second_order(common.batch_norm, x, weight, bias)
+    stock = batch_norm_second_order(
+        lambda t, w, b: torch.nn.functional.batch_norm(t, None, None, w, b, training=True), x, weight, bias)
+    for a, b in zip(ours[0], stock[0]):
+        assert torch.equal(a, b)
+    for name, a, b in zip(("x", "weight", "bias", "g"), ours[1], stock[1]):
+        assert (b.abs().max() > 0) == (name != "bias")  # BatchNorm is linear in β: zero for both
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    inputs = (x[:2, :, :3, :3].clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_())
+    assert torch.autograd.gradcheck(common.batch_norm, inputs)
+    assert torch.autograd.gradgradcheck(common.batch_norm, inputs)
+
+
+def test_batch_norm_refuses_a_third_derivative():
+    x, weight, bias = (torch.randn(shape, dtype=DTYPE, requires_grad=True) for shape in ((2, 3, 4, 4), (3,), (3,)))
+    (dx,) = torch.autograd.grad(common.batch_norm(x, weight, bias).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no third derivative"):
+        torch.autograd.grad(dx.square().sum(), x, create_graph=True)
+
+
 def test_conv4_forward_is_the_reference_network_to_the_second_derivative():
     """conv4_forward (max-pool before ReLU, common.max_pool) = Conv4 as the peers write it (bench.py)."""
     gen = torch.Generator().manual_seed(0)
