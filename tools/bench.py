@@ -221,8 +221,12 @@ OTHER_FILES = ("metasgd_gs.py --gs", "mamlpp_gs.py --gs", "cml.py", "lwdgh.py")
 # On a CPU the plain loop also runs with the algorithm files' --malloc reuse at 84×84, to show what that setting
 # alone gives (at 28×28 few tensors are large enough for it to matter, and the bench must stay under 10 minutes).
 CPU_CANDIDATES = CANDIDATES + (REFERENCE_REUSE,)
+# On CUDA the files' default (--vmap auto) batches the tasks with vmap; their loop path runs beside it, to
+# measure what vmap gives there (unmeasured so far: docs/benchmarks.md, GPU).
+CUDA_CANDIDATES = CANDIDATES + ("maml_gs.py --no-gs --vmap off", "maml_gs.py --gs --vmap off")
 CONFIGURATIONS = {
-    "cuda": (("84", 1, CANDIDATES + OTHER_FILES), ("84", 5, CANDIDATES), ("28", 1, CANDIDATES), ("28", 5, CANDIDATES)),
+    "cuda": (("84", 1, CUDA_CANDIDATES + OTHER_FILES), ("84", 5, CUDA_CANDIDATES), ("28", 1, CUDA_CANDIDATES),
+             ("28", 5, CUDA_CANDIDATES)),
     "cpu": (("84", 1, CPU_CANDIDATES), ("28", 1, CANDIDATES + OTHER_FILES), ("28", 5, CANDIDATES), ("84", 5, CPU_CANDIDATES)),
 }
 # On a CPU the 84×84 5-shot configuration alone takes about 20 minutes (6 candidates × 6 meta-iterations of
@@ -575,6 +579,9 @@ def main() -> None:
         parser.error(f"--configuration {', '.join(unknown)}: expected one of {', '.join(known)} (image side x "
                      "shots, e.g. 84x5)")
     device = common.pick_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False); run it "
+                     "on a GPU machine (tools/gpu_check.sh), or use --device cpu")
     args.device = device.type
     if args.child:
         return child(args.child, args.shape, args.shots, device, args.count_flops)
