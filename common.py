@@ -781,9 +781,14 @@ def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tor
     (docs/benchmarks.md). A third derivative is refused with an error, never given wrong.
     Inside torch.func transforms (--vmap on), and off the CPU, it is F.batch_norm.
     """
-    if x.device.type != "cpu" or torch._C._functorch.is_functorch_wrapped_tensor(x):
+    if not _plain_cpu(x):
         return F.batch_norm(x, None, None, weight, bias, training=True, eps=BN_EPS)
     return _BatchNorm.apply(x, weight, bias)[0]
+
+
+def _plain_cpu(x: torch.Tensor) -> bool:
+    """Whether x is a CPU tensor outside torch.func transforms: where batch_norm and max_pool take their own path."""
+    return x.device.type == "cpu" and not torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
 def _per_channel(t: torch.Tensor) -> torch.Tensor:
@@ -882,7 +887,7 @@ def max_pool(x: torch.Tensor) -> torch.Tensor:
     backward is a gather again, as for max-pool. Measured: forward + backward 1.8× faster on
     (75, 48, 84, 84). Inside torch.func transforms (--vmap on), and off the CPU, it is F.max_pool2d.
     """
-    if x.device.type != "cpu" or torch._C._functorch.is_functorch_wrapped_tensor(x):
+    if not _plain_cpu(x):
         return F.max_pool2d(x, POOL)
     with torch.no_grad():
         _, index = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), POOL, return_indices=True)
