@@ -59,7 +59,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import common
 
@@ -175,7 +174,7 @@ def inner_loop(theta: dict[str, torch.Tensor], bn: dict[str, torch.Tensor], lslr
     for k in range(inner_steps):
         # The last step is the first the backward needs: it stays stored (as in checkpoint_sequential).
         recomputed = recompute and k < inner_steps - 1
-        fast = checkpoint(step, fast, k, use_reentrant=False) if recomputed else step(fast, k)
+        fast = common.checkpoint(step, fast, k) if recomputed else step(fast, k)
         trajectory.append(fast)
     return trajectory
 

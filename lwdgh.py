@@ -58,7 +58,6 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import common
 
@@ -159,7 +158,7 @@ def inner_loop(fast: dict[str, torch.Tensor], x_s: torch.Tensor, y_s: torch.Tens
     for k in range(inner_steps):
         # The last step is the first the backward needs: it stays stored (as in checkpoint_sequential).
         recomputed = recompute and k < inner_steps - 1
-        fast = checkpoint(step, fast, use_reentrant=False) if recomputed else step(fast)
+        fast = common.checkpoint(step, fast) if recomputed else step(fast)
     return fast
 
 

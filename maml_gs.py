@@ -42,7 +42,6 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import common
 
@@ -92,8 +91,8 @@ def inner_step(fast: dict[str, torch.Tensor], k: int, m: torch.Tensor | None, la
     """
     if recompute:  # one region per task on the loop path: the backward recomputes one task at a time
         chunks = [slice(None)] if use_vmap else [slice(t, t + 1) for t in range(x_s.shape[0])]
-        parts = [checkpoint(task_grads, {name: w[chunk] for name, w in fast.items()}, x_s[chunk], y_s[chunk],
-                            create_graph=create_graph, use_vmap=use_vmap, use_reentrant=False)
+        parts = [common.checkpoint(task_grads, {name: w[chunk] for name, w in fast.items()}, x_s[chunk],
+                                   y_s[chunk], create_graph=create_graph, use_vmap=use_vmap)
                  for chunk in chunks]
         grads = {name: torch.cat([part[name] for part in parts]) for name in fast}
     else:

@@ -236,6 +236,77 @@ def test_batch_norm_refuses_a_third_derivative():
         torch.autograd.grad(dx.square().sum(), x, create_graph=True)
 
 
+
+def inner_step(w: torch.Tensor, x: torch.Tensor, calls: list) -> torch.Tensor:
+    """One gradient step of a tanh regression from w: a function that takes a gradient itself, as inner steps do."""
+    calls.append(1)
+    loss = torch.tanh(x @ w).sin().sum()
+    return w - LR * torch.autograd.grad(loss, w, create_graph=True)[0]
+
+
+def two_steps(checkpoint, w0: torch.Tensor, x: torch.Tensor, calls: list) -> torch.Tensor:
+    w = w0 * 1.0  # not a leaf, like the fast weights
+    for _ in range(2):
+        w = checkpoint(inner_step, w, x, calls) if checkpoint else inner_step(w, x, calls)
+    return torch.tanh(x @ w).square().sum()  # the query loss
+
+
+def test_checkpoint_gives_the_stored_gradients_running_fn_once_per_pass():
+    """common.checkpoint = no checkpointing, to the bit, and to torch.utils.checkpoint: and fn runs once in
+    the forward pass (torch's runs it again there, for fn's own gradient), once more per backward."""
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(5, 3, generator=gen, dtype=DTYPE, requires_grad=True)
+    x = torch.randn(7, 5, generator=gen, dtype=DTYPE)
+    (stored,) = torch.autograd.grad(two_steps(None, w0, x, []), w0)
+    calls = []
+    loss = two_steps(common.checkpoint, w0, x, calls)
+    assert len(calls) == 2  # once per step: nothing recomputed yet
+    (recomputed,) = torch.autograd.grad(loss, w0, retain_graph=True)
+    assert len(calls) == 4 and torch.equal(recomputed, stored)
+    (again,) = torch.autograd.grad(loss, w0)  # a retained graph: each region recomputed again
+    assert len(calls) == 6 and torch.equal(again, stored)
+    (second,) = torch.autograd.grad(two_steps(common.checkpoint, w0, x, []).square(), w0, create_graph=True)
+    (second_stored,) = torch.autograd.grad(two_steps(None, w0, x, []).square(), w0, create_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(second.sum(), w0)[0],
+                               torch.autograd.grad(second_stored.sum(), w0)[0], rtol=1e-13, atol=0)
+    torch_calls = []
+    def torch_checkpoint(fn, *args):
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    (by_torch,) = torch.autograd.grad(two_steps(torch_checkpoint, w0, x, torch_calls), w0)
+    torch.testing.assert_close(by_torch, stored, rtol=1e-14, atol=0)
+
+
+@pytest.mark.skipif(not GLIBC, reason="the allocated measure reads glibc's mallinfo2")
+def test_checkpoint_keeps_nothing_that_fn_saved_once_fn_returns():
+    """What fn's graph saved (two 16 MiB tensors here) is dropped when fn returns; the forward's peak is the
+    stored one's, and the backward's at most what the stored graph kept plus its own (measured: 48 and 112 MiB
+    against 48 and 32 + 80)."""
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(64, 4, generator=gen, dtype=DTYPE, requires_grad=True)
+    x = torch.randn(2 ** 21 // 4, 64, generator=gen, dtype=DTYPE)  # x @ w: (524288, 4) float64, 16 MiB
+    def kept_and_peak(checkpoint):
+        before, out = bench.allocated(), {}
+        def forward():
+            out["w"] = checkpoint(inner_step, w0 * 1.0, x, []) if checkpoint else inner_step(w0 * 1.0, x, [])
+        forward_peak = bench.peak_memory_growth(forward)[1]
+        kept = bench.allocated() - before
+        backward_peak = bench.peak_memory_growth(lambda: torch.autograd.grad(out.pop("w").sum(), w0))[1]
+        return kept / 2 ** 20, forward_peak / 2 ** 20, backward_peak / 2 ** 20
+    stored, recomputed = kept_and_peak(None), kept_and_peak(common.checkpoint)
+    assert stored[0] > 2 * 16 - 1, stored  # the graph holds two (524288, 4) tensors (tanh and sin saved)
+    assert recomputed[0] < 1, recomputed  # measured: 32.05 against 0.01 MiB
+    assert recomputed[1] < stored[1] + 1 and recomputed[2] < stored[0] + stored[2] + 1, (stored, recomputed)
+
+
+def test_checkpoint_refuses_a_function_that_saves_other_tensors_when_rerun():
+    w0 = torch.randn(3, 3, dtype=DTYPE, requires_grad=True)
+    sizes = iter([4, 5])  # the second run (the recomputation) sees another input size
+    def unsteady(w):
+        return inner_step(w, torch.ones(next(sizes), 3, dtype=DTYPE), [])
+    w = common.checkpoint(unsteady, w0 * 1.0)
+    with pytest.raises(RuntimeError, match="must be deterministic"):
+        torch.autograd.grad(w.sum(), w0)
+
 def test_conv4_forward_is_the_reference_network_to_the_second_derivative():
     """conv4_forward (max-pool before ReLU, common.max_pool) = Conv4 as the peers write it (bench.py)."""
     gen = torch.Generator().manual_seed(0)
