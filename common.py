@@ -916,13 +916,13 @@ def forward_tasks(forward: Callable, params: dict[str, torch.Tensor], x: torch.T
 
 class _Saved:
     """A tensor that autograd saved inside a common.checkpoint region: held only while it may be needed."""
-    __slots__ = ("tensor", "meta", "__weakref__")
+    __slots__ = ("tensor", "meta", "version", "__weakref__")
 
     def __init__(self, tensor: torch.Tensor):
-        self.tensor, self.meta = tensor, (tensor.shape, tensor.dtype)
+        self.tensor, self.meta, self.version = tensor, (tensor.shape, tensor.dtype), tensor._version
 
 
-def checkpoint(fn: Callable, *args, **kwargs):
+def checkpoint(fn: Callable, *args, **kwargs) -> typing.Any:
     """fn(*args, **kwargs) with gradient checkpointing, for an fn that takes a gradient itself (an inner step).
 
     Like torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs): every tensor fn's
@@ -947,6 +947,9 @@ def checkpoint(fn: Callable, *args, **kwargs):
         if holder.tensor is None:  # dropped: rerun fn, which refills every holder still referenced by the graph
             recompute()
         tensor = holder.tensor
+        if tensor._version != holder.version:  # autograd's own check, which it cannot make through hooks
+            raise RuntimeError(f"common.checkpoint: a tensor that {name} saved for the backward was modified "
+                               "in place after it was saved; compute it out of place")
         if not running:
             holder.tensor = None  # a backward reads a saved tensor once; keep no copy (a retained graph reruns fn)
         return tensor
@@ -964,7 +967,7 @@ def checkpoint(fn: Callable, *args, **kwargs):
                     raise RuntimeError(f"common.checkpoint: the recomputation of {name} saved a {tuple(tensor.shape)} "
                                        f"{tensor.dtype} tensor where its first run saved a {tuple(holder.meta[0])} "
                                        f"{holder.meta[1]} one: fn must be deterministic")
-                holder.tensor = tensor
+                holder.tensor, holder.version = tensor, tensor._version
             count += 1
             return tensor
 

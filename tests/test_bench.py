@@ -298,6 +298,19 @@ def test_checkpoint_keeps_nothing_that_fn_saved_once_fn_returns():
     assert recomputed[1] < stored[1] + 1 and recomputed[2] < stored[0] + stored[2] + 1, (stored, recomputed)
 
 
+def test_checkpoint_refuses_a_saved_tensor_modified_in_place():
+    """As autograd does without checkpointing: fn's own gradient would read the modified value."""
+    w0 = torch.randn(3, 3, dtype=DTYPE, requires_grad=True)
+    def modifies(w):
+        h = torch.tanh(w)  # tanh saves its output h
+        h.mul_(2)
+        return torch.autograd.grad(h.sum(), w, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        modifies(w0 * 1.0)
+    with pytest.raises(RuntimeError, match="modified in place after it was saved"):
+        common.checkpoint(modifies, w0 * 1.0)
+
+
 def test_checkpoint_refuses_a_function_that_saves_other_tensors_when_rerun():
     w0 = torch.randn(3, 3, dtype=DTYPE, requires_grad=True)
     sizes = iter([4, 5])  # the second run (the recomputation) sees another input size
