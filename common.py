@@ -1439,14 +1439,14 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
                                              **dataclasses.asdict(args), "out": str(run_dir), "resume": "",
                                              "torch": torch.__version__, **provenance(device)})
 
-    def checkpoint() -> dict:
+    def checkpoint_dict() -> dict:
         return {"format": CHECKPOINT_FORMAT, "program": program_name(args), "algorithm": algorithm.name,
                 "args": dataclasses.asdict(args), "params": {n: p.detach().cpu() for n, p in params.items()},
                 "state": _to(state, torch.device("cpu")), "optimizer": optimizer.state_dict(),
                 "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(), "loop": loop}
 
     def save(path: Path) -> None:
-        atomic_write(path, lambda f: torch.save(checkpoint(), f))
+        atomic_write(path, lambda f: torch.save(checkpoint_dict(), f))
 
     writer = tensorboard_writer(run_dir) if args.tensorboard else None
 
