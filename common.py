@@ -20,7 +20,6 @@ import argparse
 import ast
 import contextlib
 import csv
-import ctypes
 import dataclasses
 import functools
 import hashlib
@@ -39,7 +38,6 @@ import tempfile
 import textwrap
 import time
 import typing
-import weakref
 import zipfile
 import zlib
 from dataclasses import dataclass, replace
@@ -724,7 +722,6 @@ class EvalTasks:
 CONV_KERNEL = 3  # 3×3 convolutions, padding 1: the spatial size is kept until the pooling
 POOL = 2  # each block halves the spatial size
 BN_EPS = 1e-5  # BatchNorm's ε, F.batch_norm's default
-BN_DIMS = (0, 2, 3)  # BatchNorm's statistics: over the batch and the plane, per channel
 
 
 def conv4_init(image_shape: tuple[int, int, int], ways: int, filters: int = 48, blocks: int = 4,
@@ -753,152 +750,24 @@ def conv4_init(image_shape: tuple[int, int, int], ways: int, filters: int = 48, 
 
 def conv4_blocks(params: dict[str, torch.Tensor]) -> int:
     """Number of conv blocks in a Conv4 parameter dict."""
-    return sum(1 for name in params if name.endswith(".weight") and name.startswith("conv"))
+    return sum(1 for name in params if name.startswith("conv") and name.endswith(".weight"))
 
 
-def conv4_features(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) images -> (N, filters, h, w) feature map of the last block, after its pooling.
+def conv_block(params: dict[str, torch.Tensor], i: int, x: torch.Tensor) -> torch.Tensor:
+    """Block i before its pooling: conv 3×3 -> BatchNorm on this batch's statistics -> ReLU.
 
-    Each block: conv 3×3 -> BatchNorm on the statistics of this batch (no running statistics: the
-    transductive BatchNorm of MAML and MAML++, identical at train and test time) -> ReLU -> max-pool,
-    computed as max-pool -> ReLU: the same values and gradients of every order (ReLU is monotone, so
-    max(relu(x)) = relu(max(x)); where a window's maximum is <= 0 both orders pass no gradient), with
-    the ReLU on a 4× smaller tensor.
+    No running statistics: the transductive BatchNorm of MAML and MAML++, the same at train and test time.
     """
-    for i in range(conv4_blocks(params)):
-        x = F.conv2d(x, params[f"conv{i}.weight"], params[f"conv{i}.bias"], padding=CONV_KERNEL // 2)
-        x = batch_norm(x, params[f"bn{i}.weight"], params[f"bn{i}.bias"])
-        x = F.relu(max_pool(x))
-    return x
-
-
-def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """F.batch_norm(x, None, None, weight, bias, training=True): BatchNorm on this batch's statistics.
-
-    The same values and gradient (the same ATen kernels), and on a CPU a faster second derivative, the
-    one second-order MAML takes through every inner step: PyTorch's double backward of BatchNorm runs 54
-    operations over the whole activation, _BatchNormBackward.backward 12. Forward, backward and double
-    backward 2.3-2.5× faster on (5, 48, 84, 84); a maml_gs.py meta-iteration at 84×84 1-shot 11-14% faster
-    (docs/benchmarks.md). A third derivative is refused with an error, never given wrong.
-    Inside torch.func transforms (--vmap on), and off the CPU, it is F.batch_norm.
-    """
-    if not _plain_cpu(x):
-        return F.batch_norm(x, None, None, weight, bias, training=True, eps=BN_EPS)
-    return _BatchNorm.apply(x, weight, bias)[0]
-
-
-def _plain_cpu(x: torch.Tensor) -> bool:
-    """Whether x is a CPU tensor outside torch.func transforms: where batch_norm and max_pool take their own path."""
-    return x.device.type == "cpu" and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-
-
-def _per_channel(t: torch.Tensor) -> torch.Tensor:
-    """(C,) -> (1, C, 1, 1), to broadcast over (N, C, H, W)."""
-    return t.view(1, -1, 1, 1)
-
-
-class _BatchNorm(torch.autograd.Function):
-    """y = γ x̂ + β, x̂ = (x − μ) r, with μ and r = 1/√(σ² + ε) the batch's per-channel mean and inverse std.
-
-    Returns (y, μ, r); its backward is _BatchNormBackward, a Function of its own so that its derivative
-    (the second derivative of BatchNorm) is the hand-written one below.
-    """
-
-    @staticmethod
-    def forward(x, weight, bias):
-        return torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, BN_EPS)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, _ = inputs
-        _, mean, invstd = output
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.mark_non_differentiable(mean, invstd)
-
-    @staticmethod
-    def backward(ctx, g, _mean, _invstd):
-        x, weight, mean, invstd = ctx.saved_tensors
-        dx, dweight, dbias = _BatchNormBackward.apply(g, x, weight, mean, invstd)
-        return dx, dweight, dbias
-
-
-class _BatchNormBackward(torch.autograd.Function):
-    """BatchNorm's gradient, (g, x, γ) -> (dx, dγ, dβ), for g = ∂L/∂y; per channel, over its M = N·H·W values:
-        dβ = Σ g,   dγ = Σ g x̂,   dx = γ r (g − ḡ − x̂ c),   ḡ = dβ / M,   c = dγ / M
-    (μ and r are x's, constants here: their dependence on x is in the derivative below).
-    """
-
-    @staticmethod
-    def forward(g, x, weight, mean, invstd):
-        return torch.ops.aten.native_batch_norm_backward(g, x, weight, None, None, mean, invstd, True, BN_EPS,
-                                                         [True, True, True])
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        g, x, weight, mean, invstd = inputs
-        _, dweight, dbias = output
-        ctx.save_for_backward(g, x, weight, mean, invstd, dweight, dbias)
-
-    @staticmethod
-    def backward(ctx, a, a_weight, a_bias):
-        """The cotangents of (g, x, γ), given a, a_γ, a_β for (dx, dγ, dβ): the derivative of
-        S = Σ a·dx + a_γ dγ + a_β dβ. With A = Σ a, Ax = Σ a x̂, Ag = Σ a g (per channel) and
-        ∂r/∂x_j = −r² x̂_j / M, ∂x̂_k/∂x_j = r (δ_kj − 1/M − x̂_k x̂_j / M):
-            ∂S/∂g = γ r a + (a_γ − γ r Ax / M) x̂ + a_β − γ r A / M
-            ∂S/∂γ = r (Ag − ḡ A − c Ax)
-            ∂S/∂x = k2 g + k3 a + (k1 − k2 c − k3 Ax / M) x̂ − k2 ḡ − k3 A / M, where
-                k1 = −γ r² (Ag − ḡ A − c Ax) / M,   k2 = r a_γ − γ r² Ax / M,   k3 = −γ r² c
-        checked against PyTorch's double backward and central differences (tests/test_bench.py).
-        """
-        if torch.is_grad_enabled():  # a backward with create_graph=True: a third derivative would follow
-            raise RuntimeError("common.batch_norm has no third derivative (its second derivative was taken with "
-                               "create_graph=True); use torch.nn.functional.batch_norm where one is needed")
-        g, x, weight, mean, invstd, dweight, dbias = ctx.saved_tensors
-        m = x.numel() // x.shape[1]
-        r, gamma = _per_channel(invstd), _per_channel(weight)
-        gbar, c = _per_channel(dbias) / m, _per_channel(dweight) / m
-        a_weight, a_bias = _per_channel(a_weight), _per_channel(a_bias)
-        xhat = (x - _per_channel(mean)).mul_(r)  # (N, C, H, W), recomputed rather than kept
-        sum_a = _per_channel(a.sum(BN_DIMS))
-        sum_ax = _per_channel((a * xhat).sum(BN_DIMS))
-        sum_ag = _per_channel((a * g).sum(BN_DIMS))
-        gamma_r = gamma * r
-        d_g = d_x = d_weight = None
-        if ctx.needs_input_grad[0]:
-            d_g = torch.addcmul(a_bias - gamma_r * sum_a / m, xhat, a_weight - gamma_r * sum_ax / m)
-            d_g.addcmul_(a, gamma_r)
-        if ctx.needs_input_grad[1]:
-            k1 = -gamma_r * r * (sum_ag - gbar * sum_a - c * sum_ax) / m
-            k2 = r * a_weight - gamma_r * r * sum_ax / m
-            k3 = -gamma_r * r * c
-            d_x = torch.addcmul(-k2 * gbar - k3 * sum_a / m, xhat, k1 - k2 * c - k3 * sum_ax / m)
-            d_x.addcmul_(g, k2).addcmul_(a, k3)
-        if ctx.needs_input_grad[2]:
-            d_weight = (r * (sum_ag - gbar * sum_a - c * sum_ax)).view(-1)
-        return d_g, d_x, d_weight, None, None
-
-
-def max_pool(x: torch.Tensor) -> torch.Tensor:
-    """F.max_pool2d(x, POOL) for x (N, C, H, W): the same values and gradients of every order, faster on a CPU.
-
-    PyTorch's CPU max-pool is slow on NCHW tensors (an eighth of a meta-iteration at 84×84 went there) and
-    fast on channels-last ones. So, on a CPU, each window's maximum is located in a channels-last copy
-    (no gradient needed) and the output gathered from x at those positions: gather's backward scatters
-    the gradient to each window's first maximum, exactly as max-pool's backward does, and its own
-    backward is a gather again, as for max-pool. Measured: forward + backward 1.8× faster on
-    (75, 48, 84, 84). Inside torch.func transforms (--vmap on), and off the CPU, it is F.max_pool2d.
-    """
-    if not _plain_cpu(x):
-        return F.max_pool2d(x, POOL)
-    with torch.no_grad():
-        _, index = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), POOL, return_indices=True)
-    index = index.contiguous()  # (N, C, H // POOL, W // POOL): positions in each H*W plane of x
-    return x.flatten(2).gather(2, index.flatten(2)).view(index.shape)
+    x = F.conv2d(x, params[f"conv{i}.weight"], params[f"conv{i}.bias"], padding=CONV_KERNEL // 2)
+    x = F.batch_norm(x, None, None, params[f"bn{i}.weight"], params[f"bn{i}.bias"], training=True, eps=BN_EPS)
+    return F.relu(x)
 
 
 def conv4_forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) images -> (N, ways) logits."""
-    return F.linear(conv4_features(params, x).flatten(1), params["head.weight"], params["head.bias"])
+    """(N, C, H, W) images -> (N, ways) logits: every block conv -> BatchNorm -> ReLU -> max-pool, then linear."""
+    for i in range(conv4_blocks(params)):
+        x = F.max_pool2d(conv_block(params, i, x), POOL)
+    return F.linear(x.flatten(1), params["head.weight"], params["head.bias"])
 
 
 def forward_tasks(forward: Callable, params: dict[str, torch.Tensor], x: torch.Tensor, use_vmap: bool) -> torch.Tensor:
@@ -906,7 +775,7 @@ def forward_tasks(forward: Callable, params: dict[str, torch.Tensor], x: torch.T
 
     With use_vmap the tasks go through one batched forward (torch.func.vmap: grouped convolutions,
     fastest on a GPU); otherwise through a Python loop over tasks, which is faster on a CPU.
-    Both give the same values and gradients (tests/test_maml_gs.py).
+    Both give the same values and gradients (tested).
     """
     if use_vmap:
         return torch.func.vmap(forward)(params, x)
@@ -914,105 +783,24 @@ def forward_tasks(forward: Callable, params: dict[str, torch.Tensor], x: torch.T
     return torch.stack([forward({name: p[t] for name, p in per_task.items()}, x[t]) for t in range(x.shape[0])])
 
 
-class _Saved:
-    """A tensor that autograd saved inside a common.checkpoint region: held only while it may be needed."""
-    __slots__ = ("tensor", "meta", "version", "__weakref__")
+def support_grads(forward: Callable, fast: dict[str, torch.Tensor], x_s: torch.Tensor, y_s: torch.Tensor, *,
+                  create_graph: bool, use_vmap: bool) -> dict[str, torch.Tensor]:
+    """∇L_t(θ_t) of every task's support loss w.r.t. its own weights θ_t: fast (tasks, ...) -> (tasks, ...) per tensor.
 
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor, self.meta, self.version = tensor, (tensor.shape, tensor.dtype), tensor._version
-
-
-def checkpoint(fn: Callable, *args, **kwargs) -> typing.Any:
-    """fn(*args, **kwargs) with gradient checkpointing, for an fn that takes a gradient itself (an inner step).
-
-    Like torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs): every tensor fn's
-    graph saves for backward is dropped once fn returns, and the first backward that needs one runs fn
-    again to get them all back (each released again as the backward reads it). The difference is the
-    moment of the drop: torch drops each tensor as soon as it is saved, so fn's own torch.autograd.grad
-    (create_graph=True), which reads what fn's forward saved, already had to rerun that forward: an
-    inner step ran its forward twice, 1.6× the time of a stored step before any backward (84×84
-    5-shot). Here fn's saved tensors live until fn returns, then go. fn must be deterministic (no random
-    numbers): the rerun must save the same tensors in the same order, which is checked.
+    Σ_t L_t, each L_t the mean over task t's support set: tasks share nothing in the forward pass, so one
+    backward gives every task's gradient w.r.t. its own fast weights.
     """
-    name = getattr(fn, "__name__", repr(fn))
-    holders: list[weakref.ReferenceType] = []  # every tensor saved in fn, in the order autograd saved them
-    running = True
-
-    def pack(tensor: torch.Tensor) -> _Saved:
-        holder = _Saved(tensor.detach())  # detached: no reference cycle through the tensor's own grad_fn
-        holders.append(weakref.ref(holder))
-        return holder
-
-    def unpack(holder: _Saved) -> torch.Tensor:
-        if holder.tensor is None:  # dropped: rerun fn, which refills every holder still referenced by the graph
-            recompute()
-        tensor = holder.tensor
-        if tensor._version != holder.version:  # autograd's own check, which it cannot make through hooks
-            raise RuntimeError(f"common.checkpoint: a tensor that {name} saved for the backward was modified "
-                               "in place after it was saved; compute it out of place")
-        if not running:
-            holder.tensor = None  # a backward reads a saved tensor once; keep no copy (a retained graph reruns fn)
-        return tensor
-
-    def recompute() -> None:
-        alive = [ref() for ref in holders]  # None where autograd has already released that saved tensor
-        count = 0
-
-        def refill(tensor: torch.Tensor) -> torch.Tensor:
-            nonlocal count
-            tensor = tensor.detach()  # as in pack: a saved output must not hold its own grad_fn (a leak)
-            holder = alive[count] if count < len(alive) else None
-            if holder is not None:
-                if (tensor.shape, tensor.dtype) != holder.meta:
-                    raise RuntimeError(f"common.checkpoint: the recomputation of {name} saved a {tuple(tensor.shape)} "
-                                       f"{tensor.dtype} tensor where its first run saved a {tuple(holder.meta[0])} "
-                                       f"{holder.meta[1]} one: fn must be deterministic")
-                holder.tensor, holder.version = tensor, tensor._version
-            count += 1
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(refill, lambda tensor: tensor), torch.enable_grad():
-            fn(*args, **kwargs)
-        if count != len(alive):
-            raise RuntimeError(f"common.checkpoint: the recomputation of {name} saved {count} tensors, its "
-                               f"first run {len(alive)}: fn must be deterministic")
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        out = fn(*args, **kwargs)
-    running = False
-    for ref in holders:  # fn has returned: drop what it saved (the point of checkpointing)
-        holder = ref()
-        if holder is not None:
-            holder.tensor = None
-    return out
+    logits = forward_tasks(forward, fast, x_s, use_vmap)  # (tasks, ways*shots, ways)
+    loss = F.cross_entropy(logits.flatten(0, 1), y_s.flatten(), reduction="sum") / y_s.shape[1]
+    return dict(zip(fast, torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)))
 
 
-def query_loss_grads(fast: dict[str, torch.Tensor], x_q: torch.Tensor, y_q: torch.Tensor, weight: float,
-                     use_vmap: bool, forward: Callable | None = None):
-    """The query loss at the adapted weights and its gradient w.r.t. them, one task at a time.
+def query_loss(logits: torch.Tensor, y_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1/T) Σ_t L_t^query and the mean accuracy: logits (tasks, ways*queries, ways), y_q (tasks, ways*queries).
 
-    fast: adapted weights, (tasks, ...) per tensor; x_q (tasks, ways*queries, C, H, W), y_q (tasks,
-    ways*queries). Returns (loss, accuracy, grads): weight · Σ_t L_t^query, each L_t the mean over task
-    t's queries (detached, ()); per-task accuracy (tasks,); d loss / d fast, (tasks, ...) per tensor.
-    The caller then backpropagates grads through its inner loop in one call (torch.autograd.grad(fast,
-    params, grads)). On the loop path each task's query activations are freed before the next task's
-    are made, so that peak memory holds the inner loop and one task's query pass, not every task's.
+    Every task has as many queries, so the mean over all of them is the mean over tasks of each task's mean.
     """
-    forward = forward or conv4_forward
-    adapted = {name: w.detach().requires_grad_() for name, w in fast.items()}  # θ_{t,K} as leaves
-    chunks = [slice(None)] if use_vmap else [slice(t, t + 1) for t in range(x_q.shape[0])]
-    loss, accs = 0.0, []
-    for chunk in chunks:
-        logits = forward_tasks(forward, {name: a[chunk] for name, a in adapted.items()}, x_q[chunk], use_vmap)
-        chunk_loss = F.cross_entropy(logits.flatten(0, 1), y_q[chunk].flatten(), reduction="sum") * (weight / y_q.shape[1])
-        chunk_loss.backward()  # accumulates into adapted[name].grad, this chunk's rows
-        loss, accs = loss + chunk_loss.detach(), accs + [accuracy(logits.detach(), y_q[chunk])]
-    return loss, torch.cat(accs), {name: a.grad for name, a in adapted.items()}
-
-
-def use_vmap(setting: str, device: torch.device) -> bool:
-    """--vmap auto|on|off -> whether forward_tasks batches the tasks with vmap (auto: on CUDA only)."""
-    return device.type == "cuda" if setting == "auto" else setting == "on"
+    return F.cross_entropy(logits.flatten(0, 1), y_q.flatten()), accuracy(logits.detach(), y_q).mean()
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -1078,8 +866,6 @@ class Args:
     """no progress line"""
     tensorboard: bool = False
     """also write the per-epoch scalars as TensorBoard events into the run directory (needs `pip install tensorboard`)"""
-    malloc: Literal["reuse", "default"] = "reuse"
-    """glibc's malloc: reuse freed memory (faster on a CPU, see docs/benchmarks.md) or leave it at its defaults"""
 
     def check(self) -> list[str]:
         """Problems with the values, each saying what is expected (subclasses add their own)."""
@@ -1149,26 +935,25 @@ class StepResult(NamedTuple):
     loss: torch.Tensor  # () outer (query) loss of this meta-iteration, detached
     accuracy: torch.Tensor  # () query accuracy
     grads: dict[str, torch.Tensor | None]  # meta-gradient per meta-parameter; None: no gradient this step
-    state: dict  # the algorithm's state after this step; kept only if the step was finite
+    state: dict  # what the algorithm carries to the next meta-iteration (e.g. ĝ); kept only if the step was finite
+    metrics: dict[str, torch.Tensor | float] = {}  # this step's own numbers: run() logs their epoch means
 
 
 @dataclass
 class Algorithm:
-    """An algorithm file's contribution: its meta-parameters and three pure functions over them."""
+    """An algorithm file's contribution to `run`: its meta-parameters, its state and its pure functions."""
     name: str
     """name used in run directories and checkpoints, e.g. maml_gs"""
     params: dict[str, torch.Tensor]
     """meta-parameters: leaf tensors that the outer Adam updates (θ and the method's own, e.g. m, λ)"""
     state: dict
-    """non-differentiable state carried across meta-iterations and checkpointed (e.g. the stored ĝ)"""
-    meta_gradient: Callable[[dict, dict, Tasks, int], StepResult]
-    """(params, state, tasks, epoch) -> StepResult: one meta-iteration's loss and meta-gradient"""
-    predict: Callable[[dict, dict, Tasks], torch.Tensor]
-    """(params, state, tasks) -> adapted query logits (tasks, ways*queries, ways); never changes state"""
-    scalars: Callable[[dict, dict], dict[str, float]]
-    """(params, state) -> the method's own numbers logged per epoch, e.g. mean σ(m_k)"""
-    outer_lr: Callable[[int], float] | None = None
-    """epoch -> learning rate of the outer Adam for that epoch (e.g. MAML++'s cosine annealing); None: --outer-lr"""
+    """what the algorithm carries across meta-iterations, checkpointed with the run (e.g. the stored ĝ)"""
+    meta_gradient: Callable[[dict, dict, Tasks, int, Args], StepResult]
+    """(params, state, tasks, epoch, args) -> StepResult: one meta-iteration's loss and meta-gradient"""
+    predict: Callable[[dict, dict, Tasks, Args], torch.Tensor]
+    """(params, state, tasks, args) -> adapted query logits (tasks, ways*queries, ways); never changes state"""
+    outer_lr: Callable[[int, Args], float] | None = None
+    """(epoch, args) -> the outer Adam's learning rate in that epoch (MAML++'s cosine annealing); None: --outer-lr"""
 
 
 # ---- Evaluation ----
@@ -1183,7 +968,7 @@ def mean_ci(values: torch.Tensor) -> tuple[float, float]:
 
 
 def evaluate(algorithm: Algorithm, members: list[tuple[dict, dict]], tasks: EvalTasks,
-             batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+             args: Args) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-task query accuracies (num_tasks,) of the ensemble of members [(params, state), ...] and of members[0].
 
     Each member adapts on the support set of every task with its own parameters and state; the
@@ -1191,8 +976,8 @@ def evaluate(algorithm: Algorithm, members: list[tuple[dict, dict]], tasks: Eval
     The first member's own accuracy comes from the same pass (the best single model at meta-test).
     """
     ensemble, first = [], []
-    for batch_tasks in tasks.batches(batch):
-        logits = [algorithm.predict(params, state, batch_tasks) for params, state in members]
+    for batch_tasks in tasks.batches(args.eval_batch):
+        logits = [algorithm.predict(params, state, batch_tasks, args) for params, state in members]
         ensemble.append(accuracy(sum(logits) / len(logits), batch_tasks.y_q).cpu())
         first.append(accuracy(logits[0], batch_tasks.y_q).cpu())
     return torch.cat(ensemble), torch.cat(first)
@@ -1203,7 +988,7 @@ def evaluate(algorithm: Algorithm, members: list[tuple[dict, dict]], tasks: Eval
 CHECKPOINT_FORMAT = "metalearn-gs checkpoint v1"
 LAST = "last.pt"  # the newest state of the run, for --resume
 RESUME_FREE = ("resume", "quiet", "device", "vmap", "out", "data_root", "cache_dir", "download", "eval_batch",
-               "tensorboard", "malloc")
+               "tensorboard")
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -1211,9 +996,10 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
+    """rows as CSV, the columns of every row in order of appearance; a row without a column gets nan."""
     def write(f):
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else [])
+        writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in rows for k in row)), restval=math.nan)
         writer.writeheader()
         writer.writerows(rows)
         f.write(text.getvalue().encode())
@@ -1298,29 +1084,6 @@ def tensorboard_writer(run_dir: Path):
     return SummaryWriter(log_dir=str(run_dir))
 
 
-# mallopt(3) parameters, from glibc's <malloc.h>
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-NEVER_TRIM, NO_MMAP = -1, 0
-
-
-def set_malloc(setting: str) -> bool:
-    """--malloc reuse: have glibc's malloc keep the memory freed by one meta-iteration for the next.
-
-    By default glibc serves every allocation above 32 MiB with its own mmap and returns it to the system
-    when freed; an activation of the first Conv4 block is that large at 84×84 ((75, 48, 84, 84) float32
-    is 102 MB), so every meta-iteration page-faulted its activations in afresh: a third of the process's
-    CPU time was the kernel's at 84×84 1-shot. Serving everything from the heap (M_MMAP_MAX = 0) and
-    never giving its top back (M_TRIM_THRESHOLD = -1) makes the meta-iteration about 1.4× faster on a
-    CPU, for a few hundred MiB more resident memory (fragmentation: docs/benchmarks.md). It changes no
-    result, only where tensors live. Process-wide and not undone; "default" leaves malloc alone.
-    Returns whether the setting was applied: False for "default", or where the C library is not glibc.
-    """
-    if setting == "default" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
-    return bool(mallopt(M_MMAP_MAX, NO_MMAP)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1390,9 +1153,16 @@ def main(args_cls: type, make_algorithm: Callable[[Args, tuple[int, int, int], t
 
 
 def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.device], Algorithm]) -> dict:
-    """Meta-train, meta-validate after every epoch, keep the best checkpoints, meta-test; return result.json's dict."""
+    """Meta-train, meta-validate after every epoch, keep the best checkpoints, meta-test; return result.json's dict.
+
+    Each meta-iteration: algorithm.meta_gradient on a fresh task batch, then one outer Adam step on its
+    gradients (skipped, and counted, when the loss or a gradient is not finite); its `state` is carried
+    on and its `metrics` averaged over the epoch. After each epoch: algorithm.predict on the fixed
+    validation tasks, a checkpoint, a metrics.csv row. At the end: the top-`ensemble` checkpoints' meta-test.
+    """
     device = pick_device(args.device)
-    set_malloc(args.malloc)
+    if args.vmap == "auto":  # vmap over tasks on a GPU; a loop over tasks on a CPU, where it is faster (make bench)
+        args = replace(args, vmap="on" if device.type == "cuda" else "off")
     torch.manual_seed(args.seed)
     progress = Progress(args.quiet, args.epochs, args.iters_per_epoch)
     try:
@@ -1411,8 +1181,8 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
     optimizer = torch.optim.Adam(params.values(), lr=args.outer_lr)
 
     # Everything the loop needs to continue exactly where it stopped lives in `loop` and the checkpoint.
-    loop = {"epoch": 0, "iteration": 0, "loss_sum": 0.0, "acc_sum": 0.0, "steps": 0, "skipped": 0,
-            "bad_streak": 0, "seconds": 0.0, "history": [], "top": [], "status": "running"}
+    loop = {"epoch": 0, "iteration": 0, "sums": {}, "skipped": 0, "bad_streak": 0, "seconds": 0.0,
+            "history": [], "top": [], "status": "running"}
     run_dir = Path(args.resume or args.out or run_dir_name(args, algorithm.name))
     if args.resume and (run_dir / LAST).exists():
         ckpt = load_checkpoint(run_dir / LAST)
@@ -1439,33 +1209,31 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
                                              **dataclasses.asdict(args), "out": str(run_dir), "resume": "",
                                              "torch": torch.__version__, **provenance(device)})
 
-    def checkpoint_dict() -> dict:
-        return {"format": CHECKPOINT_FORMAT, "program": program_name(args), "algorithm": algorithm.name,
+    def save(path: Path) -> None:
+        ckpt = {"format": CHECKPOINT_FORMAT, "program": program_name(args), "algorithm": algorithm.name,
                 "args": dataclasses.asdict(args), "params": {n: p.detach().cpu() for n, p in params.items()},
                 "state": _to(state, torch.device("cpu")), "optimizer": optimizer.state_dict(),
                 "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(), "loop": loop}
-
-    def save(path: Path) -> None:
-        atomic_write(path, lambda f: torch.save(checkpoint_dict(), f))
+        atomic_write(path, lambda f: torch.save(ckpt, f))
 
     writer = tensorboard_writer(run_dir) if args.tensorboard else None
-
     # SIGINT / SIGTERM: finish the current meta-iteration, save, exit.
     stop = []
-    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while loop["epoch"] < args.epochs and loop["status"] == "running":
             epoch, started = loop["epoch"], time.time()
             if algorithm.outer_lr is not None:
                 for group in optimizer.param_groups:
-                    group["lr"] = algorithm.outer_lr(epoch)
+                    group["lr"] = algorithm.outer_lr(epoch, args)
             while loop["iteration"] < args.iters_per_epoch:
                 if stop:
                     loop["seconds"] += time.time() - started
                     save(run_dir / LAST)
                     progress.message(f"interrupted: saved {run_dir / LAST}; continue with --resume {run_dir}")
                     raise SystemExit(128 + stop[0])
-                result = algorithm.meta_gradient(params, state, sampler.sample(), epoch)
+                result = algorithm.meta_gradient(params, state, sampler.sample(), epoch, args)
                 grads = [g for g in result.grads.values() if g is not None]
                 finite = torch.stack([result.loss.isfinite()] + [g.isfinite().all() for g in grads]).all()
                 if finite.item():
@@ -1473,9 +1241,10 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
                         p.grad = result.grads[name]
                     optimizer.step()
                     state = result.state
-                    loop["loss_sum"] += result.loss.item()
-                    loop["acc_sum"] += result.accuracy.item()
-                    loop["steps"] += 1
+                    numbers = {"train_loss": result.loss, "train_acc": result.accuracy, **result.metrics}
+                    for name, value in numbers.items():  # [sum, count]: a metric may come every n-th step only
+                        total = loop["sums"].setdefault(name, [0.0, 0])
+                        total[0], total[1] = total[0] + float(value), total[1] + 1
                     loop["bad_streak"] = 0
                 else:  # a NaN or inf: skip this outer update, count it, stop after too many in a row
                     loop["skipped"] += 1
@@ -1489,13 +1258,13 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
                 progress.step(epoch, loop["iteration"] - 1, result.loss.item())
             if loop["status"] != "running":
                 break
-            val_acc, val_ci = mean_ci(evaluate(algorithm, [(params, state)], val_tasks, args.eval_batch)[0])
-            steps = loop["steps"] or math.nan  # an epoch whose every update was skipped has no training numbers
-            loop["history"].append({
-                "epoch": epoch + 1, "train_loss": loop["loss_sum"] / steps, "train_acc": loop["acc_sum"] / steps,
-                "val_acc": val_acc, "val_ci": val_ci, "skipped_steps": loop["skipped"],
-                "seconds": loop["seconds"] + time.time() - started, **algorithm.scalars(params, state)})
-            loop.update(epoch=epoch + 1, iteration=0, loss_sum=0.0, acc_sum=0.0, steps=0, skipped=0, seconds=0.0)
+            val_acc, val_ci = mean_ci(evaluate(algorithm, [(params, state)], val_tasks, args)[0])
+            means = {name: total / count for name, (total, count) in loop["sums"].items()}
+            loop["history"].append({  # an epoch whose every update was skipped has no training numbers: NaN
+                "epoch": epoch + 1, "train_loss": means.pop("train_loss", math.nan),
+                "train_acc": means.pop("train_acc", math.nan), "val_acc": val_acc, "val_ci": val_ci,
+                "skipped_steps": loop["skipped"], "seconds": loop["seconds"] + time.time() - started, **means})
+            loop.update(epoch=epoch + 1, iteration=0, sums={}, skipped=0, seconds=0.0)
             # Keep the best `ensemble` checkpoints by validation accuracy (ties: the earlier epoch).
             ranked = sorted(loop["top"] + [[val_acc, epoch + 1]], key=lambda t: (-t[0], t[1]))
             loop["top"], evicted = ranked[:args.ensemble], ranked[args.ensemble:]
@@ -1510,8 +1279,9 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
                     if key != "epoch":
                         writer.add_scalar(key, value, epoch + 1)
                 writer.flush()
-            progress.message(f"epoch {epoch + 1}/{args.epochs}: train loss {loop['history'][-1]['train_loss']:.4f} "
-                             f"acc {loop['history'][-1]['train_acc']:.4f}, val acc {val_acc:.4f} ± {val_ci:.4f}")
+            row = loop["history"][-1]
+            progress.message(f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f} "
+                             f"acc {row['train_acc']:.4f}, val acc {val_acc:.4f} ± {val_ci:.4f}")
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -1544,7 +1314,7 @@ def finish(args: Args, algorithm: Algorithm, run_dir: Path, loop: dict, test_tas
             ckpt = load_checkpoint(path)
             restore_params(member, ckpt["params"], path)
             members.append((member, _to(ckpt["state"], device)))
-        ensemble, best_single = evaluate(algorithm, members, test_tasks, args.eval_batch)
+        ensemble, best_single = evaluate(algorithm, members, test_tasks, args)
         (acc_ens, ci_ens), (acc_best, ci_best) = mean_ci(ensemble), mean_ci(best_single)
         result.update(test_acc_ensemble=acc_ens, test_ci_ensemble=ci_ens, test_acc_best=acc_best, test_ci_best=ci_best)
         progress.message(f"meta-test: ensemble of {len(members)} {acc_ens:.4f} ± {ci_ens:.4f}, "

@@ -64,9 +64,13 @@ def stored_ghat(params: dict, seed: int = 2) -> list[dict[str, torch.Tensor]]:
     return ghat
 
 
+def tiny_args(use_vmap=False, module=metasgd_gs, **kwargs):
+    return module.Args(inner_steps=STEPS, inner_lr=LR, vmap="on" if use_vmap else "off", **kwargs)
+
+
 def run_step(params, ghat, tasks, first_order=False, use_vmap=False, recompute=False):
-    return metasgd_gs.meta_gradient(params, {"ghat": ghat}, tasks, 0, inner_steps=STEPS, inner_lr=LR,
-                                    first_order=first_order, use_vmap=use_vmap, recompute=recompute)
+    args = tiny_args(use_vmap, first_order=first_order, recompute=recompute)
+    return metasgd_gs.meta_gradient(params, {"ghat": ghat}, tasks, 0, args)
 
 
 def reference_adapt(params, ghat, x_s, y_s, first_order=False, meta_test=False):
@@ -182,8 +186,7 @@ def test_alpha_fixed_at_the_inner_lr_is_exactly_maml(gs, later):
     maml = {n: p for n, p in params.items() if not n.startswith(metasgd_gs.ALPHA)}
     ghat = stored_ghat(params) if (later and gs) else None
     got = run_step(params, ghat, tasks)
-    want = maml_gs.meta_gradient(maml, {"ghat": ghat}, tasks, 0, inner_steps=STEPS, inner_lr=LR, first_order=False,
-                                 use_vmap=False)
+    want = maml_gs.meta_gradient(maml, {"ghat": ghat}, tasks, 0, tiny_args(module=maml_gs))
     assert torch.equal(got.loss, want.loss)
     for name in maml:
         assert (got.grads[name] is None and want.grads[name] is None) or torch.equal(got.grads[name], want.grads[name]), name
@@ -206,15 +209,18 @@ def test_no_learn_alpha_is_exactly_maml(gs):
     assert list(ours.params) == list(maml.params)
     assert all(torch.equal(ours.params[n], maml.params[n]) for n in maml.params)
     tasks, state_ours, state_maml = image_tasks(), ours.state, maml.state
+    args_ours, args_maml = common.parse_args(metasgd_gs.Args, argv + ["--no-learn-alpha"]), common.parse_args(
+        maml_gs.Args, argv)
     for epoch in range(2):  # the first iteration stores ĝ; the second uses it
-        got = ours.meta_gradient(ours.params, state_ours, tasks, epoch)
-        want = maml.meta_gradient(maml.params, state_maml, tasks, epoch)
+        got = ours.meta_gradient(ours.params, state_ours, tasks, epoch, args_ours)
+        want = maml.meta_gradient(maml.params, state_maml, tasks, epoch, args_maml)
         assert torch.equal(got.loss, want.loss)
         assert all((want.grads[n] is None and got.grads[n] is None) or torch.equal(got.grads[n], want.grads[n])
                    for n in maml.params)
+        assert got.metrics == want.metrics and set(got.metrics) == ({"sigma_m", "sigma_lambda"} if gs == "--gs" else set())
         state_ours, state_maml = got.state, want.state
-    assert torch.equal(ours.predict(ours.params, state_ours, tasks), maml.predict(maml.params, state_maml, tasks))
-    assert set(ours.scalars(ours.params, ours.state)) == ({"sigma_m", "sigma_lambda"} if gs == "--gs" else set())
+    assert torch.equal(ours.predict(ours.params, state_ours, tasks, args_ours),
+                       maml.predict(maml.params, state_maml, tasks, args_maml))
 
 
 def test_make_algorithm_initialises_alpha_to_the_inner_lr():
@@ -226,11 +232,12 @@ def test_make_algorithm_initialises_alpha_to_the_inner_lr():
         alpha = algorithm.params[metasgd_gs.ALPHA + name]
         assert alpha.shape == p.shape and bool((alpha == 0.25).all()) and alpha.requires_grad
     assert algorithm.params["m"].shape == (3,) and algorithm.name == "metasgd_gs"
-    values = algorithm.scalars(algorithm.params, algorithm.state)
+    tasks = image_tasks()
+    values = algorithm.meta_gradient(algorithm.params, algorithm.state, tasks, 0, args).metrics
     assert values == {"sigma_m": 0.5, "sigma_lambda": 0.5, "alpha_mean": pytest.approx(0.25), "alpha_std": 0.0}
     with torch.no_grad():
         algorithm.params["alpha.head.bias"].add_(1.0)
-    values = algorithm.scalars(algorithm.params, algorithm.state)
+    values = algorithm.meta_gradient(algorithm.params, algorithm.state, tasks, 0, args).metrics
     every = torch.cat([algorithm.params[metasgd_gs.ALPHA + n].flatten() for n in theta])
     assert values["alpha_mean"] == pytest.approx(every.mean().item()) and values["alpha_std"] == pytest.approx(every.std().item())
 
@@ -239,14 +246,13 @@ def test_predict_adapts_with_alpha_and_the_stored_ghat_and_never_changes_it():
     params, tasks = tiny_params(), tiny_tasks(seed=5)
     state = {"ghat": stored_ghat(params)}
     before = [{n: v.clone() for n, v in ghat_k.items()} for ghat_k in state["ghat"]]
-    kwargs = dict(inner_steps=STEPS, inner_lr=LR, use_vmap=False)
-    logits = metasgd_gs.predict(params, state, tasks, **kwargs)
+    logits = metasgd_gs.predict(params, state, tasks, tiny_args())
     adapted = reference_adapt(params, state["ghat"], tasks.x_s, tasks.y_s, first_order=True, meta_test=True)
     want = torch.stack([common.conv4_forward(net, tasks.x_q[t]) for t, net in enumerate(adapted)])
     torch.testing.assert_close(logits, want.detach(), rtol=1e-10, atol=1e-12)
     for old, new in zip(before, state["ghat"]):
         assert all(torch.equal(old[n], new[n]) for n in old)
-    torch.testing.assert_close(metasgd_gs.predict(params, state, tasks, **{**kwargs, "use_vmap": True}), logits,
+    torch.testing.assert_close(metasgd_gs.predict(params, state, tasks, tiny_args(use_vmap=True)), logits,
                                rtol=1e-12, atol=1e-12)
 
 
