@@ -18,8 +18,11 @@ DTYPE = torch.float64
 SHAPE = (1, 8, 8)  # tiny images: 2 conv blocks take 8×8 to 2×2
 WAYS, SHOTS, QUERIES, TASKS, FILTERS, BLOCKS = 3, 2, 2, 3, 4, 2
 STEPS, LR, GAMMA = 2, 0.4, 0.7  # a large α makes the second-order terms matter
-MAML = dict(base="maml", inner_steps=STEPS, inner_lr=LR, per_step_bn=False, first_order=False, msl_epochs=0,
-            first_order_epochs=0, clip_grad=0.0, use_vmap=False)
+STATS = ("loss_meta", "loss_co", "grad_cos", "grad_norm_ratio")  # cml.py's metrics
+
+
+def tiny_args(module=cml, use_vmap=False, **kwargs):
+    return module.Args(inner_steps=STEPS, inner_lr=LR, vmap="on" if use_vmap else "off", **kwargs)
 
 
 def tiny_params(seed: int = 0, mamlpp: bool = False, colearner_blocks: int = 2) -> dict[str, torch.Tensor]:
@@ -57,17 +60,18 @@ def base_params(params):
     return {n: p for n, p in params.items() if not n.startswith(cml.COLEARNER)}
 
 
-def cml_step(params, tasks, gamma=GAMMA, **kw):
-    return cml.meta_gradient(params, {"epoch": -1, "steps": 0, "sums": {}}, tasks, 0, gamma=gamma, **{**MAML, **kw})
+def cml_step(params, tasks, gamma=GAMMA, steps=0, epoch=0, **kw):
+    if kw.get("base") == "mamlpp":
+        kw.setdefault("lslr", any(n.startswith(cml.LSLR) for n in params))
+    return cml.meta_gradient(params, {"epoch": epoch, "steps": steps}, tasks, epoch, tiny_args(gamma=gamma, **kw))
 
 
 def test_gamma_zero_is_maml_bitwise():
     params, tasks = tiny_params(), tiny_tasks()
     net = base_params(params)
     ours = cml_step(params, tasks, gamma=0.0)
-    base = maml_gs.meta_gradient(net, {"ghat": None}, tasks, 0, inner_steps=STEPS, inner_lr=LR, first_order=False,
-                                 use_vmap=False)
-    assert torch.equal(ours.state["sums"]["loss_meta"], base.loss) and torch.equal(ours.accuracy, base.accuracy)
+    base = maml_gs.meta_gradient(net, {"ghat": None}, tasks, 0, tiny_args(maml_gs, gs=False))
+    assert ours.metrics["loss_meta"] == base.loss.item() and torch.equal(ours.accuracy, base.accuracy)
     assert all(torch.equal(ours.grads[n], base.grads[n]) for n in net)
     assert all(torch.equal(ours.grads[n], torch.zeros_like(p)) for n, p in params.items() if n.startswith(cml.COLEARNER))
 
@@ -75,21 +79,18 @@ def test_gamma_zero_is_maml_bitwise():
 def test_gamma_zero_is_mamlpp_bitwise():
     params, tasks = tiny_params(mamlpp=True), tiny_tasks()
     net = base_params(params)
-    kw = dict(inner_steps=STEPS, inner_lr=LR, per_step_bn=True, msl_epochs=3, first_order_epochs=0, clip_grad=0.05,
-              use_vmap=False)  # MSL on at epoch 1 and a clamp that bites
-    ours = cml.meta_gradient(params, {"epoch": -1, "steps": 0, "sums": {}}, tasks, 1, base="mamlpp", gamma=0.0,
-                             first_order=False, **kw)
-    base = mamlpp_gs.meta_gradient(net, {"ghat": None}, tasks, 1, **kw)
-    assert torch.equal(ours.state["sums"]["loss_meta"], base.loss) and torch.equal(ours.accuracy, base.accuracy)
+    kw = dict(per_step_bn=True, msl_epochs=3, first_order_epochs=0, clip_grad=0.05)  # MSL on at epoch 1, a clamp
+    ours = cml_step(params, tasks, gamma=0.0, epoch=1, base="mamlpp", **kw)
+    base = mamlpp_gs.meta_gradient(net, {"ghat": None}, tasks, 1, tiny_args(mamlpp_gs, gs=False, **kw))
+    assert ours.metrics["loss_meta"] == base.loss.item() and torch.equal(ours.accuracy, base.accuracy)
     assert all(torch.equal(ours.grads[n], base.grads[n]) for n in net)
 
 
 def test_colearner_is_never_adapted():
     params, tasks = tiny_params(), tiny_tasks()
-    theta, bn, lslr, phi = cml.split_params(params, STEPS, LR, per_step_bn=False)
+    theta, bn, lslr, phi = cml.split_params(params, tiny_args())
     before = {n: p.detach().clone() for n, p in phi.items()}
-    adapted = cml.inner_loop(theta, bn, lslr, tasks.x_s, tasks.y_s, inner_steps=STEPS, create_graph=True,
-                             use_vmap=False)[-1]
+    adapted = cml.inner_loop(theta, bn, lslr, tasks.x_s, tasks.y_s, tiny_args(), create_graph=True)[-1]
     assert set(adapted) == set(base_params(params))  # the inner loop sees θ only
     cml_step(params, tasks)
     assert all(torch.equal(p, before[n]) for n, p in phi.items())
@@ -196,8 +197,8 @@ def test_recomputing_the_inner_steps_gives_the_same_meta_gradient(base, use_vmap
 def test_logged_statistics():
     params, tasks = tiny_params(), tiny_tasks()
     result = cml_step(params, tasks)
-    values = cml.scalars(params, result.state)
-    assert set(values) == set(cml.STATS) and -1 <= values["grad_cos"] <= 1 and values["grad_norm_ratio"] > 0
+    values = result.metrics
+    assert set(values) == set(STATS) and -1 <= values["grad_cos"] <= 1 and values["grad_norm_ratio"] > 0
     assert values["loss_meta"] + GAMMA * values["loss_co"] == pytest.approx(result.loss.item())
 
 
@@ -205,24 +206,22 @@ def test_logged_statistics():
 def test_one_backward_between_logged_iterations_gives_the_same_meta_gradient(base):
     """Off the --grad-stats-every iterations, g_meta + γ g_co in one backward: the two backwards' sum."""
     params, tasks, kw = tiny_params(mamlpp=base == "mamlpp"), tiny_tasks(), MAMLPP if base == "mamlpp" else {}
-    apart = cml_step(params, tasks, **kw)
-    state = {"epoch": 0, "steps": 1, "stat_steps": 1, "sums": dict(apart.state["sums"])}
-    joint = cml.meta_gradient(params, state, tiny_tasks(), 0, gamma=GAMMA, **{**MAML, **kw, "grad_stats_every": 2})
+    apart = cml_step(params, tasks, **kw, grad_stats_every=2)
+    joint = cml_step(params, tasks, steps=apart.state["steps"], **kw, grad_stats_every=2)
+    assert apart.state == {"epoch": 0, "steps": 1} and joint.state == {"epoch": 0, "steps": 2}
     assert torch.equal(joint.loss, apart.loss)
     for name in params:
         torch.testing.assert_close(joint.grads[name], apart.grads[name], rtol=1e-12, atol=1e-15, msg=name)
-    # Epoch means: the losses over both meta-iterations, the gradient agreement over the logged one only.
-    assert joint.state["steps"] == 2 and joint.state["stat_steps"] == 1
-    values, first = cml.scalars(params, joint.state), cml.scalars(params, apart.state)
-    assert values["grad_cos"] == first["grad_cos"] and values["loss_co"] == pytest.approx(first["loss_co"])
+    # The gradient agreement on the logged meta-iterations (the 1st, 3rd, ...) only; the losses on every one.
+    lslr = {"lslr_mean"} if base == "mamlpp" else set()
+    assert set(apart.metrics) == set(STATS) | lslr and set(joint.metrics) == {"loss_meta", "loss_co"} | lslr
+    assert joint.metrics["loss_co"] == apart.metrics["loss_co"]
 
 
 def test_grad_stats_every_zero_never_logs_the_agreement():
     params, tasks = tiny_params(), tiny_tasks()
-    state = {"epoch": -1, "steps": 0, "stat_steps": 0, "sums": {}}
-    result = cml.meta_gradient(params, state, tasks, 0, gamma=GAMMA, **{**MAML, "grad_stats_every": 0})
-    values = cml.scalars(params, result.state)
-    assert math.isnan(values["grad_cos"]) and math.isnan(values["grad_norm_ratio"]) and values["loss_co"] > 0
+    values = cml_step(params, tasks, grad_stats_every=0).metrics
+    assert "grad_cos" not in values and "grad_norm_ratio" not in values and values["loss_co"] > 0
 
 
 # mamlpp: MSL on at epochs 0 and 1, first order at epoch 0 only, a clamp that bites.
@@ -241,16 +240,20 @@ def test_make_algorithm_is_the_base_file_at_gamma_zero(base):
     assert list(base_params(ours.params)) == list(want.params)
     assert all(torch.equal(ours.params[n], want.params[n]) for n in want.params)
     assert (ours.outer_lr is None) == (base == "maml") == (want.outer_lr is None)
-    assert base == "maml" or [ours.outer_lr(e) for e in range(5)] == [want.outer_lr(e) for e in range(5)]
+    args_ours = common.parse_args(cml.Args, argv + ["--base", base, "--gamma", "0"])
+    args_want = common.parse_args(module.Args, argv + ["--no-gs"])
+    assert base == "maml" or [ours.outer_lr(e, args_ours) for e in range(5)] == [want.outer_lr(e, args_want)
+                                                                                 for e in range(5)]
     tasks = image_tasks()
     for epoch in range(2):
-        got = ours.meta_gradient(ours.params, ours.state, tasks, epoch)
-        ref = want.meta_gradient(want.params, want.state, tasks, epoch)
-        assert torch.equal(got.state["sums"]["loss_meta"], ref.loss) and torch.equal(got.accuracy, ref.accuracy)
+        got = ours.meta_gradient(ours.params, ours.state, tasks, epoch, args_ours)
+        ref = want.meta_gradient(want.params, want.state, tasks, epoch, args_want)
+        assert got.metrics["loss_meta"] == ref.loss.item() and torch.equal(got.accuracy, ref.accuracy)
         assert all((ref.grads[n] is None and got.grads[n] is None) or torch.equal(got.grads[n], ref.grads[n])
                    for n in want.params)
-    assert torch.equal(ours.predict(ours.params, ours.state, tasks), want.predict(want.params, want.state, tasks))
-    assert ours.scalars(ours.params, ours.state).items() >= want.scalars(want.params, want.state).items()
+        assert got.metrics.items() >= ref.metrics.items()
+    assert torch.equal(ours.predict(ours.params, ours.state, tasks, args_ours),
+                       want.predict(want.params, want.state, tasks, args_want))
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -263,10 +266,10 @@ def test_cli_synthetic(tmp_path, base):
     result = common.main(cml.Args, cml.make_algorithm, TINY + ["--base", base, "--out", str(tmp_path / "run")])
     assert result["status"] == "finished" and 0 <= result["test_acc_ensemble"] <= 1
     rows = metrics(tmp_path / "run")
-    assert len(rows) == 3 and all(float(rows[-1][name]) == float(rows[-1][name]) for name in cml.STATS)  # not NaN
+    assert len(rows) == 3 and all(float(rows[-1][name]) == float(rows[-1][name]) for name in STATS)  # not NaN
     saved = common.load_checkpoint(tmp_path / "run" / "last.pt")["params"]
     assert {n for n in saved if n.startswith(cml.COLEARNER)} == set(cml.colearner_init(
-        {n: p for n, p in saved.items() if not n.startswith(cml.COLEARNER)}, torch.Generator()))
+        {n: p for n, p in saved.items() if not n.startswith(cml.COLEARNER)}, torch.Generator(), 2))
 
 
 def test_cli_rejects_options_of_the_other_base(tmp_path):

@@ -3,7 +3,6 @@ per-task loop, the explore and exploit updates, the schedule, the command line."
 import csv
 import math
 import signal
-from functools import partial
 
 import pytest
 import torch
@@ -35,17 +34,21 @@ def tiny_tasks(seed: int = 1, tasks: int = TASKS) -> common.Tasks:
 
 
 def fresh_state(seed: int = 0) -> dict:
-    return {"rng": torch.Generator().manual_seed(seed).get_state(), "epoch": -1, "steps": 0, "sums": {}}
+    return {"rng": torch.Generator().manual_seed(seed).get_state()}
+
+
+def tiny_args(use_vmap=False, **kwargs) -> lwdgh.Args:
+    return lwdgh.Args(inner_steps=STEPS, inner_lr=LR, vmap="on" if use_vmap else "off", **kwargs)
 
 
 def run_step(params, tasks, p_explore, state=None, epoch=0, use_vmap=False, first_order=False):
-    return lwdgh.meta_gradient(params, state or fresh_state(), tasks, epoch, explore_prob=lambda e: p_explore,
-                               inner_steps=STEPS, inner_lr=LR, first_order=first_order, use_vmap=use_vmap)
+    args = tiny_args(use_vmap, p_min=p_explore, p_max=p_explore, first_order=first_order)  # p_e = p_explore
+    return lwdgh.meta_gradient(params, state or fresh_state(), tasks, epoch, args)
 
 
 def maml_step(params, tasks):
-    return maml_gs.meta_gradient(params, {"ghat": None}, tasks, 0, inner_steps=STEPS, inner_lr=LR,
-                                 first_order=False, use_vmap=False)
+    return maml_gs.meta_gradient(params, {"ghat": None}, tasks, 0,
+                                 maml_gs.Args(inner_steps=STEPS, inner_lr=LR, gs=False, vmap="off"))
 
 
 def reference_task_loss(params, tasks, t):
@@ -85,10 +88,9 @@ def test_gci_and_weights_match_a_hand_computation():
 @pytest.mark.parametrize("use_vmap", [False, True], ids=["loop", "vmap"])
 def test_per_task_meta_gradients_match_an_independent_per_task_loop(use_vmap):
     params, tasks = tiny_params(), tiny_tasks()
-    task_grads, loss, _ = lwdgh.task_gradients(params, tasks, inner_steps=STEPS, inner_lr=LR, first_order=False,
-                                               use_vmap=use_vmap)
+    task_grads, loss, _ = lwdgh.task_gradients(params, tasks, tiny_args(use_vmap))
     want = reference_task_grads(params, tasks)
-    want_loss = sum(reference_task_loss(params, tasks, t) for t in range(TASKS)).detach()
+    want_loss = sum(reference_task_loss(params, tasks, t) for t in range(TASKS)).detach() / TASKS
     torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
     for t in range(TASKS):
         for name, g in task_grads.items():
@@ -98,8 +100,8 @@ def test_per_task_meta_gradients_match_an_independent_per_task_loop(use_vmap):
 @pytest.mark.parametrize("use_vmap", [False, True], ids=["loop", "vmap"])
 def test_recomputing_the_inner_steps_gives_the_same_per_task_meta_gradients(use_vmap):
     params, tasks = tiny_params(), tiny_tasks()
-    stored, recomputed = (lwdgh.task_gradients(params, tasks, inner_steps=STEPS, inner_lr=LR, first_order=False,
-                                               use_vmap=use_vmap, recompute=recompute) for recompute in (False, True))
+    stored, recomputed = (lwdgh.task_gradients(params, tasks, tiny_args(use_vmap, recompute=recompute))
+                          for recompute in (False, True))
     torch.testing.assert_close(recomputed[1], stored[1], rtol=1e-14, atol=0)
     for name, g in stored[0].items():
         torch.testing.assert_close(recomputed[0][name], g, rtol=1e-12, atol=1e-15, msg=name)
@@ -107,8 +109,7 @@ def test_recomputing_the_inner_steps_gives_the_same_per_task_meta_gradients(use_
 
 def test_per_task_meta_gradients_match_central_finite_differences():
     params, tasks = tiny_params(), tiny_tasks()
-    task_grads, _, _ = lwdgh.task_gradients(params, tasks, inner_steps=STEPS, inner_lr=LR, first_order=False,
-                                            use_vmap=False)
+    task_grads, _, _ = lwdgh.task_gradients(params, tasks, tiny_args())
     gen, eps = torch.Generator().manual_seed(3), 1e-6
     for name, p in params.items():
         direction = torch.randn(p.shape, generator=gen, dtype=DTYPE)
@@ -127,9 +128,8 @@ def test_identical_tasks_give_uniform_weights_and_exactly_the_maml_update():
     same = common.Tasks(*(x.expand(TASKS, *x.shape[1:]) for x in one))
     params = tiny_params()
     result = run_step(params, same, p_explore=0.0)  # exploit: the harmonised gradient
-    assert result.state["sums"]["explore_fraction"] == 0
-    torch.testing.assert_close(result.state["sums"]["weight_entropy"], torch.tensor(math.log(TASKS), dtype=DTYPE),
-                               rtol=1e-14, atol=0)
+    assert result.metrics["explore_fraction"] == 0
+    assert result.metrics["weight_entropy"] == pytest.approx(math.log(TASKS), rel=1e-14)
     for name, g in maml_step(params, same).grads.items():
         torch.testing.assert_close(result.grads[name], g, rtol=1e-12, atol=1e-15, msg=name)
 
@@ -139,7 +139,7 @@ def test_explore_steps_use_the_plain_mean_and_exploit_steps_the_harmonised_gradi
     explore, exploit, maml = run_step(params, tasks, 1.0), run_step(params, tasks, 0.0), maml_step(params, tasks)
     harmonised, _ = lwdgh.harmonise({name: torch.stack([g[name] for g in reference_task_grads(params, tasks)])
                                      for name in params})
-    assert explore.state["sums"]["explore_fraction"] == 1 and exploit.state["sums"]["explore_fraction"] == 0
+    assert explore.metrics["explore_fraction"] == 1 and exploit.metrics["explore_fraction"] == 0
     for name in params:
         torch.testing.assert_close(explore.grads[name], maml.grads[name], rtol=1e-12, atol=1e-15, msg=name)
         torch.testing.assert_close(exploit.grads[name], harmonised[name], rtol=1e-9, atol=1e-12, msg=name)
@@ -153,32 +153,27 @@ def test_explore_draws_come_from_the_state_generator_not_the_global_rng():
     def decisions():
         state, out = fresh_state(), []
         for _ in range(draws):
-            state = run_step(params, tasks, p, state).state
-            out.append(state["sums"]["explore_fraction"].item())
+            result = run_step(params, tasks, p, state)
+            state = result.state
+            out.append(result.metrics["explore_fraction"])
         return out, state
     torch.manual_seed(0)
     first, state = decisions()
     global_rng = torch.get_rng_state()
     torch.manual_seed(12345)
     second, _ = decisions()
-    assert first == second and 0 < first[-1] < draws  # both kinds of step occur
+    assert first == second and 0 < sum(first) < draws  # both kinds of step occur
     gen = torch.Generator().manual_seed(0)
     want = [float(torch.rand((), generator=gen).item() < p) for _ in range(draws)]
-    assert [b - a for a, b in zip([0.0] + first, first)] == want
+    assert first == want
     torch.manual_seed(0)
     decisions()
     assert torch.equal(torch.get_rng_state(), global_rng)  # no draw from the global RNG
-    assert state["steps"] == draws
 
 
-def test_epoch_statistics_are_means_over_the_epoch_and_restart_with_a_new_epoch():
+def test_conflict_numbers_of_a_step():
     params, tasks = tiny_params(), tiny_tasks(tasks=2)
-    state = run_step(params, tasks, 1.0, epoch=0).state
-    state = run_step(params, tasks, 0.0, epoch=0, state=state).state
-    assert state["steps"] == 2 and lwdgh.scalars(params, state)["explore_fraction"] == 0.5
-    state = run_step(params, tasks, 0.0, epoch=1, state=state).state
-    numbers = lwdgh.scalars(params, state)
-    assert state["steps"] == 1 and numbers["explore_fraction"] == 0.0
+    numbers = run_step(params, tasks, 0.0).metrics
     # GCI w.r.t. ḡ is the smallest over all reference directions (Cauchy–Schwarz): g_u never beats it.
     assert 0 < numbers["gci_mean"] <= numbers["gci_harmonised"]
     assert 0 < numbers["weight_entropy"] <= math.log(2)
@@ -186,13 +181,16 @@ def test_epoch_statistics_are_means_over_the_epoch_and_restart_with_a_new_epoch(
 
 @pytest.mark.parametrize("schedule", ["cosine", "fixed"])
 def test_explore_probability_at_0_half_E_E_and_after(schedule):
-    p = partial(lwdgh.explore_probability, transition_epoch=10, p_min=0.1, p_max=0.9, schedule=schedule)
+    def p(epoch, epochs=100):  # E = 0.1 · 100 = 10
+        return lwdgh.explore_probability(epoch, lwdgh.Args(epochs=epochs, transition=0.1, p_min=0.1, p_max=0.9,
+                                                           schedule=schedule))
     middle = 0.5 if schedule == "cosine" else 0.9  # cosine: halfway between p_max and p_min at E/2
     assert p(0) == pytest.approx(0.9) and p(5) == pytest.approx(middle)
     assert p(10) == pytest.approx(0.1) and p(17) == pytest.approx(0.1)
     before = 0.1 + 0.4 * (1 + math.cos(math.pi * 0.2)) if schedule == "cosine" else 0.9
     assert p(2) == pytest.approx(before)
-    assert lwdgh.explore_probability(0, transition_epoch=0, p_min=0.1, p_max=0.9, schedule=schedule) == 0.1
+    assert p(0, epochs=4) == 0.1  # E = round(0.4) = 0: p_min from the start
+    assert lwdgh.explore_probability(0, lwdgh.Args(p_min=0.1, p_max=0.9, ee=False)) == 0.0  # --no-ee: never
 
 
 TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--filters", "8", "--tasks", "2",
@@ -255,9 +253,9 @@ def test_evaluation_adapts_with_the_test_inner_steps():
     x_s, x_q = (torch.randn(2, WAYS * n, 1, 16, 16, generator=gen) for n in (SHOTS, QUERIES))
     tasks = common.Tasks(x_s, torch.arange(WAYS).repeat_interleave(SHOTS).repeat(2, 1),
                          x_q, torch.arange(WAYS).repeat_interleave(QUERIES).repeat(2, 1))
-    logits = algorithm.predict(algorithm.params, algorithm.state, tasks)
+    logits = algorithm.predict(algorithm.params, algorithm.state, tasks, args)
     def adapted(steps):
-        return lwdgh.predict(algorithm.params, algorithm.state, tasks, inner_steps=steps, inner_lr=LR, use_vmap=False)
+        return lwdgh.predict(algorithm.params, algorithm.state, tasks, lwdgh.Args(test_inner_steps=steps, inner_lr=LR))
     torch.testing.assert_close(logits, adapted(3), rtol=0, atol=0)
     assert not torch.allclose(logits, adapted(1))
 

@@ -76,11 +76,15 @@ def stored_ghat(params: dict, per_step_bn: bool = True, seed: int = 2) -> list[d
     return ghat
 
 
+def tiny_args(use_vmap=False, module=mamlpp_gs, **kwargs):
+    return module.Args(inner_steps=STEPS, inner_lr=LR, vmap="on" if use_vmap else "off", **kwargs)
+
+
 def run_step(params, ghat, tasks, epoch=0, per_step_bn=True, first_order_epochs=0, clip_grad=0.0, use_vmap=False,
              recompute=False):
-    return mamlpp_gs.meta_gradient(params, {"ghat": ghat}, tasks, epoch, inner_steps=STEPS, inner_lr=LR,
-                                   per_step_bn=per_step_bn, msl_epochs=MSL_EPOCHS, first_order_epochs=first_order_epochs,
-                                   clip_grad=clip_grad, use_vmap=use_vmap, recompute=recompute)
+    args = tiny_args(use_vmap, per_step_bn=per_step_bn, msl_epochs=MSL_EPOCHS, first_order_epochs=first_order_epochs,
+                     clip_grad=clip_grad, recompute=recompute, lslr=any(n.startswith(mamlpp_gs.LSLR) for n in params))
+    return mamlpp_gs.meta_gradient(params, {"ghat": ghat}, tasks, epoch, args)
 
 
 def reference_adapt(params, ghat, x_s, y_s, per_step_bn=True, first_order=False, meta_test=False):
@@ -223,15 +227,19 @@ def test_meta_gradient_matches_central_finite_differences(gs, later):
 
 def test_msl_weights_at_epochs_0_7_and_15_on():
     # K = 5, 15 MSL epochs: start 1/5, non-final decay (1/5)/15 per epoch, final growth 4·(1/5)/15 per epoch.
-    assert mamlpp_gs.msl_weights(0, 5, 15) == pytest.approx([0.2] * 5)
-    assert mamlpp_gs.msl_weights(7, 5, 15) == pytest.approx([8 / 75] * 4 + [43 / 75])  # 0.2 − 7/75, 0.2 + 28/75
-    assert mamlpp_gs.msl_weights(14, 5, 15) == pytest.approx([1 / 75] * 4 + [71 / 75])
+    assert MSL(0, 5, 15) == pytest.approx([0.2] * 5)
+    assert MSL(7, 5, 15) == pytest.approx([8 / 75] * 4 + [43 / 75])  # 0.2 − 7/75, 0.2 + 28/75
+    assert MSL(14, 5, 15) == pytest.approx([1 / 75] * 4 + [71 / 75])
     for epoch in (15, 16, 100):
-        assert mamlpp_gs.msl_weights(epoch, 5, 15) is None  # the final step only
+        assert MSL(epoch, 5, 15) is None  # the final step only
     # The floor 0.03/K and the cap 1 − (K−1)·0.03/K bind late in a long schedule.
-    assert mamlpp_gs.msl_weights(99, 5, 100) == pytest.approx([0.006] * 4 + [0.976])
-    assert mamlpp_gs.msl_weights(0, 5, 0) is None  # --msl-epochs 0: MSL off
-    assert mamlpp_gs.msl_weights(0, 1, 15) == pytest.approx([1.0])
+    assert MSL(99, 5, 100) == pytest.approx([0.006] * 4 + [0.976])
+    assert MSL(0, 5, 0) is None  # --msl-epochs 0: MSL off
+    assert MSL(0, 1, 15) == pytest.approx([1.0])
+
+
+def MSL(epoch, inner_steps, msl_epochs):
+    return mamlpp_gs.msl_weights(epoch, mamlpp_gs.Args(inner_steps=inner_steps, msl_epochs=msl_epochs))
 
 
 def test_cosine_annealing_is_the_references_per_epoch_schedule():
@@ -240,12 +248,13 @@ def test_cosine_annealing_is_the_references_per_epoch_schedule():
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=min_outer_lr)
     for epoch in range(epochs):
         want = optimizer.param_groups[0]["lr"]
-        assert mamlpp_gs.cosine_lr(epoch, epochs=epochs, outer_lr=outer_lr, min_outer_lr=min_outer_lr) == pytest.approx(want)
+        args = mamlpp_gs.Args(epochs=epochs, outer_lr=outer_lr, min_outer_lr=min_outer_lr)
+        assert mamlpp_gs.cosine_lr(epoch, args) == pytest.approx(want)
         optimizer.step()
         scheduler.step()
     args = common.parse_args(mamlpp_gs.Args, ["--epochs", "10", "--outer-lr", "0.002", "--min-outer-lr", "0.0001"])
     algorithm = mamlpp_gs.make_algorithm(args, (1, 28, 28), torch.device("cpu"))
-    assert algorithm.outer_lr(0) == 0.002 and algorithm.outer_lr(5) == pytest.approx(0.00105)
+    assert algorithm.outer_lr(0, args) == 0.002 and algorithm.outer_lr(5, args) == pytest.approx(0.00105)
     args = common.parse_args(mamlpp_gs.Args, ["--no-cosine"])
     assert mamlpp_gs.make_algorithm(args, (1, 28, 28), torch.device("cpu")).outer_lr is None
 
@@ -265,16 +274,15 @@ def test_clip_grad_clamps_the_network_meta_gradients_only():
 def test_every_feature_off_is_exactly_maml(gs, later):
     params, tasks = tiny_params(gs=gs, per_step_bn=False, lslr=False), tiny_tasks()
     ghat = stored_ghat(params, per_step_bn=False) if (later and gs) else None
-    kwargs = dict(inner_steps=STEPS, inner_lr=LR, use_vmap=False)
+    ours = tiny_args(per_step_bn=False, lslr=False, msl_epochs=0, first_order_epochs=0, clip_grad=0.0, cosine=False)
     for epoch in (0, 20):
-        got = mamlpp_gs.meta_gradient(params, {"ghat": ghat}, tasks, epoch, per_step_bn=False, msl_epochs=0,
-                                      first_order_epochs=0, clip_grad=0.0, **kwargs)
-        want = maml_gs.meta_gradient(params, {"ghat": ghat}, tasks, epoch, first_order=False, **kwargs)
+        got = mamlpp_gs.meta_gradient(params, {"ghat": ghat}, tasks, epoch, ours)
+        want = maml_gs.meta_gradient(params, {"ghat": ghat}, tasks, epoch, tiny_args(module=maml_gs))
         assert torch.equal(got.loss, want.loss)
         for name in params:
             assert (got.grads[name] is None and want.grads[name] is None) or torch.equal(got.grads[name], want.grads[name]), name
-    assert torch.equal(mamlpp_gs.predict(params, {"ghat": ghat}, tasks, per_step_bn=False, **kwargs),
-                       maml_gs.predict(params, {"ghat": ghat}, tasks, **kwargs))
+    assert torch.equal(mamlpp_gs.predict(params, {"ghat": ghat}, tasks, ours),
+                       maml_gs.predict(params, {"ghat": ghat}, tasks, tiny_args(module=maml_gs)))
 
 
 def image_tasks(size: int = 28) -> common.Tasks:
@@ -293,14 +301,17 @@ def test_every_flag_off_is_the_maml_configuration(gs):
     assert list(ours.params) == list(maml.params) and ours.outer_lr is None
     assert all(torch.equal(ours.params[n], maml.params[n]) for n in maml.params)
     tasks, state_ours, state_maml = image_tasks(), ours.state, maml.state
+    args_ours, args_maml = common.parse_args(mamlpp_gs.Args, argv + OFF), common.parse_args(maml_gs.Args, argv)
     for epoch in range(2):  # the first iteration stores ĝ; the second uses it
-        got = ours.meta_gradient(ours.params, state_ours, tasks, epoch)
-        want = maml.meta_gradient(maml.params, state_maml, tasks, epoch)
+        got = ours.meta_gradient(ours.params, state_ours, tasks, epoch, args_ours)
+        want = maml.meta_gradient(maml.params, state_maml, tasks, epoch, args_maml)
         assert torch.equal(got.loss, want.loss)
         assert all((want.grads[n] is None and got.grads[n] is None) or torch.equal(got.grads[n], want.grads[n])
                    for n in maml.params)
+        assert got.metrics == want.metrics
         state_ours, state_maml = got.state, want.state
-    assert torch.equal(ours.predict(ours.params, state_ours, tasks), maml.predict(maml.params, state_maml, tasks))
+    assert torch.equal(ours.predict(ours.params, state_ours, tasks, args_ours),
+                       maml.predict(maml.params, state_maml, tasks, args_maml))
 
 
 def test_make_algorithm_builds_per_step_bn_and_lslr():
@@ -313,14 +324,13 @@ def test_make_algorithm_builds_per_step_bn_and_lslr():
     assert all(params[n].shape == (4, FILTERS) for n in bn)  # K + 1 rows
     assert bool((params["bn2.weight"] == 1).all()) and bool((params["bn2.bias"] == 0).all())
     assert all(params[mamlpp_gs.LSLR + n].tolist() == [0.25] * 3 for n in adapted)
-    assert algorithm.scalars(params, algorithm.state) == {"sigma_m": 0.5, "sigma_lambda": 0.5,
-                                                          "lslr_mean": pytest.approx(0.25)}
+    result = algorithm.meta_gradient(params, algorithm.state, image_tasks(), 0, args)
+    assert result.metrics == {"sigma_m": 0.5, "sigma_lambda": 0.5, "lslr_mean": pytest.approx(0.25)}
     with torch.no_grad():
         params["lslr.head.bias"][2] += 1.3  # one rate of 10 tensors × 3 steps
-    assert algorithm.scalars(params, algorithm.state)["lslr_mean"] == pytest.approx(0.25 + 1.3 / 30)
-    with torch.no_grad():
-        params["lslr.head.bias"][2] -= 1.3
-    ghat = algorithm.meta_gradient(params, algorithm.state, image_tasks(), 0).state["ghat"]
+    assert algorithm.meta_gradient(params, algorithm.state, image_tasks(), 0, args).metrics["lslr_mean"] == \
+        pytest.approx(0.25 + 1.3 / 30)
+    ghat = result.state["ghat"]
     assert len(ghat) == 3 and all(set(ghat_k) == set(adapted) for ghat_k in ghat)  # ĝ spans the adapted tensors only
     norm = math.sqrt(sum(float(v.double().square().sum()) for v in ghat[0].values()))
     assert norm == pytest.approx(1.0, rel=1e-5)
@@ -330,14 +340,13 @@ def test_predict_adapts_with_lslr_per_step_bn_and_the_stored_ghat_and_never_chan
     params, tasks = tiny_params(), tiny_tasks(seed=5)
     state = {"ghat": stored_ghat(params)}
     before = [{n: v.clone() for n, v in ghat_k.items()} for ghat_k in state["ghat"]]
-    kwargs = dict(inner_steps=STEPS, inner_lr=LR, per_step_bn=True, use_vmap=False)
-    logits = mamlpp_gs.predict(params, state, tasks, **kwargs)
+    logits = mamlpp_gs.predict(params, state, tasks, tiny_args())
     net = reference_adapt(params, state["ghat"], tasks.x_s, tasks.y_s, first_order=True, meta_test=True)
     want = torch.stack([common.conv4_forward(net(t, STEPS), tasks.x_q[t]) for t in range(TASKS)])
     torch.testing.assert_close(logits, want.detach(), rtol=1e-10, atol=1e-12)
     for old, new in zip(before, state["ghat"]):
         assert all(torch.equal(old[n], new[n]) for n in old)
-    torch.testing.assert_close(mamlpp_gs.predict(params, state, tasks, **{**kwargs, "use_vmap": True}), logits,
+    torch.testing.assert_close(mamlpp_gs.predict(params, state, tasks, tiny_args(use_vmap=True)), logits,
                                rtol=1e-12, atol=1e-12)
 
 
@@ -358,8 +367,7 @@ def test_synthetic_run(tmp_path, flags):
     assert ("sigma_m" in rows[0]) == ("--gs" in flags) and ("lslr_mean" in rows[0]) == ("--no-lslr" not in flags)
     # The loop set the outer lr of the last epoch from the cosine schedule (or left --outer-lr without it).
     lr = common.load_checkpoint(tmp_path / "run" / "last.pt")["optimizer"]["param_groups"][0]["lr"]
-    assert lr == (1e-3 if "--no-cosine" in flags else pytest.approx(mamlpp_gs.cosine_lr(1, epochs=2, outer_lr=1e-3,
-                                                                                       min_outer_lr=1e-5)))
+    assert lr == (1e-3 if "--no-cosine" in flags else pytest.approx(mamlpp_gs.cosine_lr(1, mamlpp_gs.Args(epochs=2))))
 
 
 def test_omniglot_small(tmp_path, shared_data):
