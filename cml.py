@@ -90,7 +90,7 @@ class Args(common.Args):
     clip_grad: float = 0.0
     """mamlpp base: clamp each meta-gradient element of the network to ±this value; 0: off"""
     recompute: bool = False
-    """gradient checkpointing: recompute each inner step but the last in the backward pass; less memory, more time"""
+    """gradient checkpointing: recompute the query pass and each inner step but the last in the backward pass"""
 
     def check(self) -> list[str]:
         problems = super().check()
@@ -246,10 +246,12 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
     loss_meta = 0.0
     for j, weight in enumerate(weights, start=1):
         if j == args.inner_steps:  # at θ_{t,K} the co-learner reads the same z: (tasks, N_q, 2·ways)
-            both = common.forward_tasks(forward_at(bn, j, both_heads(phi)), trajectory[j], tasks.x_q, args.vmap == "on")
+            both = common.forward_tasks(forward_at(bn, j, both_heads(phi)), trajectory[j], tasks.x_q,
+                                        args.vmap == "on", args.recompute)
             logits, co_logits = both.chunk(2, dim=-1)
         elif weight:
-            logits = common.forward_tasks(forward_at(bn, j), trajectory[j], tasks.x_q, args.vmap == "on")
+            logits = common.forward_tasks(forward_at(bn, j), trajectory[j], tasks.x_q, args.vmap == "on",
+                                          args.recompute)
         if weight:
             step_loss, acc = common.query_loss(logits, tasks.y_q)  # acc: at θ_{t,K}, the last step
             loss_meta = loss_meta + weight * step_loss

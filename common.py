@@ -47,6 +47,7 @@ from typing import Callable, Iterator, Literal, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from PIL import Image
 from torchvision.datasets import Omniglot
 from torchvision.datasets.utils import calculate_md5, download_url
@@ -770,17 +771,22 @@ def conv4_forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Ten
     return F.linear(x.flatten(1), params["head.weight"], params["head.bias"])
 
 
-def forward_tasks(forward: Callable, params: dict[str, torch.Tensor], x: torch.Tensor, use_vmap: bool) -> torch.Tensor:
+def forward_tasks(forward: Callable, params: dict[str, torch.Tensor], x: torch.Tensor, use_vmap: bool,
+                  recompute: bool = False) -> torch.Tensor:
     """Run `forward` for every task: params (tasks, ...) per tensor, x (tasks, N, C, H, W) -> (tasks, N, ways).
 
     With use_vmap the tasks go through one batched forward (torch.func.vmap: grouped convolutions,
     fastest on a GPU); otherwise through a Python loop over tasks, which is faster on a CPU.
-    Both give the same values and gradients (tested).
+    Both give the same values and gradients (tested). recompute: gradient checkpointing
+    (torch.utils.checkpoint): the activations are not stored but recomputed in the backward pass, on the
+    loop path one task at a time, so that the backward holds one task's activations, not every task's.
     """
+    def run(fn: Callable, *inputs):
+        return torch.utils.checkpoint.checkpoint(fn, *inputs, use_reentrant=False) if recompute else fn(*inputs)
     if use_vmap:
-        return torch.func.vmap(forward)(params, x)
+        return run(torch.func.vmap(forward), params, x)
     per_task = {name: p.unbind(0) for name, p in params.items()}
-    return torch.stack([forward({name: p[t] for name, p in per_task.items()}, x[t]) for t in range(x.shape[0])])
+    return torch.stack([run(forward, {name: p[t] for name, p in per_task.items()}, x[t]) for t in range(x.shape[0])])
 
 
 def support_grads(forward: Callable, fast: dict[str, torch.Tensor], x_s: torch.Tensor, y_s: torch.Tensor, *,
@@ -1084,6 +1090,11 @@ def tensorboard_writer(run_dir: Path):
     return SummaryWriter(log_dir=str(run_dir))
 
 
+def for_device(args: Args, device: torch.device) -> Args:
+    """args with --vmap auto decided for device: vmap over tasks on a GPU, a loop over tasks on a CPU (faster there)."""
+    return replace(args, vmap="on" if device.type == "cuda" else "off") if args.vmap == "auto" else args
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1161,8 +1172,7 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
     validation tasks, a checkpoint, a metrics.csv row. At the end: the top-`ensemble` checkpoints' meta-test.
     """
     device = pick_device(args.device)
-    if args.vmap == "auto":  # vmap over tasks on a GPU; a loop over tasks on a CPU, where it is faster (make bench)
-        args = replace(args, vmap="on" if device.type == "cuda" else "off")
+    args = for_device(args, device)
     torch.manual_seed(args.seed)
     progress = Progress(args.quiet, args.epochs, args.iters_per_epoch)
     try:

@@ -81,7 +81,7 @@ class Args(common.Args):
     first_order: bool = False
     """first-order approximation: no gradient through the inner-loop gradients"""
     recompute: bool = False
-    """gradient checkpointing: recompute each inner step but the last in the backward pass; less memory, more time"""
+    """gradient checkpointing: recompute the query pass and each inner step but the last in the backward pass"""
 
     def check(self) -> list[str]:
         problems = super().check()
@@ -142,7 +142,7 @@ def inner_loop(fast: dict[str, torch.Tensor], x_s: torch.Tensor, y_s: torch.Tens
 
     x_s (tasks, ways*shots, C, H, W), y_s (tasks, ways*shots). Returns θ_{t,K}, (tasks, ...) per tensor.
     --recompute: torch.utils.checkpoint keeps only the inputs of steps 1..K-1 and recomputes each step in
-    the backward pass; step K, the first the backward needs, stays stored.
+    the backward pass; step K, the first the backward needs, stays stored (the query pass: forward_tasks).
     """
     for k in range(inner_steps):
         if args.recompute and k < inner_steps - 1:
@@ -159,7 +159,8 @@ def task_gradients(params: dict[str, torch.Tensor], tasks: common.Tasks, args: A
     # θ_{t,0}: one copy of θ per task, (tasks, ...) leaves, so that the backward keeps the tasks' gradients apart.
     copies = {name: p.detach().expand(num_tasks, *p.shape).clone().requires_grad_() for name, p in params.items()}
     fast = inner_loop(copies, tasks.x_s, tasks.y_s, args, args.inner_steps, create_graph=not args.first_order)
-    logits = common.forward_tasks(common.conv4_forward, fast, tasks.x_q, args.vmap == "on")  # (tasks, N_q, ways)
+    logits = common.forward_tasks(common.conv4_forward, fast, tasks.x_q, args.vmap == "on",
+                                  args.recompute)  # (tasks, ways*queries, ways)
     # Σ_t L_t^query, each L_t the mean over task t's queries: row t of its gradient w.r.t. the copies is g_t.
     total = F.cross_entropy(logits.flatten(0, 1), tasks.y_q.flatten(), reduction="sum") / tasks.y_q.shape[1]
     task_grads = dict(zip(copies, torch.autograd.grad(total, list(copies.values()))))

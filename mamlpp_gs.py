@@ -87,7 +87,7 @@ class Args(common.Args):
     clip_grad: float = 0.0
     """clamp each meta-gradient element of the network to ±this value; 0: off"""
     recompute: bool = False
-    """gradient checkpointing: recompute each inner step but the last in the backward pass; less memory, more time"""
+    """gradient checkpointing: recompute the query pass and each inner step but the last in the backward pass"""
 
     def check(self) -> list[str]:
         problems = super().check()
@@ -173,7 +173,7 @@ def inner_loop(theta: dict[str, torch.Tensor], bn: dict[str, torch.Tensor], lslr
     Returns the trajectory [θ_{t,0}, ..., θ_{t,K}] (MSL needs every step), each a dict of (tasks, ...)
     tensors, and with share=True the new ĝ (still attached to the graph: m gets its gradient there).
     --recompute: torch.utils.checkpoint keeps only the inputs of steps 1..K-1 and recomputes each step in
-    the backward pass; step K, the first the backward needs, stays stored.
+    the backward pass; step K, the first the backward needs, stays stored (the query pass: forward_tasks).
     """
     fast = {name: p.expand(x_s.shape[0], *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
     trajectory, new_ghat = [fast], []
@@ -216,7 +216,8 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
     loss = 0.0
     for j, weight in enumerate(weights, start=1):
         if weight:
-            logits = common.forward_tasks(forward_at(bn, j), trajectory[j], tasks.x_q, args.vmap == "on")
+            logits = common.forward_tasks(forward_at(bn, j), trajectory[j], tasks.x_q, args.vmap == "on",
+                                          args.recompute)
             step_loss, acc = common.query_loss(logits, tasks.y_q)  # acc: at θ_{t,K}, the last step
             loss = loss + weight * step_loss
     grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)))

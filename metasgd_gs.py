@@ -60,7 +60,7 @@ class Args(common.Args):
     first_order: bool = False
     """first-order approximation: no gradient through the inner-loop gradients"""
     recompute: bool = False
-    """gradient checkpointing: recompute each inner step but the last in the backward pass; less memory, more time"""
+    """gradient checkpointing: recompute the query pass and each inner step but the last in the backward pass"""
 
     def check(self) -> list[str]:
         problems = super().check()
@@ -126,7 +126,7 @@ def inner_loop(theta: dict[str, torch.Tensor], alpha: dict, m: torch.Tensor | No
     (tasks, ...), and with share=True the new ĝ (still attached to the graph: m gets its gradient there).
     alpha: a learning rate per θ tensor, of its shape (a float when fixed).
     --recompute: torch.utils.checkpoint keeps only the inputs of steps 1..K-1 and recomputes each step in
-    the backward pass; step K, the first the backward needs, stays stored.
+    the backward pass; step K, the first the backward needs, stays stored (the query pass: forward_tasks).
     """
     fast = {name: p.expand(x_s.shape[0], *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
     new_ghat = []
@@ -147,7 +147,8 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
     fast, ghat = inner_loop(theta, alpha, m, lam, state["ghat"], tasks.x_s, tasks.y_s, args, share=True,
                             create_graph=not args.first_order)
     # (1/T) Σ_t L_t^query(θ_{t,K}) and its gradient w.r.t. every meta-parameter, through the inner loop
-    logits = common.forward_tasks(common.conv4_forward, fast, tasks.x_q, args.vmap == "on")  # (tasks, N_q, ways)
+    logits = common.forward_tasks(common.conv4_forward, fast, tasks.x_q, args.vmap == "on",
+                                  args.recompute)  # (tasks, ways*queries, ways)
     loss, acc = common.query_loss(logits, tasks.y_q)
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)  # m: None on the first iteration
     metrics = {}

@@ -1,20 +1,17 @@
 """The GPU paths compute what the CPU loop path computes.
 
-On CUDA every algorithm file's default (--vmap auto) runs the tasks of a batch through one vmap-ed forward,
-max-pools with F.max_pool2d and samples its tasks in device memory. The CUDA cases skip without a GPU;
+On CUDA every algorithm file's default (--vmap auto) runs the tasks of a batch through one vmap-ed forward
+and samples its tasks in device memory; the operations are the CPU's (F.conv2d, F.batch_norm, F.relu,
+F.max_pool2d). The CUDA cases skip without a GPU;
 run them where one is (`pytest tests/test_device.py`). The CPU cases run the same comparison on the CPU's
 vmap path, so that every check here also runs, and can fail, on a machine without a GPU.
 """
-import sys
-from pathlib import Path
+import importlib
 
 import pytest
 import torch
 
 import common
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import bench  # noqa: E402
 
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 WAYS, SHOTS, QUERIES, TASKS, FILTERS, STEPS, LR = 3, 2, 2, 3, 4, 2, 0.4
@@ -40,8 +37,21 @@ def tiny_tasks(device: str) -> common.Tasks:
 def build(label: str, device: str):
     """(algorithm, one-meta-iteration function, tasks) of the file as its command line builds it on device."""
     tasks = tiny_tasks(device)
-    algorithm, step = bench.algorithm_step(f"{label} --malloc default", tasks, SHAPE, WAYS, torch.device(device),
-                                           filters=FILTERS, inner_steps=STEPS, inner_lr=LR, dtype=DTYPE)
+    file, *flags = label.split()
+    module = importlib.import_module(file.removesuffix(".py"))
+    argv = flags + ["--ways", str(WAYS), "--shots", str(SHOTS), "--queries", str(QUERIES), "--tasks", str(TASKS),
+                    "--filters", str(FILTERS), "--inner-steps", str(STEPS), "--inner-lr", str(LR)]
+    args = common.for_device(common.parse_args(module.Args, argv + ["--device", device]), torch.device(device))
+    algorithm = module.make_algorithm(args, SHAPE, torch.device(device))
+    algorithm.params = {n: p.detach().to(DTYPE).requires_grad_() for n, p in algorithm.params.items()}
+    state = algorithm.state
+
+    def step() -> common.StepResult:
+        nonlocal state
+        result = algorithm.meta_gradient(algorithm.params, state, tasks, 0, args)
+        state = result.state
+        return result
+    algorithm.args = args
     return algorithm, step, tasks
 
 
@@ -52,9 +62,9 @@ def test_the_device_path_gives_the_cpu_loop_paths_meta_gradients_and_predictions
     algorithm, step, tasks = build(f"{label} {flags}", device)
     for name, p in loop_algorithm.params.items():  # the same θ (and m, λ, ...) from the seed on every device
         torch.testing.assert_close(algorithm.params[name].detach().cpu(), p.detach(), rtol=0, atol=0, msg=name)
-    torch.testing.assert_close(algorithm.predict(algorithm.params, algorithm.state, tasks).detach().cpu(),
-                               loop_algorithm.predict(loop_algorithm.params, loop_algorithm.state, loop_tasks).detach(),
-                               rtol=1e-9, atol=1e-12)
+    got = algorithm.predict(algorithm.params, algorithm.state, tasks, algorithm.args)
+    want = loop_algorithm.predict(loop_algorithm.params, loop_algorithm.state, loop_tasks, loop_algorithm.args)
+    torch.testing.assert_close(got.detach().cpu(), want.detach(), rtol=1e-9, atol=1e-12)
     for iteration in range(META_ITERATIONS):
         expected, got = loop_step(), step()
         torch.testing.assert_close(got.loss.cpu(), expected.loss, rtol=1e-9, atol=1e-12)
@@ -65,9 +75,11 @@ def test_the_device_path_gives_the_cpu_loop_paths_meta_gradients_and_predictions
                                            msg=f"{name}, meta-iteration {iteration}")
 
 
-@NO_CUDA
 def test_the_default_on_cuda_is_the_vmap_path():
-    assert common.use_vmap("auto", torch.device("cuda")) and not common.use_vmap("auto", torch.device("cpu"))
+    args = common.Args()
+    assert common.for_device(args, torch.device("cuda")).vmap == "on"
+    assert common.for_device(args, torch.device("cpu")).vmap == "off"
+    assert common.for_device(common.Args(vmap="on"), torch.device("cpu")).vmap == "on"
 
 
 def synthetic_split(device: str) -> common.Split:

@@ -28,8 +28,8 @@ def test_divergence_after_some_epochs_still_reports_the_best_checkpoints(tmp_pat
     calls = []
 
     def poisoned(original):
-        def step(params, state, tasks, epoch):
-            result = original(params, state, tasks, epoch)
+        def step(params, state, tasks, epoch, args):
+            result = original(params, state, tasks, epoch, args)
             calls.append(1)
             if len(calls) > 3:  # epoch 1 (3 iterations) trains, then every step is NaN
                 return result._replace(loss=torch.tensor(float("nan")))

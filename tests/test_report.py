@@ -7,6 +7,7 @@ common.run builds them (program, algorithm, every Args field, out, resume, torch
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import subprocess
@@ -268,8 +269,13 @@ def test_only_found_cli_for_a_scaled_down_grid(runs, tmp_path):
                                                                 "sigma_omniglot_5w_lr0.1.png"}
 
 
-def test_report_reads_the_columns_the_algorithms_write():
+def test_report_reads_the_columns_the_algorithms_write(tmp_path):
     """The metrics.csv columns the report plots are those the algorithm files log."""
     import cml
-    assert set(report.CML_LOSSES) - {"train_loss"} <= set(cml.STATS) and "grad_cos" in cml.STATS
-    assert report.LWDGH_GCI in lwdgh.STATS
+    tiny = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--filters", "4", "--tasks", "2", "--ways", "3",
+            "--queries", "2", "--inner-steps", "1", "--epochs", "1", "--iters-per-epoch", "1", "--val-tasks", "2",
+            "--test-tasks", "2", "--ensemble", "1", "--quiet"]
+    for module, wanted in ((cml, set(report.CML_LOSSES) | {"grad_cos"}), (lwdgh, {report.LWDGH_GCI})):
+        common.main(module.Args, module.make_algorithm, tiny + ["--out", str(tmp_path / module.__name__)])
+        with open(tmp_path / module.__name__ / "metrics.csv", newline="") as f:
+            assert wanted <= set(next(csv.DictReader(f))), module.__name__
