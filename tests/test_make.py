@@ -14,10 +14,13 @@ EPOCHS = {("cub", 5): 150, ("cub", 1): 750, ("miniimagenet", 5): 250, ("miniimag
 
 
 def planned_runs(*targets: str, **variables: str) -> list[str]:
-    """The command that starts each new run in `make -n` (the branch after `else`)."""
-    out = subprocess.run(["make", "-n", *targets, *(f"{k}={v}" for k, v in variables.items())], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout
-    return re.findall(r"else\s+(.*?); fi", out)
+    """The command of each run the targets start. make runs them with RUNNER=echo (nothing trains), so each run
+    prints its command line; finished runs print "finished, skipped: ..." instead."""
+    runner = variables.pop("RUNNER", "")
+    variables = {"PY": "python", "RUNS": "runs", "RUNNER": f"echo {runner}".strip(), **variables}
+    out = subprocess.run(["make", "-s", "-o", "setup", *targets, *(f"{k}={v}" for k, v in variables.items())],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if not line.startswith("finished, skipped")]
 
 
 def test_table1_is_every_method_dataset_and_task_batch_with_and_without_sharing():
@@ -30,7 +33,7 @@ def test_table1_is_every_method_dataset_and_task_batch_with_and_without_sharing(
         tasks = int(re.search(r"--tasks (\d+)", command).group(1))
         gs = "--gs" in command.split()
         assert command.startswith("srun ") and "--data-root /data --device cuda" in command
-        assert "--ways 5 --shots 5" in command and f"--epochs {EPOCHS[dataset, tasks]}" in command
+        assert "--ways 5" in command and "--shots 5" in command and f"--epochs {EPOCHS[dataset, tasks]}" in command
         assert ("--clip-grad 10" in command) == (method == "mamlpp" and dataset == "miniimagenet")
         assert ("--no-gs" in command.split()) != gs
         seen.add((method, dataset, tasks, gs))
@@ -84,10 +87,10 @@ def test_figures_are_the_full_grid_of_figures_4_to_11_and_reuse_table1():
 
 
 def test_figure_panels_and_figure_groups():
-    panel = planned_runs("figure-metasgd-cub-1s-t1-lr1.0", SEEDS="1 2")
-    assert sorted(out_dir(c) for c in panel) == sorted(
-        f"runs/figures/metasgd_{side}__cub__5w1s__t1__lr1.0__{seed}" for side in ("og", "gs") for seed in (1, 2))
-    assert all("--inner-lr 1.0" in c for c in panel)
+    group = planned_runs("figures-cub-lr1.0", SEEDS="1 2")  # Figures 8 and 9
+    assert {out_dir(c) for c in group} >= {
+        f"runs/figures/metasgd_{side}__cub__5w1s__t1__lr1.0__{seed}" for side in ("og", "gs") for seed in (1, 2)}
+    assert len(group) == 2 * FIGURE_GRID // 4 and all("--inner-lr 1.0" in c for c in group)
     group = planned_runs("figures-miniimagenet-lr1.0")  # Figures 10 and 11
     assert len(group) == FIGURE_GRID // 4 and all("--dataset miniimagenet" in c and "--inner-lr 1.0" in c for c in group)
 
@@ -101,14 +104,24 @@ def docstring_commands(program: str) -> list[str]:
 def make_flags(command: str, program: str) -> tuple[str, str]:
     """(the flags before --seed, the seed) of a planned run of `program`."""
     found = re.search(rf"{re.escape(program)} (.+?) --seed (\d+) --data-root", command)
+    assert found, command
     return found.group(1), found.group(2)
+
+
+def assert_documented(program: str, runs: list[str]) -> None:
+    """Each `python <program> ...` example of the docstring is one of the runs (its flag-value pairs, in any order)."""
+    documented = docstring_commands(program)
+    assert documented
+    def pairs(flags: str) -> set[str]:
+        return set(re.findall(r"--[\w-]+(?: [^-\s]\S*)?", flags))
+    for example in documented:
+        assert any(pairs(example) <= pairs(make_flags(c, program)[0]) for c in runs), example
 
 
 def test_cml_runs_the_commands_of_its_docstring():
     runs = planned_runs("reproduce-cml", DATA="/data", DEVICE="cuda", RUNNER="srun")
-    documented = docstring_commands("cml.py")
-    assert len(documented) == 4 and len(runs) == 4
-    assert sorted(make_flags(c, "cml.py")[0] for c in runs) == sorted(documented)
+    assert len(runs) == 4
+    assert_documented("cml.py", runs)
     for command in runs:
         base, shots, tasks = flag(command, "--base"), flag(command, "--shots"), flag(command, "--tasks")
         assert command.startswith("srun ") and "--dataset miniimagenet" in command
@@ -121,9 +134,8 @@ LWDGH_VARIANTS = {"maml": "--p-min 1 --p-max 1", "lwdgh": "--no-ee", "lwdgh_ee":
 
 def test_lwdgh_runs_the_commands_of_its_docstring():
     runs = planned_runs("reproduce-lwdgh", DATA="/data", DEVICE="cuda", RUNNER="srun")
-    documented = docstring_commands("lwdgh.py")
-    assert len(documented) == 2 * 2 + 2 * 2 + 3 == len(runs)  # Table 1, Table 4 (MAML, +LWDGH+EE × 1/5-shot), Table 5
-    assert sorted(make_flags(c, "lwdgh.py")[0] for c in runs) == sorted(documented)
+    assert len(runs) == 2 * 2 + 2 * 2 + 3  # Table 1, Table 4 (MAML, +LWDGH+EE × 1/5-shot), Table 5
+    assert_documented("lwdgh.py", runs)
     tables = {"table1": ("miniimagenet", "300"), "table4": ("cub", "300"), "table5": ("miniimagenet", "20")}
     for command in runs:
         name = re.fullmatch(r"runs/lwdgh/(table\d)_(\w+?)__(\w+)__5w(\d)s__1", out_dir(command))
@@ -144,13 +156,14 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tmp_path):
     for run_dir, name in ((finished, "result.json"), (interrupted, "config.json")):
         run_dir.mkdir(parents=True)
         (run_dir / name).write_text("{}")
-    assert len(planned_runs("reproduce-cml", RUNS=str(tmp_path))) == 3  # the finished one is not even planned
+    assert len(planned_runs("reproduce-cml", RUNS=str(tmp_path))) == 3  # the finished one is not run
     done = subprocess.run(["make", "-s", "-j", "3", "-o", "setup", "reproduce-cml", f"RUNS={tmp_path}",
                            "PY=echo python"], cwd=REPO, capture_output=True, text=True, check=True)
-    lines = sorted(done.stdout.splitlines())
+    lines = sorted(line for line in done.stdout.splitlines() if not line.startswith("finished, skipped: "))
+    assert f"finished, skipped: {finished}" in done.stdout
     assert len(lines) == 3 and not any(str(finished) in line for line in lines)
     assert f"python cml.py --resume {interrupted} --device auto" in lines
-    assert sum(line.startswith("python cml.py --dataset miniimagenet --base mamlpp") for line in lines) == 2
+    assert sum(line.startswith("python cml.py --shots") and "--base mamlpp" in line for line in lines) == 2
     # A finished Table 1 run is skipped by reproduce-figures too (the same run directory).
     table1 = tmp_path / "table1" / "maml_og__cub__5w5s__t5__1"
     table1.mkdir(parents=True)
@@ -167,9 +180,10 @@ def test_reproduce_quick_is_the_table1_grid_on_omniglot_then_its_report(tmp_path
     """14 runs: every method × task batch {5, 1} × OG/GS at inner lr 0.1, and MAML/5 at 1.0; one thread each."""
     out = subprocess.run(["make", "-n", "reproduce-quick", "DATA=/data", "QUICK_JOBS=3", f"RUNS={tmp_path}"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
-    assert "OMP_NUM_THREADS=1 make -j 3 quick-runs" in out
+    assert re.search(r"OMP_NUM_THREADS=1 make -j 3 quick-maml-t5 .* quick-maml-t5-lr1.0", out)
     assert f"tools/report.py --runs {tmp_path}/quick --name quick --only-found" in out
-    runs = re.findall(r"else\s+(.*?); fi", out)
+    targets = re.search(r"make -j 3 (.*)", out).group(1).split()
+    runs = planned_runs(*targets, DATA="/data", RUNS=str(tmp_path))
     cells = set()
     for command in runs:
         method = re.search(r"(\w+)_gs\.py", command).group(1)
