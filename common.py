@@ -55,7 +55,7 @@ from torchvision.datasets.utils import calculate_md5, download_url
 # ---- Files ----
 
 def atomic_write(path: Path, write: Callable[[typing.BinaryIO], None]) -> None:
-    """write(f) into a temp file beside path, fsync, rename: a crash leaves the old file or the new one, never half of one."""
+    """write(f) into a temp file beside path, fsync, rename: a crash leaves the old file or the new one, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -208,7 +208,8 @@ def load_split(dataset: str, split: str, data_root: str | Path = "data", *, down
             print(f"cached {tuple(images.shape)} to {written}" if written else
                   f"warning: no writable cache folder among {[str(d) for d in dirs]}; converting again next time")
     channels = images.shape[1]
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if dataset in ("miniimagenet", "cub") else ((0.0,) * channels, (1.0,) * channels)
+    imagenet = dataset in ("miniimagenet", "cub")
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else ((0.0,) * channels, (1.0,) * channels)
     return Split(f"{source.variant}/{split}", images, torch.cumsum(count, 0) - count, count, names, mean, std)
 
 
@@ -306,7 +307,8 @@ def _decode_into(out: np.ndarray, source: Path, prefix: str, rows: dict[str, int
         raise _damaged(source, e) from e
     if len(done) != len(rows):
         missing = sorted(set(rows) - done)
-        raise DataError(f"{source}: {len(missing)} of {len(rows)} listed images are missing, e.g. {prefix}{missing[0]}; "
+        raise DataError(f"{source}: {len(missing)} of {len(rows)} listed images are missing, e.g. "
+                        f"{prefix}{missing[0]}; "
                         f"the data is incomplete (see {DOCS})")
 
 
@@ -390,7 +392,8 @@ def _locate_omniglot(root: Path, split: str, download: bool, _bbox: bool) -> _So
     else:
         raise _missing("omniglot", split, root, looked_for)
     return _Source(variant, folder, (1, OMNIGLOT_SIZE, OMNIGLOT_SIZE),
-                   lambda: _build_omniglot([folder / f"{z}.zip" for z in zips], [f"{z}/" for z in zips], variant, split))
+                   lambda: _build_omniglot([folder / f"{z}.zip" for z in zips], [f"{z}/" for z in zips], variant,
+                                           split))
 
 
 def _omniglot_split(variant: str, alphabet: str, character: str) -> str | None:
@@ -411,7 +414,8 @@ def _build_omniglot(zips: list[Path], prefixes: list[str], variant: str, split: 
     for z, (path, prefix) in enumerate(zip(zips, prefixes)):
         try:
             with zipfile.ZipFile(path) as archive:
-                members = sorted(n[len(prefix):] for n in archive.namelist() if n.startswith(prefix) and n.endswith(".png"))
+                members = sorted(n[len(prefix):] for n in archive.namelist()
+                                 if n.startswith(prefix) and n.endswith(".png"))
         except READ_ERRORS as e:
             raise _damaged(path, e) from e
         for member in members:
@@ -466,7 +470,8 @@ def _read_mini_pickle(path: Path, split: str, strict: bool = False):
         raise _damaged(path, e) from e
     data = {_text(k): v for k, v in data.items()} if isinstance(data, dict) else {}
     images, class_dict = data.get("image_data"), data.get("class_dict")
-    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8
+            and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3)
             and isinstance(class_dict, dict) and class_dict):
         raise DataError(f"{path}: expected a dict with 'image_data' uint8 (N, 84, 84, 3) and 'class_dict' "
                         f"{{wnid: [indices]}}; delete it and get the file by hand: {how}")
@@ -515,12 +520,14 @@ def _locate_mini(root: Path, split: str, download: bool, _bbox: bool) -> _Source
             return _Source("miniimagenet", folder, (3, IMAGE_SIZE, IMAGE_SIZE), lambda: _read_mini_csv(folder, split))
         looked_for.append(folder / split / "<wnid>" / "*.jpg")
         if (folder / split).is_dir():
-            return _Source("miniimagenet", folder, (3, IMAGE_SIZE, IMAGE_SIZE), lambda: _read_mini_folders(folder, split))
+            return _Source("miniimagenet", folder, (3, IMAGE_SIZE, IMAGE_SIZE),
+                           lambda: _read_mini_folders(folder, split))
     if not download:
         raise _missing("miniimagenet", split, root, looked_for)
     path = root / MINI_DIRS[0] / MINI_PICKLE.format(MINI_PICKLE_SPLITS[split][-1])
     _download(MINI_URLS[split], path, f"a pickle of {MINI_CLASSES[split]} classes x {MINI_PER_CLASS} images",
-              f"download one of {', '.join(MINI_URLS[split])}", check=lambda p: _read_mini_pickle(p, split, strict=True))
+              f"download one of {', '.join(MINI_URLS[split])}",
+              check=lambda p: _read_mini_pickle(p, split, strict=True))
     return _Source("miniimagenet", path.parent, (3, IMAGE_SIZE, IMAGE_SIZE), lambda: _read_mini_pickle(path, split))
 
 
@@ -551,7 +558,8 @@ def _build_cub(source: Path, prefix: str, split: str, bbox_crop: bool):
     except READ_ERRORS as e:
         raise _damaged(source, e) from e
     if set(meta) != wanted:
-        raise DataError(f"{source}: missing {prefix}{sorted(wanted - set(meta))[0]}; incomplete CUB-200-2011 (see {DOCS})")
+        raise DataError(f"{source}: missing {prefix}{sorted(wanted - set(meta))[0]}; "
+                        f"incomplete CUB-200-2011 (see {DOCS})")
     paths = dict(line.split() for line in meta["images.txt"] if line.strip())  # id -> "NNN.Class/file.jpg"
     by_class: dict[str, list[str]] = {}
     for path in sorted(paths.values()):
@@ -599,7 +607,8 @@ class Tasks(NamedTuple):
 
 
 @functools.lru_cache
-def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(C, 1, 1) mean and std on `device`, made once: no host-to-device copy per batch."""
     return (torch.tensor(mean, device=device).view(-1, 1, 1), torch.tensor(std, device=device).view(-1, 1, 1))
 
@@ -686,7 +695,7 @@ class TaskSampler:
                 return None
             except RuntimeError:  # a state of the other kind of generator, from a checkpoint without "device"
                 pass
-        self.generator.manual_seed(hash((self.seed, self.draws)) % 2 ** 63)  # ints and tuples: hashed alike in every run
+        self.generator.manual_seed(hash((self.seed, self.draws)) % 2 ** 63)  # ints, tuples: hashed alike in every run
         return (f"the run sampled its training tasks on {saved or 'another kind of device'} and this session on "
                 f"{here}: a generator's state fits only its own kind of device, so the tasks continue from a new "
                 f"stream (seeded from --seed and the {self.draws} batches drawn); the numbers will differ from an "
@@ -694,7 +703,7 @@ class TaskSampler:
 
 
 class EvalTasks:
-    """A fixed task set: indices drawn once on the CPU from `seed`, so identical on every device, epoch, run and method."""
+    """A fixed task set: indices drawn once on the CPU from `seed`: the same on every device, epoch, run and method."""
 
     def __init__(self, split: Split, ways: int, shots: int, queries: int, num_tasks: int, seed: int):
         _check_task_shape(split, ways, shots, queries, num_tasks)
@@ -871,7 +880,7 @@ class Args:
     quiet: bool = False
     """no progress line"""
     tensorboard: bool = False
-    """also write the per-epoch scalars as TensorBoard events into the run directory (needs `pip install tensorboard`)"""
+    """also write the per-epoch scalars as TensorBoard events into the run directory (pip install tensorboard)"""
 
     def check(self) -> list[str]:
         """Problems with the values, each saying what is expected (subclasses add their own)."""
@@ -911,7 +920,8 @@ def _field_docs(cls: type) -> dict[str, str]:
             continue
         body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
         for node, after in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) \
+                    and isinstance(after.value, ast.Constant):
                 docs[node.target.id] = str(after.value.value)
     return docs
 
@@ -1134,10 +1144,12 @@ def resumed_args(args: Args) -> Args:
     given, default = dataclasses.asdict(args), dataclasses.asdict(type(args)())
     missing = sorted(set(given) - set(config) - set(RESUME_FREE))  # a newer RESUME_FREE flag changes no result
     if missing:
-        raise SystemExit(f"error: {args.resume} was made without the arguments {missing}: another version of the program")
+        raise SystemExit(f"error: {args.resume} was made without the arguments {missing}: "
+                         "another version of the program")
     clash = [k for k in given if k not in RESUME_FREE and given[k] != default[k] and given[k] != config[k]]
     if clash:
-        raise SystemExit(f"error: {args.resume} is a run with " + ", ".join(f"--{k.replace('_', '-')} {config[k]}" for k in clash)
+        raise SystemExit(f"error: {args.resume} is a run with "
+                         + ", ".join(f"--{k.replace('_', '-')} {config[k]}" for k in clash)
                          + "; resume it without changing those flags, or start a new run")
     return type(args)(**{k: given[k] if k in RESUME_FREE or k not in config else config[k] for k in given})
 
@@ -1150,7 +1162,7 @@ def restore_params(params: dict[str, torch.Tensor], saved: dict, path: Path) -> 
             want = f"{tuple(have.shape)} {have.dtype}" if have is not None else "nothing"
             found = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, torch.Tensor) else repr(got)
             raise SystemExit(f"error: checkpoint {path} does not fit this run: parameter {name} is {found}, expected "
-                             f"{want}; it comes from another configuration (delete it, or resume the run it belongs to)")
+                             f"{want}; it comes from another configuration (delete it, or resume its own run)")
         have.data.copy_(got)
 
 
