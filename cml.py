@@ -109,9 +109,8 @@ class Args(common.Args):
         return problems
 
 
-BASE_ONLY = {"maml": ("first_order",),  # the flags that one base reads and the other rejects
-             "mamlpp": ("lslr", "per_step_bn", "msl_epochs", "first_order_epochs", "cosine", "min_outer_lr",
-                        "clip_grad")}
+BASE_ONLY = {"maml": ("first_order",), "mamlpp": ("lslr", "per_step_bn", "msl_epochs", "first_order_epochs",
+                                                  "cosine", "min_outer_lr", "clip_grad")}  # read by one base only
 LSLR = "lslr."  # lslr.<name>: the learned inner learning rates of adapted tensor <name>, one per step (K,)
 BN = "bn"  # Conv4's BatchNorm tensors bn{i}.weight and bn{i}.bias; per-step: (K+1, C), else (C,)
 MSL_FLOOR = 0.03  # MSL: each non-final weight falls to at least MSL_FLOOR / K (the reference's value)

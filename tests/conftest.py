@@ -32,7 +32,8 @@ OMNIGLOT_VAL = {"Armenian": 41, "Bengali": 46, "Early_Aramaic": 22, "Hebrew": 22
 OMNIGLOT_TEST = {"Kannada": 41, "Keble": 26, "Malayalam": 47, "Manipuri": 40, "Mongolian": 30,
                  "Old_Church_Slavonic_(Cyrillic)": 45, "Oriya": 46, "Sylheti": 28, "Syriac_(Serto)": 23,
                  "Tengwar": 25, "Tibetan": 42, "ULOG": 26}
-OMNIGLOT_SMALL = {"images_background_small1": {"Balinese": 24, "Early_Aramaic": 22, "Greek": 24, "Korean": 40, "Latin": 26},
+OMNIGLOT_SMALL = {"images_background_small1": {"Balinese": 24, "Early_Aramaic": 22, "Greek": 24, "Korean": 40,
+                                                "Latin": 26},
                   "images_background_small2": {"Greek": 24, "Japanese_(katakana)": 47, "Latin": 26, "Sanskrit": 42,
                                                "Tagalog": 17}}
 
@@ -98,7 +99,8 @@ def cub_class(i: int) -> str:
     return f"{i + 1:03d}.Bird_{i + 1}"
 
 
-def write_cub(root: Path, classes: int = 8, per_class: int = 3, tgz: bool = False, size: tuple[int, int] = (40, 30)) -> Path:
+def write_cub(root: Path, classes: int = 8, per_class: int = 3, tgz: bool = False,
+              size: tuple[int, int] = (40, 30)) -> Path:
     """CUB_200_2011/ (images.txt, classes.txt, image_class_labels.txt, bounding_boxes.txt, images/NNN.Name/*.jpg),
     or only CUB_200_2011.tgz holding it. Inside its box an image has class_color(c), outside it black."""
     folder = root / "CUB_200_2011"
@@ -152,7 +154,8 @@ def write_omniglot(folder: Path, drawings: int = 2) -> None:
     real validation/test alphabets (and Gurmukhi, 45 characters), made-up train alphabets filling the totals."""
     train_background = {f"Train_Background_{i:02d}": 44 for i in range(18)}  # 18 * 44 = 792 = 964 - 172
     train_evaluation = {f"Train_Evaluation_{i}": 39 for i in range(5)}  # 5 * 39 + 41 (Gurmukhi) = 236
-    _write_omniglot_zip(folder / "images_background.zip", "images_background", {**OMNIGLOT_VAL, **train_background}, drawings)
+    _write_omniglot_zip(folder / "images_background.zip", "images_background", {**OMNIGLOT_VAL, **train_background},
+                        drawings)
     _write_omniglot_zip(folder / "images_evaluation.zip", "images_evaluation",
                         {**OMNIGLOT_TEST, "Gurmukhi": 45, **train_evaluation}, drawings)
 

@@ -73,7 +73,8 @@ def test_gamma_zero_is_maml_bitwise():
     base = maml_gs.meta_gradient(net, {"ghat": None}, tasks, 0, tiny_args(maml_gs, gs=False))
     assert ours.metrics["loss_meta"] == base.loss.item() and torch.equal(ours.accuracy, base.accuracy)
     assert all(torch.equal(ours.grads[n], base.grads[n]) for n in net)
-    assert all(torch.equal(ours.grads[n], torch.zeros_like(p)) for n, p in params.items() if n.startswith(cml.COLEARNER))
+    assert all(torch.equal(ours.grads[n], torch.zeros_like(p)) for n, p in params.items()
+               if n.startswith(cml.COLEARNER))
 
 
 def test_gamma_zero_is_mamlpp_bitwise():
@@ -143,8 +144,8 @@ def test_finite_differences(part, base):
     # Direction seed 5: from these weights, seed 3's θ direction meets a max-pool switch in the inner loop within
     # 1e-6 (the adapted weights, hence the loss, jump there; the independent reference_loss jumps the same way).
     gen = torch.Generator().manual_seed(5)
-    direction = {n: torch.randn(p.shape, generator=gen, dtype=DTYPE) * (n.startswith(cml.COLEARNER) == (part == "colearner"))
-                 for n, p in params.items()}
+    direction = {n: torch.randn(p.shape, generator=gen, dtype=DTYPE)
+                 * (n.startswith(cml.COLEARNER) == (part == "colearner")) for n, p in params.items()}
     eps = 1e-6
     def loss_at(sign):
         with torch.no_grad():
@@ -230,7 +231,7 @@ BASE_FLAGS = {"maml": [], "mamlpp": ["--msl-epochs", "3", "--first-order-epochs"
 
 @pytest.mark.parametrize("base", ["maml", "mamlpp"])
 def test_make_algorithm_is_the_base_file_at_gamma_zero(base):
-    """cml.py's own copy of the base (init, meta-gradient, prediction, outer lr, scalars) is the base file's, bitwise."""
+    """cml.py's own copy of the base (init, meta-gradient, prediction, outer lr, metrics) is the base's, bitwise."""
     module = {"maml": maml_gs, "mamlpp": mamlpp_gs}[base]
     argv = ["--ways", str(WAYS), "--shots", str(SHOTS), "--queries", str(QUERIES), "--filters", str(FILTERS),
             "--epochs", "4"] + BASE_FLAGS[base]
@@ -274,7 +275,8 @@ def test_cli_synthetic(tmp_path, base):
 
 def test_cli_rejects_options_of_the_other_base(tmp_path):
     with pytest.raises(SystemExit):
-        common.main(cml.Args, cml.make_algorithm, TINY + ["--base", "maml", "--msl-epochs", "3", "--out", str(tmp_path)])
+        common.main(cml.Args, cml.make_algorithm,
+                    TINY + ["--base", "maml", "--msl-epochs", "3", "--out", str(tmp_path)])
 
 
 def test_cli_omniglot_small(tmp_path, shared_data):

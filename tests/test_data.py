@@ -108,13 +108,16 @@ def test_cub_folder_tgz_and_bbox(tmp_path, cache):
     check_splits(folder, (3, 84, 84), {"train": 4, "val": 2, "test": 2})  # Chen rule on 8 classes
     for s in common.SPLITS:
         assert torch.equal(folder[s].images, archive[s].images) and folder[s].class_names == archive[s].class_names
-    assert folder["val"].class_names == [cub_class(1), cub_class(5)] and folder["test"].class_names == [cub_class(3), cub_class(7)]
+    assert folder["val"].class_names == [cub_class(1), cub_class(5)]
+    assert folder["test"].class_names == [cub_class(3), cub_class(7)]
     cropped = load_all("cub", tmp_path / "archive", cache, bbox_crop=True)
     for s in common.SPLITS:  # the crop keeps only the class-coloured box; uncropped images are mostly black
         assert cropped[s].image_shape == (3, 84, 84)
-        colors = torch.tensor(np.stack([class_color(int(n[:3]) - 1) for n in cropped[s].class_names]), dtype=torch.float32)
+        colors = torch.tensor(np.stack([class_color(int(n[:3]) - 1) for n in cropped[s].class_names]),
+                              dtype=torch.float32)
         mean = cropped[s].images.float().mean((2, 3)).view(cropped[s].classes, -1, 3).mean(1)
-        assert (mean - colors).abs().max() < 12 and folder[s].images.float().mean() < 0.5 * cropped[s].images.float().mean()
+        assert (mean - colors).abs().max() < 12
+        assert folder[s].images.float().mean() < 0.5 * cropped[s].images.float().mean()
     assert len(list(cache.rglob("*.pt"))) == 9  # 3 splits x (folder, archive, archive + bbox): distinct cache files
 
 
@@ -173,13 +176,16 @@ def test_omniglot_vinyals_split(tmp_path, cache):
     check_splits(splits, (1, 28, 28), {"train": 4 * 1028, "val": 4 * 172, "test": 4 * 423})
     assert {n.split("/")[0] for n in splits["val"].class_names} == {
         "Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)"}
-    gurmukhi = {s: {n.split("/")[1] for n in split.class_names if n.startswith("Gurmukhi/")} for s, split in splits.items()}
+    gurmukhi = {s: {n.split("/")[1] for n in split.class_names if n.startswith("Gurmukhi/")}
+                for s, split in splits.items()}
     assert gurmukhi["test"] == {f"character{i}" for i in range(42, 46)} and len(gurmukhi["train"]) == 41
     split = splits["test"]
     c = split.class_names.index("Kannada/character01/rot000")
     assert split.class_names[c:c + 4] == [f"Kannada/character01/rot{r:03d}" for r in (0, 90, 180, 270)]
-    first = split.images[split.start[c]:split.start[c] + 8].view(4, 2, 28, 28)  # 2 drawings per class; the classes are rotations of each other
-    assert torch.equal(torch.rot90(first[0], 1, (1, 2)), first[1]) and torch.equal(torch.rot90(first[0], 2, (1, 2)), first[2])
+    # 2 drawings per class; the classes are rotations of each other
+    first = split.images[split.start[c]:split.start[c] + 8].view(4, 2, 28, 28)
+    assert torch.equal(torch.rot90(first[0], 1, (1, 2)), first[1])
+    assert torch.equal(torch.rot90(first[0], 2, (1, 2)), first[2])
     assert split.images.float().mean() < 128 and split.images.max() > 200  # white strokes on black
     assert split.mean == (0.0,) and split.std == (1.0,)
 
@@ -411,7 +417,8 @@ def test_synthetic_deterministic_disjoint_learnable():
     assert torch.equal(splits["val"].images, load_split("synthetic", "val", seed=0, **kwargs).images)
     assert not torch.equal(splits["val"].images, load_split("synthetic", "val", seed=1, **kwargs).images)
     means = {s: split.images.float().view(split.classes, 10, -1).mean(1) for s, split in splits.items()}
-    assert torch.cdist(means["train"], means["val"]).min() > 3 * torch.pdist(splits["val"].images[:10].float().flatten(1)).mean() / 10
+    spread = torch.pdist(splits["val"].images[:10].float().flatten(1)).mean()
+    assert torch.cdist(means["train"], means["val"]).min() > 3 * spread / 10
     tasks = next(EvalTasks(splits["val"], 5, 1, 5, 100, seed=0).batches(100))  # nearest-prototype classifier
     logits = -torch.cdist(tasks.x_q.flatten(2), tasks.x_s.flatten(2))  # 1 shot: support images are the prototypes
     accuracy = (tasks.y_s.gather(1, logits.argmax(2)) == tasks.y_q).float().mean()

@@ -21,7 +21,8 @@ DTYPE = torch.float64
 LABELS = ("maml_gs.py --no-gs", "maml_gs.py --gs", "maml_gs.py --gs --recompute", "metasgd_gs.py --gs",
           "mamlpp_gs.py --gs", "cml.py", "lwdgh.py")
 # (device, flags) against the CPU loop path: the vmap path on the CPU; on CUDA the default and the loop.
-PATHS = [("cpu", "--vmap on"), pytest.param("cuda", "", marks=NO_CUDA), pytest.param("cuda", "--vmap off", marks=NO_CUDA)]
+PATHS = [("cpu", "--vmap on"), pytest.param("cuda", "", marks=NO_CUDA),
+         pytest.param("cuda", "--vmap off", marks=NO_CUDA)]
 META_ITERATIONS = 2  # the second starts from the state the first left (ĝ, LWDGH's sums, CML's counter)
 
 
@@ -68,7 +69,8 @@ def test_the_device_path_gives_the_cpu_loop_paths_meta_gradients_and_predictions
     for iteration in range(META_ITERATIONS):
         expected, got = loop_step(), step()
         torch.testing.assert_close(got.loss.cpu(), expected.loss, rtol=1e-9, atol=1e-12)
-        assert {n for n, g in got.grads.items() if g is not None} == {n for n, g in expected.grads.items() if g is not None}
+        assert {n for n, g in got.grads.items() if g is not None} == {
+            n for n, g in expected.grads.items() if g is not None}
         for name, g in expected.grads.items():
             if g is not None:
                 torch.testing.assert_close(got.grads[name].cpu(), g, rtol=1e-8, atol=1e-11,
@@ -138,5 +140,6 @@ def test_a_run_on_cuda_killed_and_resumed_ends_as_an_uninterrupted_one(tmp_path,
     resumed = common.main(module.Args, module.make_algorithm, ["--resume", str(tmp_path / "run"), "--quiet"])
     assert resumed["status"] == reference["status"] == "finished" and resumed["epochs_run"] == 2
     floats = {key for key, value in reference.items() if isinstance(value, float)}  # accuracies, intervals
-    assert {k: v for k, v in resumed.items() if k not in floats} == {k: v for k, v in reference.items() if k not in floats}
+    assert {k: v for k, v in resumed.items() if k not in floats} == {
+        k: v for k, v in reference.items() if k not in floats}
     assert {k: resumed[k] for k in floats} == pytest.approx({k: reference[k] for k in floats}, abs=1e-4)

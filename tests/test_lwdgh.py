@@ -262,6 +262,7 @@ def test_evaluation_adapts_with_the_test_inner_steps():
 
 def test_defaults_follow_the_paper_and_bad_probabilities_are_rejected():
     args = lwdgh.Args()
-    assert (args.tasks, args.inner_lr, args.inner_steps, args.test_inner_steps, args.transition) == (4, 0.01, 5, 10, 0.33)
+    assert (args.tasks, args.inner_lr, args.inner_steps, args.test_inner_steps, args.transition) == (
+        4, 0.01, 5, 10, 0.33)
     assert any("--p-min" in p for p in lwdgh.Args(p_min=0.8, p_max=0.2).check())
     assert any("--transition" in p for p in lwdgh.Args(transition=1.5).check())

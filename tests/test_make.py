@@ -76,7 +76,8 @@ def test_figures_are_the_full_grid_of_figures_4_to_11_and_reuse_table1():
         assert f"--epochs {EPOCHS[dataset, tasks]}" in command  # appendix A.3, the same for 1 and 5 shots
         assert ("--clip-grad 10" in command) == (method == "mamlpp" and dataset == "miniimagenet")
         if shots == 5 and lr == DEFAULT_INNER_LR:
-            assert command in table1 and out_dir(command) == f"runs/table1/{method}_{side}__{dataset}__5w5s__t{tasks}__1"
+            assert command in table1
+            assert out_dir(command) == f"runs/table1/{method}_{side}__{dataset}__5w5s__t{tasks}__1"
         else:
             assert out_dir(command) == f"runs/figures/{method}_{side}__{dataset}__5w{shots}s__t{tasks}__lr{lr}__1"
         seen.add((method, dataset, shots, tasks, lr, side))
@@ -92,7 +93,8 @@ def test_figure_panels_and_figure_groups():
         f"runs/figures/metasgd_{side}__cub__5w1s__t1__lr1.0__{seed}" for side in ("og", "gs") for seed in (1, 2)}
     assert len(group) == 2 * FIGURE_GRID // 4 and all("--inner-lr 1.0" in c for c in group)
     group = planned_runs("figures-miniimagenet-lr1.0")  # Figures 10 and 11
-    assert len(group) == FIGURE_GRID // 4 and all("--dataset miniimagenet" in c and "--inner-lr 1.0" in c for c in group)
+    assert len(group) == FIGURE_GRID // 4
+    assert all("--dataset miniimagenet" in c and "--inner-lr 1.0" in c for c in group)
 
 
 def docstring_commands(program: str) -> list[str]:
@@ -173,7 +175,8 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tmp_path):
 
 def test_report_target():
     out = subprocess.run(["make", "-n", "report"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert re.search(r"python tools/report\.py --runs runs --out results --name report --exclude quick demo$", out, re.M)
+    assert re.search(r"python tools/report\.py --runs runs --out results --name report --exclude quick demo$", out,
+                     re.M)
 
 
 def test_reproduce_quick_is_the_table1_grid_on_omniglot_then_its_report(tmp_path):
@@ -192,7 +195,9 @@ def test_reproduce_quick_is_the_table1_grid_on_omniglot_then_its_report(tmp_path
         assert "--dataset omniglot --ways 5 --shots 1" in command and "--data-root /data" in command
         assert "--filters 32 --inner-steps 3 --iters-per-epoch 20" in command  # the scaled-down protocol
         assert int(flag(command, "--epochs")) == {5: 10, 1: 50}[tasks]  # task batch 1: five times the epochs
-        assert out_dir(command) == f"{tmp_path}/quick/{method}_{'gs' if gs else 'og'}__omniglot__5w1s__t{tasks}__lr{flag(command, '--inner-lr')}__1"
+        lr_text = flag(command, "--inner-lr")
+        side = "gs" if gs else "og"
+        assert out_dir(command) == f"{tmp_path}/quick/{method}_{side}__omniglot__5w1s__t{tasks}__lr{lr_text}__1"
         cells.add((method, tasks, lr, gs))
     grid = {(m, t, DEFAULT_INNER_LR, gs) for m in ("maml", "metasgd", "mamlpp") for t in (5, 1) for gs in (False, True)}
     assert cells == grid | {("maml", 5, 1.0, gs) for gs in (False, True)} and len(runs) == len(cells)

@@ -180,7 +180,8 @@ def test_zero_gate_is_exactly_maml(later):
     maml = {n: p for n, p in params.items() if n not in maml_gs.GS_PARAMS}
     ghat = stored_ghat(params) if later else None
     theta, m, lam = maml_gs.split_params(params)
-    gs_fast, _ = maml_gs.inner_loop(theta, m, lam, ghat, tasks.x_s, tasks.y_s, tiny_args(), share=True, create_graph=True)
+    gs_fast, _ = maml_gs.inner_loop(theta, m, lam, ghat, tasks.x_s, tasks.y_s, tiny_args(), share=True,
+                                    create_graph=True)
     maml_fast, _ = maml_gs.inner_loop(maml, None, None, None, tasks.x_s, tasks.y_s, tiny_args(), share=True,
                                       create_graph=True)
     assert all(torch.equal(gs_fast[n], maml_fast[n]) for n in maml)

@@ -27,7 +27,8 @@ MSL_AT = {0: [1 / 2, 1 / 2], 7: [1 / 2 - 7 / 30, 1 / 2 + 7 / 30], MSL_EPOCHS: No
 GS = ("m", "lambda")
 # (gs, later): sharing on the first meta-iteration (no ĝ yet), sharing with a stored ĝ, no sharing
 SHARING_CASES, SHARING_IDS = [(True, False), (True, True), (False, False)], ["gs-first", "gs-later", "no-gs"]
-OFF = ["--no-lslr", "--no-per-step-bn", "--msl-epochs", "0", "--first-order-epochs", "0", "--no-cosine", "--clip-grad", "0"]
+OFF = ["--no-lslr", "--no-per-step-bn", "--msl-epochs", "0", "--first-order-epochs", "0", "--no-cosine",
+       "--clip-grad", "0"]
 TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--filters", "8", "--tasks", "2",
         "--ways", "3", "--queries", "2", "--inner-steps", "2", "--epochs", "2", "--iters-per-epoch", "2",
         "--val-tasks", "4", "--test-tasks", "4", "--ensemble", "2", "--quiet"]
@@ -267,7 +268,8 @@ def test_clip_grad_clamps_the_network_meta_gradients_only():
     for name in params:
         want = free[name].clamp(-clip, clip) if name in network else free[name]
         assert torch.equal(clamped[name], want), name
-    assert all(bool(free[n].abs().gt(clip).any()) for n in ("conv0.weight", "bn0.weight", "lslr.conv0.weight", "lambda"))
+    assert all(bool(free[n].abs().gt(clip).any())
+               for n in ("conv0.weight", "bn0.weight", "lslr.conv0.weight", "lambda"))
 
 
 @pytest.mark.parametrize("gs, later", SHARING_CASES, ids=SHARING_IDS)
@@ -280,7 +282,8 @@ def test_every_feature_off_is_exactly_maml(gs, later):
         want = maml_gs.meta_gradient(params, {"ghat": ghat}, tasks, epoch, tiny_args(module=maml_gs))
         assert torch.equal(got.loss, want.loss)
         for name in params:
-            assert (got.grads[name] is None and want.grads[name] is None) or torch.equal(got.grads[name], want.grads[name]), name
+            assert (got.grads[name] is None and want.grads[name] is None) or torch.equal(got.grads[name],
+                                                                                         want.grads[name]), name
     assert torch.equal(mamlpp_gs.predict(params, {"ghat": ghat}, tasks, ours),
                        maml_gs.predict(params, {"ghat": ghat}, tasks, tiny_args(module=maml_gs)))
 
@@ -379,7 +382,8 @@ def test_omniglot_small(tmp_path, shared_data):
 
 
 def test_help_lists_every_flag_and_bad_values_are_refused():
-    out = subprocess.run([sys.executable, str(REPO / "mamlpp_gs.py"), "--help"], capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run([sys.executable, str(REPO / "mamlpp_gs.py"), "--help"], capture_output=True, text=True,
+                         cwd=REPO)
     assert out.returncode == 0
     for field in mamlpp_gs.Args.__dataclass_fields__:
         assert "--" + field.replace("_", "-") in out.stdout

@@ -189,7 +189,8 @@ def test_alpha_fixed_at_the_inner_lr_is_exactly_maml(gs, later):
     want = maml_gs.meta_gradient(maml, {"ghat": ghat}, tasks, 0, tiny_args(module=maml_gs))
     assert torch.equal(got.loss, want.loss)
     for name in maml:
-        assert (got.grads[name] is None and want.grads[name] is None) or torch.equal(got.grads[name], want.grads[name]), name
+        assert (got.grads[name] is None and want.grads[name] is None) or torch.equal(got.grads[name],
+                                                                                     want.grads[name]), name
 
 
 def image_tasks(size: int = 28) -> common.Tasks:
@@ -217,7 +218,8 @@ def test_no_learn_alpha_is_exactly_maml(gs):
         assert torch.equal(got.loss, want.loss)
         assert all((want.grads[n] is None and got.grads[n] is None) or torch.equal(got.grads[n], want.grads[n])
                    for n in maml.params)
-        assert got.metrics == want.metrics and set(got.metrics) == ({"sigma_m", "sigma_lambda"} if gs == "--gs" else set())
+        assert got.metrics == want.metrics
+        assert set(got.metrics) == ({"sigma_m", "sigma_lambda"} if gs == "--gs" else set())
         state_ours, state_maml = got.state, want.state
     assert torch.equal(ours.predict(ours.params, state_ours, tasks, args_ours),
                        maml.predict(maml.params, state_maml, tasks, args_maml))
@@ -239,7 +241,8 @@ def test_make_algorithm_initialises_alpha_to_the_inner_lr():
         algorithm.params["alpha.head.bias"].add_(1.0)
     values = algorithm.meta_gradient(algorithm.params, algorithm.state, tasks, 0, args).metrics
     every = torch.cat([algorithm.params[metasgd_gs.ALPHA + n].flatten() for n in theta])
-    assert values["alpha_mean"] == pytest.approx(every.mean().item()) and values["alpha_std"] == pytest.approx(every.std().item())
+    assert values["alpha_mean"] == pytest.approx(every.mean().item())
+    assert values["alpha_std"] == pytest.approx(every.std().item())
 
 
 def test_predict_adapts_with_alpha_and_the_stored_ghat_and_never_changes_it():
@@ -282,7 +285,8 @@ def test_omniglot_small(tmp_path, shared_data):
 
 
 def test_help_lists_every_flag():
-    out = subprocess.run([sys.executable, str(REPO / "metasgd_gs.py"), "--help"], capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run([sys.executable, str(REPO / "metasgd_gs.py"), "--help"], capture_output=True, text=True,
+                         cwd=REPO)
     assert out.returncode == 0
     for field in metasgd_gs.Args.__dataclass_fields__:
         assert "--" + field.replace("_", "-") in out.stdout

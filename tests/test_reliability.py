@@ -64,7 +64,8 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_run(tmp_path):
         time.sleep(rng.uniform(0.0, 2.0) * (attempt + 1))
         process.kill()  # SIGKILL: no handler runs
         process.wait()
-        resumed = subprocess.run(argv[:2] + ["--resume", str(run_dir), "--quiet"], cwd=REPO, capture_output=True, text=True)
+        resumed = subprocess.run(argv[:2] + ["--resume", str(run_dir), "--quiet"], cwd=REPO, capture_output=True,
+                                 text=True)
         assert resumed.returncode == 0, resumed.stderr
         assert json.loads((run_dir / "result.json").read_text()) == reference
         assert metrics(run_dir) == metrics(tmp_path / "ref")

@@ -52,7 +52,8 @@ def write_run(run_dir: Path, config: dict, val: list[float], result: dict | None
     if result is not None:
         best = max(rows, key=lambda row: (row["val_acc"], -row["epoch"]))
         common.write_json(run_dir / "result.json", {
-            "status": "finished", "epochs_run": len(rows), "max_val_acc": best["val_acc"], "max_val_epoch": best["epoch"],
+            "status": "finished", "epochs_run": len(rows), "max_val_acc": best["val_acc"],
+            "max_val_epoch": best["epoch"],
             "test_acc_best": result["test_acc_ensemble"] - 0.01, "test_ci_best": result["test_ci_ensemble"],
             "ensemble_epochs": [best["epoch"]], "test_tasks": 600, **result})
 
@@ -181,7 +182,8 @@ def test_table1_rows_paper_beside_ours(written):
     assert table[7] == row("", "ours", "not yet run", "not yet run", "—", "not yet run", "not yet run", "—")
     assert table[12] == row("MAML++/5", "paper", "72.7 ± 1.7", "73.8 ± 1.7", "42%", "68.9 ± 1.8", "69.4 ± 1.8",
                             "26%")
-    assert table[13] == row("", "ours", "70.11 ± 1.72; diverged", "74.32 ± 1.65", "50% (OG ep 30, GS ep 20); OG diverged",
+    assert table[13] == row("", "ours", "70.11 ± 1.72; diverged", "74.32 ± 1.65",
+                            "50% (OG ep 30, GS ep 20); OG diverged",
                             "not yet run", "not yet run", "—")
     assert table[15] == row("", "ours", *["not yet run", "not yet run", "—"] * 2)
     assert table[16] == ""  # six paper rows, each with ours below

@@ -33,7 +33,8 @@ def main() -> None:
     print("meta-validation accuracy (%) per epoch")
     print("epoch " + "".join(f"{n:>{width}}" for n in names))
     for epoch in range(max(len(rows) for _, rows, _ in runs)):
-        cells = [f"{percent(rows[epoch]['val_acc']):>{width}}" if epoch < len(rows) else " " * width for _, rows, _ in runs]
+        cells = [f"{percent(rows[epoch]['val_acc']):>{width}}" if epoch < len(rows) else " " * width
+                 for _, rows, _ in runs]
         print(f"{epoch + 1:>5} " + "".join(cells))
     print()
     for name, (_, _, result) in zip(names, runs):

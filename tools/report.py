@@ -452,7 +452,8 @@ def _ordered(found: Iterable, preferred: Iterable) -> list:
     return preferred + sorted(set(found) - set(preferred), key=str)
 
 
-def gs_section(cells: dict[tuple, list[Pair]], only_found: bool, figure_dir: Path, link_dir: str) -> tuple[str, set[int]]:
+def gs_section(cells: dict[tuple, list[Pair]], only_found: bool, figure_dir: Path,
+               link_dir: str) -> tuple[str, set[int]]:
     """Paper 002's tables and figures; returns the markdown and the ids of the groups it shows."""
     shown: set[int] = set()
     chosen = {cell: pairs[0] for cell, pairs in cells.items()}
@@ -473,10 +474,12 @@ def gs_section(cells: dict[tuple, list[Pair]], only_found: bool, figure_dir: Pat
         datasets = _ordered({c[6] for c in in_table}, PAPER_DATASETS if expected else ())
         rows = _ordered({(c[4], c[5]) for c in in_table},
                         [(m, t) for m in GS_METHOD_ORDER for t in GS_TASK_ORDER] if expected else ())
-        rows = sorted(rows, key=lambda r: (GS_METHOD_ORDER.index(r[0]) if r[0] in GS_METHOD_ORDER else len(GS_METHOD_ORDER),
+        rows = sorted(rows, key=lambda r: (GS_METHOD_ORDER.index(r[0]) if r[0] in GS_METHOD_ORDER
+                                           else len(GS_METHOD_ORDER),
                                            -r[1]))
         paper = table == TABLE1
-        title = f"### {ways}-way {shots}-shot, inner lr {lr_text(lr)}" + ("" if family == PAPER else f", {dataset_name(family)}")
+        title = f"### {ways}-way {shots}-shot, inner lr {lr_text(lr)}" + (
+            "" if family == PAPER else f", {dataset_name(family)}")
         out += [title + (f" ({GS_PAPER_TABLES[table]})" if table in GS_PAPER_TABLES else ""), ""]
         header = ["METHOD/TASKS"] + (["source"] if paper else [])
         for d in datasets:
@@ -561,7 +564,8 @@ def _plot_sigma_panel(ax: plt.Axes, pair: Pair, title: str) -> None:
     for k, run in enumerate(runs):
         seed = f" seed {run.config.get('seed')}" if len(runs) > 1 else ""
         ax.plot(run.column("epoch"), run.column("sigma_m"), seed_style(k), color=LINE_COLORS[2], label=f"σ(m){seed}")
-        ax.plot(run.column("epoch"), run.column("sigma_lambda"), seed_style(k), color=LINE_COLORS[3], label=f"σ(λ){seed}")
+        ax.plot(run.column("epoch"), run.column("sigma_lambda"), seed_style(k), color=LINE_COLORS[3],
+                label=f"σ(λ){seed}")
     ax.set_ylim(0, 1)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("epoch")
@@ -638,7 +642,8 @@ def method_section(family: Family, groups: list[Group], only_found: bool, figure
     if not tables:
         return "", shown
     source = f"The paper's numbers: {family.source}. " if any(t in family.paper for t in tables) else ""
-    out = [f"## {family.heading}", "", source + "Accuracy (%) of the top-5 ensemble on the meta-test tasks ± 95% CI.", ""]
+    out = [f"## {family.heading}", "",
+           source + "Accuracy (%) of the top-5 ensemble on the meta-test tasks ± 95% CI.", ""]
     paper_order = list(family.paper)
     for table in sorted(tables, key=lambda t: (paper_order.index(t) if t in paper_order else len(paper_order), str(t))):
         paper = family.paper.get(table)
@@ -715,7 +720,8 @@ def _lwdgh_figure(table: tuple, cells: dict[tuple[str, int], Group], figure_dir:
     for j, s in enumerate(shots):
         val, gci = axes[0][j], axes[1][j]
         methods = sorted((m for m, shot in cells if shot == s),
-                         key=lambda m: LWDGH_METHOD_ORDER.index(m) if m in LWDGH_METHOD_ORDER else len(LWDGH_METHOD_ORDER))
+                         key=lambda m: LWDGH_METHOD_ORDER.index(m) if m in LWDGH_METHOD_ORDER
+                         else len(LWDGH_METHOD_ORDER))
         for i, method in enumerate(methods):
             group = cells[(method, s)]
             color = LINE_COLORS[i % len(LINE_COLORS)]
@@ -753,7 +759,8 @@ FAMILIES = [
                   ("cub", PAPER_WAYS, LWDGH_EPOCHS): PaperTable(
                       "paper 004, Table 4", ["MAML", "MAML + LWDGH + EE"], [1, 5], PAPER_004_TABLE4),
                   ("miniimagenet", PAPER_WAYS, LWDGH_ABLATION_EPOCHS): PaperTable(
-                      "paper 004, Table 5, the ablation", LWDGH_METHOD_ORDER, [1], PAPER_004_TABLE5, PAPER_004_TABLE5_GCI)},
+                      "paper 004, Table 5, the ablation", LWDGH_METHOD_ORDER, [1], PAPER_004_TABLE5,
+                      PAPER_004_TABLE5_GCI)},
            extra_column=LWDGH_GCI, best_single=False, figure=_lwdgh_figure),
 ]
 
@@ -768,7 +775,8 @@ def other_section(groups: list[Group], shown: set[int]) -> str:
     lines = []
     for group in others:
         c = group.config
-        setting = f"{c.get('ways')}w{c.get('shots')}s t{c.get('tasks')}, {c.get('epochs')} × {c.get('iters_per_epoch')} it"
+        setting = (f"{c.get('ways')}w{c.get('shots')}s t{c.get('tasks')}, "
+                   f"{c.get('epochs')} × {c.get('iters_per_epoch')} it")
         if "inner_lr" in c:
             setting += f", inner lr {lr_text(c['inner_lr'])}"
         best = [run.max_val() for run in group.runs]
@@ -787,7 +795,8 @@ def runs_section(runs: list[Run]) -> str:
     for run in runs:
         best = run.max_val()
         r = run.result or {}
-        test = (f"{PERCENT * r['test_acc_ensemble']:.2f} ± {PERCENT * r['test_ci_ensemble']:.2f}" if run.tested else NONE)
+        test = (f"{PERCENT * r['test_acc_ensemble']:.2f} ± {PERCENT * r['test_ci_ensemble']:.2f}" if run.tested
+                else NONE)
         single = (f"{PERCENT * r['test_acc_best']:.2f} ± {PERCENT * r['test_ci_best']:.2f}"
                   if r.get("test_acc_best") is not None else NONE)
         lines.append([str(run.path), str(run.config.get("algorithm")), str(run.config.get("seed")), run.status,
@@ -815,7 +824,8 @@ def write_report(roots: list[Path], out: Path, name: str, exclude: list[str] = (
     parts = [f"# {title or 'Reproduction report'}",
              f"Generated by `tools/report.py` from {len(runs)} run directories under {where}: {finished} with a "
              f"result.json, {len(runs) - finished} unfinished. Accuracies in %, one seed unless a cell says otherwise."]
-    provenance = {key: sorted({str(run.config.get(key, "not recorded")) for run in runs}) for key in ("machine", "commit")}
+    provenance = {key: sorted({str(run.config.get(key, "not recorded")) for run in runs})
+                  for key in ("machine", "commit")}
     if runs:  # config.json records both (common.provenance); older runs may not
         parts.append(f"Runs made on: {'; '.join(provenance['machine'])}. At commit: {', '.join(provenance['commit'])} "
                      f"(torch {', '.join(sorted({str(run.config.get('torch', '?')) for run in runs}))}).")
