@@ -732,6 +732,7 @@ class EvalTasks:
 CONV_KERNEL = 3  # 3×3 convolutions, padding 1: the spatial size is kept until the pooling
 POOL = 2  # each block halves the spatial size
 BN_EPS = 1e-5  # BatchNorm's ε, F.batch_norm's default
+BN = "bn"  # the BatchNorm tensors' names start so: bn{i}.weight (scale), bn{i}.bias (shift)
 
 
 def conv4_init(image_shape: tuple[int, int, int], ways: int, filters: int = 48, blocks: int = 4,
@@ -780,6 +781,17 @@ def conv4_forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Ten
     return F.linear(x.flatten(1), params["head.weight"], params["head.bias"])
 
 
+def split_adapted(weights: dict[str, torch.Tensor], adapt_bn: bool) -> tuple[dict, dict]:
+    """weights -> (those the inner loop adapts, those it leaves alone).
+
+    BatchNorm's scale and shift are meta-learned by the outer loop but not adapted in the inner loop unless
+    --adapt-bn, as in the reference code: MAML's (BatchNorm variables outside the adapted weights), MAML++'s
+    (configs: enable_inner_loop_optimizable_bn_params false) and fmu2/PyTorch-MAML's (inner loop frozen: bn).
+    """
+    frozen = {name: w for name, w in weights.items() if name.startswith(BN) and not adapt_bn}
+    return {name: w for name, w in weights.items() if name not in frozen}, frozen
+
+
 def forward_tasks(forward: Callable, params: dict[str, torch.Tensor], x: torch.Tensor, use_vmap: bool,
                   recompute: bool = False) -> torch.Tensor:
     """Run `forward` for every task: params (tasks, ...) per tensor, x (tasks, N, C, H, W) -> (tasks, N, ways).
@@ -799,13 +811,15 @@ def forward_tasks(forward: Callable, params: dict[str, torch.Tensor], x: torch.T
 
 
 def support_grads(forward: Callable, fast: dict[str, torch.Tensor], x_s: torch.Tensor, y_s: torch.Tensor, *,
-                  create_graph: bool, use_vmap: bool) -> dict[str, torch.Tensor]:
+                  create_graph: bool, use_vmap: bool, frozen: dict[str, torch.Tensor] | None = None
+                  ) -> dict[str, torch.Tensor]:
     """∇L_t(θ_t) of every task's support loss w.r.t. its own weights θ_t: fast (tasks, ...) -> (tasks, ...) per tensor.
 
     Σ_t L_t, each L_t the mean over task t's support set: tasks share nothing in the forward pass, so one
-    backward gives every task's gradient w.r.t. its own fast weights.
+    backward gives every task's gradient w.r.t. its own fast weights. frozen: tensors the forward also
+    reads, (tasks, ...) too, that the inner loop does not adapt (e.g. BatchNorm's scale and shift).
     """
-    logits = forward_tasks(forward, fast, x_s, use_vmap)  # (tasks, ways*shots, ways)
+    logits = forward_tasks(forward, {**fast, **(frozen or {})}, x_s, use_vmap)  # (tasks, ways*shots, ways)
     loss = F.cross_entropy(logits.flatten(0, 1), y_s.flatten(), reduction="sum") / y_s.shape[1]
     return dict(zip(fast, torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)))
 
@@ -839,6 +853,8 @@ class Args:
     """CUB only: crop each image to its bounding box before resizing"""
     synthetic_shape: str = "3,84,84"
     """synthetic only: image shape C,H,W"""
+    adapt_bn: bool = False
+    """adapt BatchNorm's scale and shift in the inner loop too (default: the outer loop only, as the references)"""
     ways: int = 5
     """classes per task"""
     shots: int = 1

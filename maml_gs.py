@@ -82,13 +82,13 @@ def split_params(params: dict[str, torch.Tensor]):
 
 def inner_step(fast: dict[str, torch.Tensor], k: int, m: torch.Tensor | None, lam: torch.Tensor | None,
                ghat: list[dict[str, torch.Tensor]] | None, x_s: torch.Tensor, y_s: torch.Tensor, args: Args,
-               share: bool, create_graph: bool):
+               share: bool, create_graph: bool, frozen: dict[str, torch.Tensor]):
     """Inner step k+1 for every task of the batch, Eq. 1-4 (k counts from 0 here and indexes m, λ, ĝ).
 
-    Returns θ_{t,k+1} for every task, (tasks, ...) per tensor, and ĝ_{k+1} (None unless shared).
+    Returns θ_{t,k+1} for every task, (tasks, ...) per adapted tensor, and ĝ_{k+1} (None unless shared).
     """
     grads = common.support_grads(common.conv4_forward, fast, x_s, y_s, create_graph=create_graph,
-                                 use_vmap=args.vmap == "on")  # ∇L_t(θ_{t,k}), (tasks, ...)
+                                 use_vmap=args.vmap == "on", frozen=frozen)  # ∇L_t(θ_{t,k}), (tasks, ...)
     delta, ghat_k = grads, None  # without sharing: Δ_{t,k} = ∇L_t
     if lam is not None and (share or ghat is not None):
         if share:
@@ -112,19 +112,21 @@ def inner_loop(theta: dict[str, torch.Tensor], m: torch.Tensor | None, lam: torc
     x_s (tasks, ways*shots, C, H, W), y_s (tasks, ways*shots); m, lam (K,) or None without sharing; ghat the
     stored ĝ (K dicts like θ) or None before the first meta-iteration. Returns the adapted weights, each
     (tasks, ...), and with share=True the new ĝ (still attached to the graph: m gets its gradient there).
+    Only the tensors common.split_adapted names are adapted (and span g_k, ĝ_k): BatchNorm's unless --adapt-bn.
     --recompute: torch.utils.checkpoint keeps only the inputs of steps 1..K-1 and recomputes each step in
     the backward pass; step K, the first the backward needs, stays stored (the query pass: forward_tasks).
     """
-    fast = {name: p.expand(x_s.shape[0], *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
+    weights = {name: p.expand(x_s.shape[0], *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
+    fast, frozen = common.split_adapted(weights, args.adapt_bn)
     new_ghat = []
     for k in range(args.inner_steps):
-        step_args = (fast, k, m, lam, ghat, x_s, y_s, args, share, create_graph)
+        step_args = (fast, k, m, lam, ghat, x_s, y_s, args, share, create_graph, frozen)
         if args.recompute and k < args.inner_steps - 1:
             fast, ghat_k = torch.utils.checkpoint.checkpoint(inner_step, *step_args, use_reentrant=False)
         else:
             fast, ghat_k = inner_step(*step_args)
         new_ghat.append(ghat_k)
-    return fast, (new_ghat if share and lam is not None else None)
+    return {**fast, **frozen}, (new_ghat if share and lam is not None else None)
 
 
 def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, epoch: int,

@@ -14,8 +14,8 @@ Gradient sharing at inner step k = 1..K, for the T tasks of a batch (names in `i
     θ_{t,k} = θ_{t,k-1} − α_{k,p} Δ_{t,k} for each tensor p (MAML++ LSLR)  `fast`, α_{k,p} = `lslr[p][k]`
 MAML++ (each feature has its flag; in parentheses the code name):
     LSLR   a learned inner learning rate per adapted tensor per step, (K,), init --inner-lr  (`lslr.<name>`)
-    BNWB   per-step BatchNorm scale and shift, (K+1, C) per block: row j serves every forward at θ_{t,j},
-           j = 0..K (row K: the query forward); learned by the outer loop only, never adapted  (`bn`, `forward_at`)
+    BNWB   per-step BatchNorm scale and shift, (K, C) per block: row k serves the support forward of step k+1
+           and the query forward after it (k = 0..K−1, the reference's num_step); outer loop only  (`bn`, `bn_rows`)
     MSL    L = Σ_j w_j(epoch) (1/T) Σ_t L_t^query(θ_{t,j}) over j = 1..K while epoch < --msl-epochs,
            then the final step j = K only  (`msl_weights`)
     DA     first order while epoch < --first-order-epochs, second order afterwards  (`meta_gradient`)
@@ -33,11 +33,11 @@ first_order_to_second_order_epoch = N − 1); 0, the default, as the reference's
 1e-5 is the reference parser's default (its released MiniImagenet configs set 0.001 = the outer lr, i.e. no
 annealing); the cosine is stepped per epoch, as the reference's CosineAnnealingLR(T_max=total epochs). The
 reference clamps to ±10 the network's meta-gradients (not the LSLR rates) on ImageNet-like data only: here
---clip-grad 10 on MiniImagenet, off elsewhere; m, λ and LSLR are never clamped. Per-step BN: the reference
-keeps K rows and reuses row k for the query forward after step k; here row j belongs to the weights θ_j (K+1
-rows), so support and query forwards at the same weights share one BN. LSLR rates: K per tensor (the
-reference allocates K+1, the last unused). With --no-per-step-bn the BN scale and shift are ordinary θ
-tensors, adapted as in MAML.
+--clip-grad 10 on MiniImagenet, off elsewhere; m, λ and LSLR are never clamped. Per-step BN: K rows, as the
+reference's MetaBatchNormLayer indexed by num_step. LSLR rates: K per tensor (the reference allocates K+1,
+the last unused). With --no-per-step-bn the BN scale and shift are single θ tensors, meta-learned by the
+outer loop only like every BN tensor of this project (the reference's MAML configs:
+enable_inner_loop_optimizable_bn_params false); --adapt-bn adapts them in the inner loop as well.
 
 How it runs: `common.main` parses `Args` and calls `common.run`, which builds the meta-parameters with
 `make_algorithm`, then for every meta-iteration calls `meta_gradient` on a batch of tasks and steps
@@ -98,6 +98,8 @@ class Args(common.Args):
         for name in ("msl_epochs", "first_order_epochs", "clip_grad"):
             if not getattr(self, name) >= 0:
                 problems.append(f"--{name.replace('_', '-')} must be 0 (off) or positive, got {getattr(self, name)}")
+        if self.adapt_bn and self.per_step_bn:
+            problems.append("--adapt-bn needs --no-per-step-bn: per-step BN rows are learned by the outer loop only")
         if self.cosine and not 0 <= self.min_outer_lr <= self.outer_lr:
             problems.append(f"--min-outer-lr must lie in [0, --outer-lr = {self.outer_lr}], got {self.min_outer_lr}")
         return problems
@@ -105,18 +107,18 @@ class Args(common.Args):
 
 GS_PARAMS = ("m", "lambda")  # meta-learned momentum and gate, one per inner step (K,)
 LSLR = "lslr."  # lslr.<name>: the learned inner learning rates of adapted tensor <name>, one per step (K,)
-BN = "bn"  # Conv4's BatchNorm tensors bn{i}.weight and bn{i}.bias; per-step: (K+1, C), else (C,)
+BN = common.BN  # Conv4's BatchNorm tensors bn{i}.weight and bn{i}.bias; per-step: (K, C), else (C,)
 MSL_FLOOR = 0.03  # MSL: each non-final weight falls to at least MSL_FLOOR / K (the reference's value)
 
 
 def init_params(args: Args, image_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
     """θ (Conv4) from the seed; BN rows as its BN; LSLR rates --inner-lr; with sharing m = λ = 0 (σ = 0.5)."""
     params = common.conv4_init(image_shape, args.ways, args.filters, generator=torch.Generator().manual_seed(args.seed))
-    if args.per_step_bn:  # K+1 copies of conv4_init's BN scale 1 and shift 0, in place of the (C,) tensors
-        params.update({name: p.expand(args.inner_steps + 1, *p.shape).clone() for name, p in params.items()
+    if args.per_step_bn:  # K copies of conv4_init's BN scale 1 and shift 0, in place of the (C,) tensors
+        params.update({name: p.expand(args.inner_steps, *p.shape).clone() for name, p in params.items()
                        if name.startswith(BN)})
     if args.lslr:
-        adapted = [name for name in params if not (args.per_step_bn and name.startswith(BN))]
+        adapted, _ = common.split_adapted(params, args.adapt_bn and not args.per_step_bn)
         params.update({LSLR + name: torch.full((args.inner_steps,), args.inner_lr) for name in adapted})
     if args.gs:
         params.update({name: torch.zeros(args.inner_steps) for name in GS_PARAMS})
@@ -124,29 +126,28 @@ def init_params(args: Args, image_shape: tuple[int, int, int]) -> dict[str, torc
 
 
 def split_params(params: dict[str, torch.Tensor], args: Args):
-    """params -> (adapted θ, per-step BN, LSLR rates, m, λ); fixed rates: [inner_lr] * K; m, λ: None without gs."""
-    bn = {name: p for name, p in params.items() if args.per_step_bn and name.startswith(BN)}
-    theta = {name: p for name, p in params.items()
-             if name not in GS_PARAMS and not name.startswith(LSLR) and name not in bn}
+    """params -> (adapted θ, BN not adapted, LSLR rates, m, λ); fixed rates: [inner_lr] * K; m, λ: None without gs."""
+    net = {name: p for name, p in params.items() if name not in GS_PARAMS and not name.startswith(LSLR)}
+    theta, bn = common.split_adapted(net, args.adapt_bn and not args.per_step_bn)  # per-step BN: never adapted
     lslr = {name: params.get(LSLR + name, [args.inner_lr] * args.inner_steps) for name in theta}
     return theta, bn, lslr, params.get("m"), params.get("lambda")
 
 
-def forward_at(bn: dict[str, torch.Tensor], step: int):
-    """Conv4 at the weights after `step` inner steps: the fast weights with BN row `step` (shared by all tasks)."""
-    rows = {name: p[step] for name, p in bn.items()}
-    return lambda weights, x: common.conv4_forward({**weights, **rows}, x)
+def bn_rows(frozen: dict[str, torch.Tensor], step: int, args: Args) -> dict[str, torch.Tensor]:
+    """The BN tensors of inner step `step` (from 0) and of the query forward after it, (tasks, C) each: row
+    `step` of each per-step BN tensor, or the BN tensors the inner loop leaves alone."""
+    return {name: w[:, step] if args.per_step_bn else w for name, w in frozen.items()}
 
 
-def inner_step(fast: dict[str, torch.Tensor], k: int, bn: dict[str, torch.Tensor], lslr: dict,
+def inner_step(fast: dict[str, torch.Tensor], k: int, rows: dict[str, torch.Tensor], lslr: dict,
                m: torch.Tensor | None, lam: torch.Tensor | None, ghat: list[dict[str, torch.Tensor]] | None,
                x_s: torch.Tensor, y_s: torch.Tensor, args: Args, share: bool, create_graph: bool):
     """Inner step k+1 for every task of the batch, Eq. 1-4 (k counts from 0 here and indexes m, λ, ĝ, LSLR, BN).
 
     Returns θ_{t,k+1} for every task, (tasks, ...) per tensor, and ĝ_{k+1} (None unless shared).
     """
-    grads = common.support_grads(forward_at(bn, k), fast, x_s, y_s, create_graph=create_graph,
-                                 use_vmap=args.vmap == "on")  # ∇L_t(θ_{t,k}) with BN row k, (tasks, ...)
+    grads = common.support_grads(common.conv4_forward, fast, x_s, y_s, create_graph=create_graph,
+                                 use_vmap=args.vmap == "on", frozen=rows)  # ∇L_t(θ_{t,k}) with BN row k
     delta, ghat_k = grads, None  # without sharing: Δ_{t,k} = ∇L_t
     if lam is not None and (share or ghat is not None):
         if share:
@@ -167,23 +168,26 @@ def inner_loop(theta: dict[str, torch.Tensor], bn: dict[str, torch.Tensor], lslr
                y_s: torch.Tensor, args: Args, share: bool, create_graph: bool):
     """Adapt θ to every task of the batch: K inner steps (Algorithm 1 with share=True, Algorithm 2 without).
 
-    bn: the per-step BN tensors (K+1, C), or {} when BN is in θ; lslr: each adapted tensor's rates, (K,) or
-    a list of K floats when fixed; x_s (tasks, ways*shots, C, H, W), y_s (tasks, ways*shots); m, lam (K,) or
-    None without sharing; ghat the stored ĝ (K dicts like θ) or None before the first meta-iteration.
+    bn: the BN tensors not adapted, (K, C) per-step or (C,) ({} with --adapt-bn); lslr: each adapted tensor's
+    rates, (K,) or a list of K floats when fixed; x_s (tasks, ways*shots, C, H, W), y_s (tasks, ways*shots); m,
+    lam (K,) or None without sharing; ghat the stored ĝ (K dicts like θ) or None before the first meta-iteration.
     Returns the trajectory [θ_{t,0}, ..., θ_{t,K}] (MSL needs every step), each a dict of (tasks, ...)
-    tensors, and with share=True the new ĝ (still attached to the graph: m gets its gradient there).
+    tensors, θ_{t,j} (j ≥ 1) with the BN rows of step j's support forward (its query forward's too), and with
+    share=True the new ĝ (still attached to the graph: m gets its gradient there).
     --recompute: torch.utils.checkpoint keeps only the inputs of steps 1..K-1 and recomputes each step in
     the backward pass; step K, the first the backward needs, stays stored (the query pass: forward_tasks).
     """
-    fast = {name: p.expand(x_s.shape[0], *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
+    weights = {name: p.expand(x_s.shape[0], *p.shape) for name, p in {**theta, **bn}.items()}  # (tasks, ...)
+    fast, frozen = {name: weights[name] for name in theta}, {name: weights[name] for name in bn}  # θ_{t,0} = θ
     trajectory, new_ghat = [fast], []
     for k in range(args.inner_steps):
-        step_args = (fast, k, bn, lslr, m, lam, ghat, x_s, y_s, args, share, create_graph)
+        rows = bn_rows(frozen, k, args)
+        step_args = (fast, k, rows, lslr, m, lam, ghat, x_s, y_s, args, share, create_graph)
         if args.recompute and k < args.inner_steps - 1:
             fast, ghat_k = torch.utils.checkpoint.checkpoint(inner_step, *step_args, use_reentrant=False)
         else:
             fast, ghat_k = inner_step(*step_args)
-        trajectory.append(fast)
+        trajectory.append({**fast, **rows})
         new_ghat.append(ghat_k)
     return trajectory, (new_ghat if share and lam is not None else None)
 
@@ -211,12 +215,12 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
     theta, bn, lslr, m, lam = split_params(params, args)
     trajectory, ghat = inner_loop(theta, bn, lslr, m, lam, state["ghat"], tasks.x_s, tasks.y_s, args, share=True,
                                   create_graph=epoch >= args.first_order_epochs)
-    # MSL: Σ_j w_j (1/T) Σ_t L_t^query(θ_{t,j}) with BN row j; else (Eq. 5) the final step's alone
+    # MSL: Σ_j w_j (1/T) Σ_t L_t^query(θ_{t,j}) with BN row j − 1; else (Eq. 5) the final step's alone
     weights = msl_weights(epoch, args) or [0.0] * (args.inner_steps - 1) + [1.0]
     loss = 0.0
     for j, weight in enumerate(weights, start=1):
         if weight:
-            logits = common.forward_tasks(forward_at(bn, j), trajectory[j], tasks.x_q, args.vmap == "on",
+            logits = common.forward_tasks(common.conv4_forward, trajectory[j], tasks.x_q, args.vmap == "on",
                                           args.recompute)
             step_loss, acc = common.query_loss(logits, tasks.y_q)  # acc: at θ_{t,K}, the last step
             loss = loss + weight * step_loss
@@ -241,7 +245,7 @@ def predict(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, a
         trajectory, _ = inner_loop(theta, bn, lslr, m, lam, state["ghat"], tasks.x_s, tasks.y_s, args, share=False,
                                    create_graph=False)
     with torch.no_grad():
-        return common.forward_tasks(forward_at(bn, args.inner_steps), trajectory[-1], tasks.x_q, args.vmap == "on")
+        return common.forward_tasks(common.conv4_forward, trajectory[-1], tasks.x_q, args.vmap == "on")
 
 
 def make_algorithm(args: Args, image_shape: tuple[int, int, int], device: torch.device) -> common.Algorithm:

@@ -78,8 +78,9 @@ ALPHA = "alpha."  # alpha.<name>: the learned inner learning rate of θ tensor <
 def init_params(args: Args, image_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
     """θ (Conv4) from the seed; with gradient sharing m = λ = 0 (σ = 0.5)."""
     params = common.conv4_init(image_shape, args.ways, args.filters, generator=torch.Generator().manual_seed(args.seed))
-    if args.learn_alpha:  # α = --inner-lr everywhere
-        params.update({ALPHA + name: torch.full_like(p, args.inner_lr) for name, p in params.items()})
+    if args.learn_alpha:  # α = --inner-lr everywhere, for every tensor the inner loop adapts
+        adapted, _ = common.split_adapted(params, args.adapt_bn)
+        params.update({ALPHA + name: torch.full_like(p, args.inner_lr) for name, p in adapted.items()})
     if args.gs:
         params.update({name: torch.zeros(args.inner_steps) for name in GS_PARAMS})
     return params
@@ -94,13 +95,13 @@ def split_params(params: dict[str, torch.Tensor], inner_lr: float):
 
 def inner_step(fast: dict[str, torch.Tensor], k: int, alpha: dict, m: torch.Tensor | None, lam: torch.Tensor | None,
                ghat: list[dict[str, torch.Tensor]] | None, x_s: torch.Tensor, y_s: torch.Tensor, args: Args,
-               share: bool, create_graph: bool):
+               share: bool, create_graph: bool, frozen: dict[str, torch.Tensor]):
     """Inner step k+1 for every task of the batch, Eq. 1-4 (k counts from 0 here and indexes m, λ, ĝ).
 
-    Returns θ_{t,k+1} for every task, (tasks, ...) per tensor, and ĝ_{k+1} (None unless shared).
+    Returns θ_{t,k+1} for every task, (tasks, ...) per adapted tensor, and ĝ_{k+1} (None unless shared).
     """
     grads = common.support_grads(common.conv4_forward, fast, x_s, y_s, create_graph=create_graph,
-                                 use_vmap=args.vmap == "on")  # ∇L_t(θ_{t,k}), (tasks, ...)
+                                 use_vmap=args.vmap == "on", frozen=frozen)  # ∇L_t(θ_{t,k}), (tasks, ...)
     delta, ghat_k = grads, None  # without sharing: Δ_{t,k} = ∇L_t
     if lam is not None and (share or ghat is not None):
         if share:
@@ -124,20 +125,22 @@ def inner_loop(theta: dict[str, torch.Tensor], alpha: dict, m: torch.Tensor | No
     x_s (tasks, ways*shots, C, H, W), y_s (tasks, ways*shots); m, lam (K,) or None without sharing; ghat the
     stored ĝ (K dicts like θ) or None before the first meta-iteration. Returns the adapted weights, each
     (tasks, ...), and with share=True the new ĝ (still attached to the graph: m gets its gradient there).
+    Only the tensors common.split_adapted names are adapted (and span g_k, ĝ_k): BatchNorm's unless --adapt-bn.
     alpha: a learning rate per θ tensor, of its shape (a float when fixed).
     --recompute: torch.utils.checkpoint keeps only the inputs of steps 1..K-1 and recomputes each step in
     the backward pass; step K, the first the backward needs, stays stored (the query pass: forward_tasks).
     """
-    fast = {name: p.expand(x_s.shape[0], *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
+    weights = {name: p.expand(x_s.shape[0], *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
+    fast, frozen = common.split_adapted(weights, args.adapt_bn)
     new_ghat = []
     for k in range(args.inner_steps):
-        step_args = (fast, k, alpha, m, lam, ghat, x_s, y_s, args, share, create_graph)
+        step_args = (fast, k, alpha, m, lam, ghat, x_s, y_s, args, share, create_graph, frozen)
         if args.recompute and k < args.inner_steps - 1:
             fast, ghat_k = torch.utils.checkpoint.checkpoint(inner_step, *step_args, use_reentrant=False)
         else:
             fast, ghat_k = inner_step(*step_args)
         new_ghat.append(ghat_k)
-    return fast, (new_ghat if share and lam is not None else None)
+    return {**fast, **frozen}, (new_ghat if share and lam is not None else None)
 
 
 def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, epoch: int,
@@ -153,7 +156,7 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)  # m: None on the first iteration
     metrics = {}
     if args.learn_alpha:  # every learning rate of the network, (number of θ elements,)
-        flat = torch.cat([a.detach().flatten() for a in alpha.values()])
+        flat = torch.cat([params[ALPHA + name].detach().flatten() for name in theta if ALPHA + name in params])
         metrics = {"alpha_mean": flat.mean().item(), "alpha_std": flat.std().item()}
     if ghat is not None:
         state = {"ghat": [{name: g.detach() for name, g in ghat_k.items()} for ghat_k in ghat]}

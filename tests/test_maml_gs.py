@@ -33,10 +33,15 @@ def tiny_tasks(seed: int = 1, tasks: int = TASKS) -> common.Tasks:
                         torch.randn(tasks, WAYS * QUERIES, *SHAPE, generator=gen, dtype=DTYPE), labels(QUERIES))
 
 
-def stored_ghat(params: dict, seed: int = 2) -> list[dict[str, torch.Tensor]]:
-    """A ĝ as a previous meta-iteration would have left it: one unit vector (over all of θ) per step."""
+def adapted_names(params: dict, adapt_bn: bool = False) -> list[str]:
+    """The tensors the inner loop adapts: θ but BatchNorm's scale and shift, unless adapt_bn."""
+    return [n for n in params if n not in maml_gs.GS_PARAMS and (adapt_bn or not n.startswith("bn"))]
+
+
+def stored_ghat(params: dict, seed: int = 2, adapt_bn: bool = False) -> list[dict[str, torch.Tensor]]:
+    """A ĝ as a previous meta-iteration would have left it: one unit vector (over the adapted θ) per step."""
     gen = torch.Generator().manual_seed(seed)
-    theta = {n: p for n, p in params.items() if n not in maml_gs.GS_PARAMS}
+    theta = {n: params[n] for n in adapted_names(params, adapt_bn)}
     ghat = []
     for _ in range(STEPS):
         g = {n: torch.randn(p.shape, generator=gen, dtype=DTYPE) for n, p in theta.items()}
@@ -49,14 +54,16 @@ def tiny_args(use_vmap=False, **kwargs) -> maml_gs.Args:
     return maml_gs.Args(inner_steps=STEPS, inner_lr=LR, vmap="on" if use_vmap else "off", **kwargs)
 
 
-def run_step(params, ghat, tasks, first_order=False, use_vmap=False, recompute=False):
-    args = tiny_args(use_vmap, first_order=first_order, recompute=recompute)
+def run_step(params, ghat, tasks, first_order=False, use_vmap=False, recompute=False, adapt_bn=False):
+    args = tiny_args(use_vmap, first_order=first_order, recompute=recompute, adapt_bn=adapt_bn)
     return maml_gs.meta_gradient(params, {"ghat": ghat}, tasks, 0, args)
 
 
-def reference_loss(params, ghat, tasks, first_order=False):
-    """Algorithm 1 as the paper prints it, independently: loop over steps, then over tasks, flat vectors."""
-    theta = {n: p for n, p in params.items() if n not in maml_gs.GS_PARAMS}
+def reference_loss(params, ghat, tasks, first_order=False, adapt_bn=False):
+    """Algorithm 1 as the paper prints it, independently: loop over steps, then over tasks, flat vectors of the
+    adapted tensors (BatchNorm's scale and shift stay θ's unless adapt_bn)."""
+    theta = {n: params[n] for n in adapted_names(params, adapt_bn)}
+    fixed = {n: p for n, p in params.items() if n not in theta and n not in maml_gs.GS_PARAMS}
     names, shapes = list(theta), [p.shape for p in theta.values()]
     m, lam = params.get("m"), params.get("lambda")
 
@@ -68,7 +75,7 @@ def reference_loss(params, ghat, tasks, first_order=False):
         task_grads = []
         for t, w in enumerate(weights):
             parts, _ = unflatten(w)
-            net = {n: v.view(s) for (n, v), s in zip(parts.items(), shapes)}
+            net = {**fixed, **{n: v.view(s) for (n, v), s in zip(parts.items(), shapes)}}
             loss = F.cross_entropy(common.conv4_forward(net, tasks.x_s[t]), tasks.y_s[t])
             task_grads.append(torch.autograd.grad(loss, w, create_graph=not first_order)[0])
         if m is not None:
@@ -87,20 +94,21 @@ def reference_loss(params, ghat, tasks, first_order=False):
     losses = []
     for t, w in enumerate(weights):
         parts, _ = unflatten(w)
-        net = {n: v.view(s) for (n, v), s in zip(parts.items(), shapes)}
+        net = {**fixed, **{n: v.view(s) for (n, v), s in zip(parts.items(), shapes)}}
         losses.append(F.cross_entropy(common.conv4_forward(net, tasks.x_q[t]), tasks.y_q[t]))
     return sum(losses) / len(losses)
 
 
+@pytest.mark.parametrize("adapt_bn", [False, True], ids=["bn-outer-only", "adapt-bn"])
 @pytest.mark.parametrize("gs", [True, False])
 @pytest.mark.parametrize("later", [False, True], ids=["first-iteration", "later-iteration"])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
 @pytest.mark.parametrize("use_vmap", [False, True], ids=["loop", "vmap"])
-def test_matches_independent_per_task_loop(gs, later, first_order, use_vmap):
+def test_matches_independent_per_task_loop(gs, later, first_order, use_vmap, adapt_bn):
     params, tasks = tiny_params(gs=gs), tiny_tasks()
-    ghat = stored_ghat(params) if (later and gs) else None
-    result = run_step(params, ghat, tasks, first_order, use_vmap)
-    ref_loss = reference_loss(params, ghat, tasks, first_order)
+    ghat = stored_ghat(params, adapt_bn=adapt_bn) if (later and gs) else None
+    result = run_step(params, ghat, tasks, first_order, use_vmap, adapt_bn=adapt_bn)
+    ref_loss = reference_loss(params, ghat, tasks, first_order, adapt_bn)
     ref_grads = torch.autograd.grad(ref_loss, list(params.values()), allow_unused=True)
     torch.testing.assert_close(result.loss, ref_loss.detach(), rtol=1e-12, atol=1e-12)
     for (name, got), want in zip(result.grads.items(), ref_grads):
@@ -157,6 +165,17 @@ def test_meta_gradient_matches_central_finite_differences(later):
             assert numeric == pytest.approx(analytic, rel=1e-5, abs=1e-8), name
             checked += 1
     assert checked >= 2 * (len(params) - 2) + 2 * STEPS - (0 if later else STEPS)
+
+
+@pytest.mark.parametrize("adapt_bn", [False, True])
+def test_batchnorm_is_adapted_in_the_inner_loop_only_with_adapt_bn(adapt_bn):
+    params, tasks = tiny_params(gs=False), tiny_tasks()
+    fast, _ = maml_gs.inner_loop(params, None, None, None, tasks.x_s, tasks.y_s, tiny_args(adapt_bn=adapt_bn),
+                                 share=True, create_graph=False)
+    for name, p in params.items():  # fast: (tasks, ...) per tensor
+        assert torch.equal(fast[name], p.expand(TASKS, *p.shape)) == (name.startswith("bn") and not adapt_bn), name
+    ghat = run_step(tiny_params(), None, tasks, adapt_bn=adapt_bn).state["ghat"]
+    assert all(any(n.startswith("bn") for n in ghat_k) == adapt_bn for ghat_k in ghat)  # ĝ spans what adapts
 
 
 def test_first_order_maml_is_the_mean_query_gradient_at_the_adapted_weights():

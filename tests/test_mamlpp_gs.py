@@ -34,17 +34,18 @@ TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--filters", "
         "--val-tasks", "4", "--test-tasks", "4", "--ensemble", "2", "--quiet"]
 
 
-def tiny_params(seed: int = 0, gs: bool = True, per_step_bn: bool = True, lslr: bool = True) -> dict[str, torch.Tensor]:
+def tiny_params(seed: int = 0, gs: bool = True, per_step_bn: bool = True, lslr: bool = True,
+                adapt_bn: bool = False) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     theta = common.conv4_init(SHAPE, WAYS, FILTERS, BLOCKS, generator=gen, dtype=DTYPE)
     # Move every tensor off its initial value (BN scale 1, zero biases, rates = LR, identical BN rows) so that
     # no term vanishes by symmetry.
     params = {n: p + 0.2 * torch.randn(p.shape, generator=gen, dtype=DTYPE) for n, p in theta.items()}
     if per_step_bn:
-        params.update({n: p + 0.2 * torch.randn(STEPS + 1, *p.shape, generator=gen, dtype=DTYPE)
+        params.update({n: p + 0.2 * torch.randn(STEPS, *p.shape, generator=gen, dtype=DTYPE)
                        for n, p in theta.items() if n.startswith("bn")})
     if lslr:
-        adapted = [n for n in params if not (per_step_bn and n.startswith("bn"))]
+        adapted = list(split(params, per_step_bn, adapt_bn)[0])
         params.update({mamlpp_gs.LSLR + n: LR + 0.1 * torch.randn(STEPS, generator=gen, dtype=DTYPE) for n in adapted})
     if gs:
         params["m"] = 0.5 * torch.randn(STEPS, generator=gen, dtype=DTYPE)
@@ -52,9 +53,9 @@ def tiny_params(seed: int = 0, gs: bool = True, per_step_bn: bool = True, lslr: 
     return {n: p.requires_grad_() for n, p in params.items()}
 
 
-def split(params: dict, per_step_bn: bool = True):
-    """(adapted tensors, per-step BN tensors) of a parameter dict."""
-    bn = {n: p for n, p in params.items() if per_step_bn and n.startswith("bn")}
+def split(params: dict, per_step_bn: bool = True, adapt_bn: bool = False):
+    """(adapted tensors, BN tensors not adapted: per-step rows, or (C,) unless adapt_bn) of a parameter dict."""
+    bn = {n: p for n, p in params.items() if n.startswith("bn") and (per_step_bn or not adapt_bn)}
     return {n: p for n, p in params.items() if n not in GS and not n.startswith("lslr.") and n not in bn}, bn
 
 
@@ -66,12 +67,13 @@ def tiny_tasks(seed: int = 1, tasks: int = TASKS) -> common.Tasks:
                         torch.randn(tasks, WAYS * QUERIES, *SHAPE, generator=gen, dtype=DTYPE), labels(QUERIES))
 
 
-def stored_ghat(params: dict, per_step_bn: bool = True, seed: int = 2) -> list[dict[str, torch.Tensor]]:
+def stored_ghat(params: dict, per_step_bn: bool = True, seed: int = 2, adapt_bn: bool = False) -> list[dict]:
     """A ĝ as a previous meta-iteration would have left it: one unit vector (over the adapted tensors) per step."""
     gen = torch.Generator().manual_seed(seed)
     ghat = []
     for _ in range(STEPS):
-        g = {n: torch.randn(p.shape, generator=gen, dtype=DTYPE) for n, p in split(params, per_step_bn)[0].items()}
+        g = {n: torch.randn(p.shape, generator=gen, dtype=DTYPE)
+             for n, p in split(params, per_step_bn, adapt_bn)[0].items()}
         norm = math.sqrt(sum(float(v.square().sum()) for v in g.values()))
         ghat.append({n: v / norm for n, v in g.items()})
     return ghat
@@ -82,16 +84,18 @@ def tiny_args(use_vmap=False, module=mamlpp_gs, **kwargs):
 
 
 def run_step(params, ghat, tasks, epoch=0, per_step_bn=True, first_order_epochs=0, clip_grad=0.0, use_vmap=False,
-             recompute=False):
+             recompute=False, adapt_bn=False):
     args = tiny_args(use_vmap, per_step_bn=per_step_bn, msl_epochs=MSL_EPOCHS, first_order_epochs=first_order_epochs,
-                     clip_grad=clip_grad, recompute=recompute, lslr=any(n.startswith(mamlpp_gs.LSLR) for n in params))
+                     clip_grad=clip_grad, recompute=recompute, lslr=any(n.startswith(mamlpp_gs.LSLR) for n in params),
+                     adapt_bn=adapt_bn)
     return mamlpp_gs.meta_gradient(params, {"ghat": ghat}, tasks, epoch, args)
 
 
-def reference_adapt(params, ghat, x_s, y_s, per_step_bn=True, first_order=False, meta_test=False):
+def reference_adapt(params, ghat, x_s, y_s, per_step_bn=True, first_order=False, meta_test=False, adapt_bn=False):
     """Algorithm 1 (or 2) with LSLR and per-step BN as the papers print them, independently: steps, then tasks,
-    flat vectors over the adapted tensors. Returns net(t, j): task t's network at θ_{t,j}, j = 0..K."""
-    theta, bn = split(params, per_step_bn)
+    flat vectors over the adapted tensors. Returns net(t, j): task t's network at θ_{t,j}, j = 1..K, for the
+    query after step j: BN row j − 1, the row of step j's support forward (the reference's num_step)."""
+    theta, bn = split(params, per_step_bn, adapt_bn)
     names, shapes = list(theta), [p.shape for p in theta.values()]
     sizes = [math.prod(s) for s in shapes]
     m, lam = params.get("m"), params.get("lambda")
@@ -99,9 +103,9 @@ def reference_adapt(params, ghat, x_s, y_s, per_step_bn=True, first_order=False,
     def rates(k):  # the learning rate of every element of the adapted vector at step k
         return torch.cat([params[f"lslr.{n}"][k].expand(size) for n, size in zip(names, sizes)])
 
-    def network(vector, j):  # adapted tensors from the vector, BN from row j
+    def network(vector, j):  # adapted tensors from the vector, BN from row j (or BN as it is)
         return {**{n: v.view(s) for n, v, s in zip(names, torch.split(vector, sizes), shapes)},
-                **{n: p[j] for n, p in bn.items()}}
+                **{n: p[j] if per_step_bn else p for n, p in bn.items()}}
 
     weights = [[torch.cat([p.flatten() for p in theta.values()])] for _ in range(x_s.shape[0])]  # per task: θ_0..θ_k
     for k in range(STEPS):
@@ -124,12 +128,12 @@ def reference_adapt(params, ghat, x_s, y_s, per_step_bn=True, first_order=False,
             if shared is not None:
                 delta = torch.sigmoid(lam[k]) * shared + (1 - torch.sigmoid(lam[k])) * task_grads[t]
             trajectory.append(trajectory[-1] - rates(k) * delta)
-    return lambda t, j: network(weights[t][j], j)
+    return lambda t, j: network(weights[t][j], j - 1)
 
 
-def reference_loss(params, ghat, tasks, msl, per_step_bn=True, first_order=False):
+def reference_loss(params, ghat, tasks, msl, per_step_bn=True, first_order=False, adapt_bn=False):
     """Σ_j w_j (1/T) Σ_t L_t^query(θ_{t,j}) with the hand-computed weights msl (None: the final step only)."""
-    net = reference_adapt(params, ghat, tasks.x_s, tasks.y_s, per_step_bn, first_order)
+    net = reference_adapt(params, ghat, tasks.x_s, tasks.y_s, per_step_bn, first_order, adapt_bn=adapt_bn)
     def query(j):
         return sum(F.cross_entropy(common.conv4_forward(net(t, j), tasks.x_q[t]), tasks.y_q[t])
                    for t in range(TASKS)) / TASKS
@@ -149,13 +153,15 @@ def assert_grads_match(result, params, ref_loss):
 
 
 @pytest.mark.parametrize("gs, later", SHARING_CASES, ids=SHARING_IDS)
-@pytest.mark.parametrize("per_step_bn", [True, False], ids=["per-step-bn", "adapted-bn"])
+@pytest.mark.parametrize("per_step_bn, adapt_bn", [(True, False), (False, False), (False, True)],
+                         ids=["per-step-bn", "one-bn", "adapted-bn"])
 @pytest.mark.parametrize("epoch", sorted(MSL_AT), ids=[f"epoch{e}" for e in sorted(MSL_AT)])
-def test_matches_independent_per_task_loop(gs, later, per_step_bn, epoch):
-    params, tasks = tiny_params(gs=gs, per_step_bn=per_step_bn), tiny_tasks()
-    ghat = stored_ghat(params, per_step_bn) if (later and gs) else None
-    result = run_step(params, ghat, tasks, epoch, per_step_bn)
-    assert_grads_match(result, params, reference_loss(params, ghat, tasks, MSL_AT[epoch], per_step_bn))
+def test_matches_independent_per_task_loop(gs, later, per_step_bn, adapt_bn, epoch):
+    params, tasks = tiny_params(gs=gs, per_step_bn=per_step_bn, adapt_bn=adapt_bn), tiny_tasks()
+    ghat = stored_ghat(params, per_step_bn, adapt_bn=adapt_bn) if (later and gs) else None
+    result = run_step(params, ghat, tasks, epoch, per_step_bn, adapt_bn=adapt_bn)
+    assert_grads_match(result, params, reference_loss(params, ghat, tasks, MSL_AT[epoch], per_step_bn,
+                                                      adapt_bn=adapt_bn))
 
 
 def test_accuracy_is_at_the_final_adapted_weights():
@@ -223,7 +229,7 @@ def test_meta_gradient_matches_central_finite_differences(gs, later):
     assert checked == set(params) - ({"m"} if gs and not later else set())
     assert {"bn0.weight", "bn1.bias", "lslr.conv0.weight", "lslr.head.bias"} <= checked
     for name in ("bn0.weight", "bn0.bias"):  # every row, the query's (K) included, gets a gradient
-        assert grads[name].shape == (STEPS + 1, FILTERS) and bool(grads[name].abs().sum(1).gt(0).all()), name
+        assert grads[name].shape == (STEPS, FILTERS) and bool(grads[name].abs().sum(1).gt(0).all()), name
 
 
 def test_msl_weights_at_epochs_0_7_and_15_on():
@@ -324,7 +330,7 @@ def test_make_algorithm_builds_per_step_bn_and_lslr():
     adapted = [f"conv{i}.{k}" for i in range(4) for k in ("weight", "bias")] + ["head.weight", "head.bias"]
     bn = [f"bn{i}.{k}" for i in range(4) for k in ("weight", "bias")]
     assert set(params) == set(adapted) | set(bn) | {mamlpp_gs.LSLR + n for n in adapted} | set(GS)
-    assert all(params[n].shape == (4, FILTERS) for n in bn)  # K + 1 rows
+    assert all(params[n].shape == (3, FILTERS) for n in bn)  # K rows
     assert bool((params["bn2.weight"] == 1).all()) and bool((params["bn2.bias"] == 0).all())
     assert all(params[mamlpp_gs.LSLR + n].tolist() == [0.25] * 3 for n in adapted)
     result = algorithm.meta_gradient(params, algorithm.state, image_tasks(), 0, args)

@@ -34,7 +34,7 @@ def tiny_params(seed: int = 0, gs: bool = True, learn_alpha: bool = True) -> dic
     params = {n: p + 0.2 * torch.randn(p.shape, generator=gen, dtype=DTYPE) for n, p in theta.items()}
     if learn_alpha:
         params.update({metasgd_gs.ALPHA + n: LR + 0.1 * torch.randn(p.shape, generator=gen, dtype=DTYPE)
-                       for n, p in theta.items()})
+                       for n, p in theta.items() if not n.startswith("bn")})  # α of the adapted tensors
     if gs:
         params["m"] = 0.5 * torch.randn(STEPS, generator=gen, dtype=DTYPE)
         params["lambda"] = 0.5 * torch.randn(STEPS, generator=gen, dtype=DTYPE)
@@ -43,6 +43,11 @@ def tiny_params(seed: int = 0, gs: bool = True, learn_alpha: bool = True) -> dic
 
 def network(params: dict) -> dict[str, torch.Tensor]:
     return {n: p for n, p in params.items() if n not in GS and not n.startswith(metasgd_gs.ALPHA)}
+
+
+def adapted(params: dict) -> dict[str, torch.Tensor]:
+    """What the inner loop adapts by default: θ but BatchNorm's scale and shift."""
+    return {n: p for n, p in network(params).items() if not n.startswith("bn")}
 
 
 def tiny_tasks(seed: int = 1, tasks: int = TASKS) -> common.Tasks:
@@ -58,7 +63,7 @@ def stored_ghat(params: dict, seed: int = 2) -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     ghat = []
     for _ in range(STEPS):
-        g = {n: torch.randn(p.shape, generator=gen, dtype=DTYPE) for n, p in network(params).items()}
+        g = {n: torch.randn(p.shape, generator=gen, dtype=DTYPE) for n, p in adapted(params).items()}
         norm = math.sqrt(sum(float(v.square().sum()) for v in g.values()))
         ghat.append({n: v / norm for n, v in g.items()})
     return ghat
@@ -77,13 +82,14 @@ def reference_adapt(params, ghat, x_s, y_s, first_order=False, meta_test=False):
     """Algorithm 1 (or 2) for Meta-SGD as the papers print it, independently: steps, then tasks, flat vectors.
 
     Returns the adapted network of every task as a dict of tensors of θ's shapes."""
-    theta = network(params)
+    theta, fixed = adapted(params), {n: p for n, p in network(params).items() if n.startswith("bn")}
     names, shapes = list(theta), [p.shape for p in theta.values()]
     alpha = torch.cat([params[metasgd_gs.ALPHA + n].flatten() for n in names])  # one rate per element of θ
     m, lam = params.get("m"), params.get("lambda")
 
     def net(vector):
-        return {n: v.view(s) for n, v, s in zip(names, torch.split(vector, [math.prod(s) for s in shapes]), shapes)}
+        return {**fixed, **{n: v.view(s) for n, v, s in zip(names, torch.split(vector, [math.prod(s) for s in shapes]),
+                                                           shapes)}}
 
     weights = [torch.cat([p.flatten() for p in theta.values()]) for _ in range(x_s.shape[0])]
     for k in range(STEPS):
@@ -228,8 +234,12 @@ def test_no_learn_alpha_is_exactly_maml(gs):
 def test_make_algorithm_initialises_alpha_to_the_inner_lr():
     args = metasgd_gs.Args(ways=WAYS, filters=FILTERS, inner_lr=0.25, inner_steps=3)
     algorithm = metasgd_gs.make_algorithm(args, (1, 28, 28), torch.device("cpu"))
-    theta = network(algorithm.params)
-    assert set(algorithm.params) == set(theta) | {metasgd_gs.ALPHA + n for n in theta} | set(GS)
+    theta = adapted(algorithm.params)  # α for the tensors the inner loop adapts: not BatchNorm's, by default
+    assert set(algorithm.params) == set(network(algorithm.params)) | {metasgd_gs.ALPHA + n for n in theta} | set(GS)
+    with_bn = metasgd_gs.make_algorithm(metasgd_gs.Args(ways=WAYS, filters=FILTERS, adapt_bn=True), (1, 28, 28),
+                                        torch.device("cpu"))
+    assert {n for n in with_bn.params if n.startswith(metasgd_gs.ALPHA)} == {
+        metasgd_gs.ALPHA + n for n in network(with_bn.params)}
     for name, p in theta.items():
         alpha = algorithm.params[metasgd_gs.ALPHA + name]
         assert alpha.shape == p.shape and bool((alpha == 0.25).all()) and alpha.requires_grad
