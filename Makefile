@@ -64,12 +64,14 @@ pair = $(call seeds,$(1)_gs.py,$(RUNS)/$(2)/$(1)_og__$(3),$(4) --no-gs) && \
 
 # Paper 002 (gradient sharing, arXiv 2312.08398), Table 1: 5-way 5-shot, rows method/task batch, OG and GS.
 # Epochs: appendix A.3 (task batch 5: 150 on CUB, 250 on MiniImagenet; task batch 1: five times as many).
-# MAML++ clamps meta-gradients to ±10 on MiniImagenet, as its reference code does.
+# MAML++ clamps meta-gradients to ±10 on MiniImagenet, as its reference code does, and anneals to no lower lr.
 CUB_T5 = --dataset cub --ways 5 --tasks 5 --epochs 150
 CUB_T1 = --dataset cub --ways 5 --tasks 1 --epochs 750
 MINI_T5 = --dataset miniimagenet --ways 5 --tasks 5 --epochs 250
 MINI_T1 = --dataset miniimagenet --ways 5 --tasks 1 --epochs 1250
 CLIP = --clip-grad 10
+PP = --min-outer-lr 0.001  # MAML++: the released MiniImagenet configs' min_learning_rate = the outer lr
+PP_MINI = $(CLIP) $(PP)
 TABLE1 = table1-maml-cub-t5 table1-maml-cub-t1 table1-maml-miniimagenet-t5 table1-maml-miniimagenet-t1 \
 	table1-metasgd-cub-t5 table1-metasgd-cub-t1 table1-metasgd-miniimagenet-t5 table1-metasgd-miniimagenet-t1 \
 	table1-mamlpp-cub-t5 table1-mamlpp-cub-t1 table1-mamlpp-miniimagenet-t5 table1-mamlpp-miniimagenet-t1
@@ -83,10 +85,10 @@ table1-metasgd-cub-t5: setup ; $(call pair,metasgd,table1,cub__5w5s__t5,$(CUB_T5
 table1-metasgd-cub-t1: setup ; $(call pair,metasgd,table1,cub__5w5s__t1,$(CUB_T1) --shots 5)
 table1-metasgd-miniimagenet-t5: setup ; $(call pair,metasgd,table1,miniimagenet__5w5s__t5,$(MINI_T5) --shots 5)
 table1-metasgd-miniimagenet-t1: setup ; $(call pair,metasgd,table1,miniimagenet__5w5s__t1,$(MINI_T1) --shots 5)
-table1-mamlpp-cub-t5: setup ; $(call pair,mamlpp,table1,cub__5w5s__t5,$(CUB_T5) --shots 5)
-table1-mamlpp-cub-t1: setup ; $(call pair,mamlpp,table1,cub__5w5s__t1,$(CUB_T1) --shots 5)
-table1-mamlpp-miniimagenet-t5: setup ; $(call pair,mamlpp,table1,miniimagenet__5w5s__t5,$(MINI_T5) --shots 5 $(CLIP))
-table1-mamlpp-miniimagenet-t1: setup ; $(call pair,mamlpp,table1,miniimagenet__5w5s__t1,$(MINI_T1) --shots 5 $(CLIP))
+table1-mamlpp-cub-t5: setup ; $(call pair,mamlpp,table1,cub__5w5s__t5,$(CUB_T5) --shots 5 $(PP))
+table1-mamlpp-cub-t1: setup ; $(call pair,mamlpp,table1,cub__5w5s__t1,$(CUB_T1) --shots 5 $(PP))
+table1-mamlpp-miniimagenet-t5: setup ; $(call pair,mamlpp,table1,miniimagenet__5w5s__t5,$(MINI_T5) --shots 5 $(PP_MINI))
+table1-mamlpp-miniimagenet-t1: setup ; $(call pair,mamlpp,table1,miniimagenet__5w5s__t1,$(MINI_T1) --shots 5 $(PP_MINI))
 
 # Paper 002, Figures 4-11 (appendix C): meta-validation curves (4, 6, 8, 10) and σ(m), σ(λ) (5, 7, 9, 11) of
 # every panel: method × {1, 5}-shot × task batch {5, 1}, OG and GS; CUB (Figures 4, 5, 8, 9), MiniImagenet (6,
@@ -99,15 +101,15 @@ figures-cub-lr0.1: $(filter %-cub-t5 %-cub-t1,$(TABLE1)) setup
 	$(call pair,maml,figures,cub__5w1s__t1__lr0.1,$(CUB_T1) --shots 1 --inner-lr 0.1)
 	$(call pair,metasgd,figures,cub__5w1s__t5__lr0.1,$(CUB_T5) --shots 1 --inner-lr 0.1)
 	$(call pair,metasgd,figures,cub__5w1s__t1__lr0.1,$(CUB_T1) --shots 1 --inner-lr 0.1)
-	$(call pair,mamlpp,figures,cub__5w1s__t5__lr0.1,$(CUB_T5) --shots 1 --inner-lr 0.1)
-	$(call pair,mamlpp,figures,cub__5w1s__t1__lr0.1,$(CUB_T1) --shots 1 --inner-lr 0.1)
+	$(call pair,mamlpp,figures,cub__5w1s__t5__lr0.1,$(CUB_T5) --shots 1 --inner-lr 0.1 $(PP))
+	$(call pair,mamlpp,figures,cub__5w1s__t1__lr0.1,$(CUB_T1) --shots 1 --inner-lr 0.1 $(PP))
 figures-miniimagenet-lr0.1: $(filter %-miniimagenet-t5 %-miniimagenet-t1,$(TABLE1)) setup
 	$(call pair,maml,figures,miniimagenet__5w1s__t5__lr0.1,$(MINI_T5) --shots 1 --inner-lr 0.1)
 	$(call pair,maml,figures,miniimagenet__5w1s__t1__lr0.1,$(MINI_T1) --shots 1 --inner-lr 0.1)
 	$(call pair,metasgd,figures,miniimagenet__5w1s__t5__lr0.1,$(MINI_T5) --shots 1 --inner-lr 0.1)
 	$(call pair,metasgd,figures,miniimagenet__5w1s__t1__lr0.1,$(MINI_T1) --shots 1 --inner-lr 0.1)
-	$(call pair,mamlpp,figures,miniimagenet__5w1s__t5__lr0.1,$(MINI_T5) --shots 1 --inner-lr 0.1 $(CLIP))
-	$(call pair,mamlpp,figures,miniimagenet__5w1s__t1__lr0.1,$(MINI_T1) --shots 1 --inner-lr 0.1 $(CLIP))
+	$(call pair,mamlpp,figures,miniimagenet__5w1s__t5__lr0.1,$(MINI_T5) --shots 1 --inner-lr 0.1 $(PP_MINI))
+	$(call pair,mamlpp,figures,miniimagenet__5w1s__t1__lr0.1,$(MINI_T1) --shots 1 --inner-lr 0.1 $(PP_MINI))
 figures-cub-lr1.0: setup
 	$(call pair,maml,figures,cub__5w1s__t5__lr1.0,$(CUB_T5) --shots 1 --inner-lr 1.0)
 	$(call pair,maml,figures,cub__5w1s__t1__lr1.0,$(CUB_T1) --shots 1 --inner-lr 1.0)
@@ -117,10 +119,10 @@ figures-cub-lr1.0: setup
 	$(call pair,metasgd,figures,cub__5w1s__t1__lr1.0,$(CUB_T1) --shots 1 --inner-lr 1.0)
 	$(call pair,metasgd,figures,cub__5w5s__t5__lr1.0,$(CUB_T5) --shots 5 --inner-lr 1.0)
 	$(call pair,metasgd,figures,cub__5w5s__t1__lr1.0,$(CUB_T1) --shots 5 --inner-lr 1.0)
-	$(call pair,mamlpp,figures,cub__5w1s__t5__lr1.0,$(CUB_T5) --shots 1 --inner-lr 1.0)
-	$(call pair,mamlpp,figures,cub__5w1s__t1__lr1.0,$(CUB_T1) --shots 1 --inner-lr 1.0)
-	$(call pair,mamlpp,figures,cub__5w5s__t5__lr1.0,$(CUB_T5) --shots 5 --inner-lr 1.0)
-	$(call pair,mamlpp,figures,cub__5w5s__t1__lr1.0,$(CUB_T1) --shots 5 --inner-lr 1.0)
+	$(call pair,mamlpp,figures,cub__5w1s__t5__lr1.0,$(CUB_T5) --shots 1 --inner-lr 1.0 $(PP))
+	$(call pair,mamlpp,figures,cub__5w1s__t1__lr1.0,$(CUB_T1) --shots 1 --inner-lr 1.0 $(PP))
+	$(call pair,mamlpp,figures,cub__5w5s__t5__lr1.0,$(CUB_T5) --shots 5 --inner-lr 1.0 $(PP))
+	$(call pair,mamlpp,figures,cub__5w5s__t1__lr1.0,$(CUB_T1) --shots 5 --inner-lr 1.0 $(PP))
 figures-miniimagenet-lr1.0: setup
 	$(call pair,maml,figures,miniimagenet__5w1s__t5__lr1.0,$(MINI_T5) --shots 1 --inner-lr 1.0)
 	$(call pair,maml,figures,miniimagenet__5w1s__t1__lr1.0,$(MINI_T1) --shots 1 --inner-lr 1.0)
@@ -130,10 +132,10 @@ figures-miniimagenet-lr1.0: setup
 	$(call pair,metasgd,figures,miniimagenet__5w1s__t1__lr1.0,$(MINI_T1) --shots 1 --inner-lr 1.0)
 	$(call pair,metasgd,figures,miniimagenet__5w5s__t5__lr1.0,$(MINI_T5) --shots 5 --inner-lr 1.0)
 	$(call pair,metasgd,figures,miniimagenet__5w5s__t1__lr1.0,$(MINI_T1) --shots 5 --inner-lr 1.0)
-	$(call pair,mamlpp,figures,miniimagenet__5w1s__t5__lr1.0,$(MINI_T5) --shots 1 --inner-lr 1.0 $(CLIP))
-	$(call pair,mamlpp,figures,miniimagenet__5w1s__t1__lr1.0,$(MINI_T1) --shots 1 --inner-lr 1.0 $(CLIP))
-	$(call pair,mamlpp,figures,miniimagenet__5w5s__t5__lr1.0,$(MINI_T5) --shots 5 --inner-lr 1.0 $(CLIP))
-	$(call pair,mamlpp,figures,miniimagenet__5w5s__t1__lr1.0,$(MINI_T1) --shots 5 --inner-lr 1.0 $(CLIP))
+	$(call pair,mamlpp,figures,miniimagenet__5w1s__t5__lr1.0,$(MINI_T5) --shots 1 --inner-lr 1.0 $(PP_MINI))
+	$(call pair,mamlpp,figures,miniimagenet__5w1s__t1__lr1.0,$(MINI_T1) --shots 1 --inner-lr 1.0 $(PP_MINI))
+	$(call pair,mamlpp,figures,miniimagenet__5w5s__t5__lr1.0,$(MINI_T5) --shots 5 --inner-lr 1.0 $(PP_MINI))
+	$(call pair,mamlpp,figures,miniimagenet__5w5s__t1__lr1.0,$(MINI_T1) --shots 5 --inner-lr 1.0 $(PP_MINI))
 
 # Paper 003 (CML, arXiv 2406.04639), MiniImagenet 5-way: the commands of cml.py's docstring (MAML: the
 # reference's settings; MAML++: mamlpp_gs.py's defaults, task batch 2).
@@ -151,28 +153,31 @@ cml-mamlpp-5s: setup ; $(call seeds,cml.py,$(CML_DIR)mamlpp__miniimagenet__5w5s_
 
 # Paper 004 (LWDGH): the commands of lwdgh.py's docstring, MAML (--p-min 1 --p-max 1: always explore, plain
 # MAML with the GCI logged), LWDGH alone (--no-ee) and LWDGH+EE. Table 1: MiniImagenet, Table 4: CUB, 5-way
-# 1/5-shot, 300 epochs (our assumption: the paper gives none); Table 5: the ablation, 1-shot, 20 epochs.
+# 1/5-shot, 300 epochs (fmu2's configs: the paper gives none); Table 5: the ablation, 1-shot, 20 epochs.
+# Meta-test queries per class as fmu2's test configs: 1 at 1-shot, 5 at 5-shot (lwdgh.py's docstring).
 LW = --filters 32 --iters-per-epoch 200
 LW_MINI = $(LW) --dataset miniimagenet
 LW_DIR = $(RUNS)/lwdgh/
 MAML = --p-min 1 --p-max 1
+Q1 = --test-queries 1
+Q5 = --test-queries 5
 LWDGH = lwdgh-table1 lwdgh-table4 lwdgh-table5
 .PHONY: reproduce-lwdgh $(LWDGH)
 reproduce-lwdgh: $(LWDGH)
 lwdgh-table1: setup
-	$(call seeds,lwdgh.py,$(LW_DIR)table1_maml__miniimagenet__5w1s,$(LW_MINI) --shots 1 --epochs 300 $(MAML))
-	$(call seeds,lwdgh.py,$(LW_DIR)table1_lwdgh_ee__miniimagenet__5w1s,$(LW_MINI) --shots 1 --epochs 300)
-	$(call seeds,lwdgh.py,$(LW_DIR)table1_maml__miniimagenet__5w5s,$(LW_MINI) --shots 5 --epochs 300 $(MAML))
-	$(call seeds,lwdgh.py,$(LW_DIR)table1_lwdgh_ee__miniimagenet__5w5s,$(LW_MINI) --shots 5 --epochs 300)
+	$(call seeds,lwdgh.py,$(LW_DIR)table1_maml__miniimagenet__5w1s,$(LW_MINI) --shots 1 --epochs 300 $(MAML) $(Q1))
+	$(call seeds,lwdgh.py,$(LW_DIR)table1_lwdgh_ee__miniimagenet__5w1s,$(LW_MINI) --shots 1 --epochs 300 $(Q1))
+	$(call seeds,lwdgh.py,$(LW_DIR)table1_maml__miniimagenet__5w5s,$(LW_MINI) --shots 5 --epochs 300 $(MAML) $(Q5))
+	$(call seeds,lwdgh.py,$(LW_DIR)table1_lwdgh_ee__miniimagenet__5w5s,$(LW_MINI) --shots 5 --epochs 300 $(Q5))
 lwdgh-table4: setup
-	$(call seeds,lwdgh.py,$(LW_DIR)table4_maml__cub__5w1s,$(LW) --dataset cub --shots 1 --epochs 300 $(MAML))
-	$(call seeds,lwdgh.py,$(LW_DIR)table4_lwdgh_ee__cub__5w1s,$(LW) --dataset cub --shots 1 --epochs 300)
-	$(call seeds,lwdgh.py,$(LW_DIR)table4_maml__cub__5w5s,$(LW) --dataset cub --shots 5 --epochs 300 $(MAML))
-	$(call seeds,lwdgh.py,$(LW_DIR)table4_lwdgh_ee__cub__5w5s,$(LW) --dataset cub --shots 5 --epochs 300)
+	$(call seeds,lwdgh.py,$(LW_DIR)table4_maml__cub__5w1s,$(LW) --dataset cub --shots 1 --epochs 300 $(MAML) $(Q1))
+	$(call seeds,lwdgh.py,$(LW_DIR)table4_lwdgh_ee__cub__5w1s,$(LW) --dataset cub --shots 1 --epochs 300 $(Q1))
+	$(call seeds,lwdgh.py,$(LW_DIR)table4_maml__cub__5w5s,$(LW) --dataset cub --shots 5 --epochs 300 $(MAML) $(Q5))
+	$(call seeds,lwdgh.py,$(LW_DIR)table4_lwdgh_ee__cub__5w5s,$(LW) --dataset cub --shots 5 --epochs 300 $(Q5))
 lwdgh-table5: setup
-	$(call seeds,lwdgh.py,$(LW_DIR)table5_maml__miniimagenet__5w1s,$(LW_MINI) --shots 1 --epochs 20 $(MAML))
-	$(call seeds,lwdgh.py,$(LW_DIR)table5_lwdgh__miniimagenet__5w1s,$(LW_MINI) --shots 1 --epochs 20 --no-ee)
-	$(call seeds,lwdgh.py,$(LW_DIR)table5_lwdgh_ee__miniimagenet__5w1s,$(LW_MINI) --shots 1 --epochs 20)
+	$(call seeds,lwdgh.py,$(LW_DIR)table5_maml__miniimagenet__5w1s,$(LW_MINI) --shots 1 --epochs 20 $(MAML) $(Q1))
+	$(call seeds,lwdgh.py,$(LW_DIR)table5_lwdgh__miniimagenet__5w1s,$(LW_MINI) --shots 1 --epochs 20 --no-ee $(Q1))
+	$(call seeds,lwdgh.py,$(LW_DIR)table5_lwdgh_ee__miniimagenet__5w1s,$(LW_MINI) --shots 1 --epochs 20 $(Q1))
 
 # Paper 002's Table 1 grid scaled down to Omniglot (the omniglot-small subsets where the full zips are absent),
 # 5-way 1-shot, to check the paper's qualitative claims in about 30 minutes on 2 CPU cores: every method ×

@@ -15,23 +15,22 @@ loop and never used at evaluation: `predict` is the base method's, on the meta-l
 
 Decisions (where the paper is silent):
 - The base is a copy of mamlpp_gs.py --no-gs (loop, init, MSL, first-order epochs, clamp, cosine lr,
-  prediction), which with fixed rates [α]·K and BN in θ (the maml base) is maml_gs.py --no-gs step for
-  step. At γ = 0 the meta-gradient equals maml_gs.py's / mamlpp_gs.py's bitwise (tested).
+  prediction), which with fixed rates [α]·K and one BN per layer (the maml base) is maml_gs.py --no-gs step
+  for step. At γ = 0 the meta-gradient equals maml_gs.py's / mamlpp_gs.py's bitwise (tested). MAML++'s MSL
+  applies to L^meta only (L^co at θ_{t,K}); its clamp to the summed network gradient, not φ's.
 - z_t is computed once per query pass: the meta-learner pools it and applies its head (common.conv4_forward's
-  operations), the co-learner reads it (`both_heads`). With MAML++ per-step BN, BN row K.
+  operations), the co-learner reads it (`both_heads`). With MAML++ per-step BN, the last BN row.
 - φ's blocks are Conv4's (common.conv_block), --filters channels; its linear layer has the head's input
   size. Xavier init, zero biases, from a generator seeded --seed + COLEARNER_SEED_OFFSET.
-- BatchNorm: adapted in the inner loop as the base does it (maml: in θ; mamlpp: per-step rows, learned by
-  the outer loop only). The reference (torchmeta's MetaBatchNorm2d) adapts BN's scale and shift.
+- BatchNorm as the base: meta-learned by the outer loop only (mamlpp: per-step rows), --adapt-bn adapts it in
+  the inner loop too. The reference (torchmeta's MetaBatchNorm2d) adapts BN's scale and shift: --adapt-bn.
 - Unlike the reference code (JJongyn/CML): one Adam for the whole run (train_cml.py makes new Adam
   optimisers every 100-iteration epoch); φ initialised like θ (the reference: PyTorch's default init); the
   reference meta-tests the single best validation model on 10,000 tasks: compare with test_acc_best.
   --colearner-blocks 2 is its co-learner (Conv(2)); the paper's ablation finds Conv(0) best for 1-shot.
-- MAML++'s MSL applies to L^meta only (L^co at θ_{t,K}); its clamp to the summed network gradient, not φ's.
 - Logged (`metrics`): loss_meta (MSL-weighted while MSL is on), loss_co (train_loss = loss_meta + γ loss_co);
-  grad_cos and grad_norm_ratio = ‖g_co‖/‖g_meta‖ of g_meta = ∇L^meta and g_co = ∇L^co w.r.t. the extractor's
-  conv and BN tensors of θ: a second backward, so from every --grad-stats-every-th meta-iteration of an epoch
-  only (the first included; `state` counts them).
+  grad_cos, grad_norm_ratio = ‖g_co‖/‖g_meta‖ of g_meta = ∇L^meta, g_co = ∇L^co w.r.t. θ's conv and BN tensors:
+  a second backward, so from every --grad-stats-every-th meta-iteration of an epoch (`state` counts them).
 
 How it runs: `common.run` builds the meta-parameters with `make_algorithm`, steps Adam with the gradients of
 `meta_gradient` on every batch of tasks (averaging its `metrics` per epoch; MAML++: each epoch's learning
@@ -101,6 +100,8 @@ class Args(common.Args):
         for name in ("msl_epochs", "first_order_epochs", "clip_grad", "grad_stats_every", "colearner_blocks", "gamma"):
             if not getattr(self, name) >= 0:
                 problems.append(f"--{name.replace('_', '-')} must be 0 or positive, got {getattr(self, name)}")
+        if self.adapt_bn and self.base == "mamlpp" and self.per_step_bn:
+            problems.append("--adapt-bn needs --no-per-step-bn: per-step BN rows are learned by the outer loop only")
         if self.base == "mamlpp" and self.cosine and not 0 <= self.min_outer_lr <= self.outer_lr:
             problems.append(f"--min-outer-lr must lie in [0, --outer-lr = {self.outer_lr}], got {self.min_outer_lr}")
         other = "maml" if self.base == "mamlpp" else "mamlpp"
@@ -112,7 +113,6 @@ class Args(common.Args):
 BASE_ONLY = {"maml": ("first_order",), "mamlpp": ("lslr", "per_step_bn", "msl_epochs", "first_order_epochs",
                                                   "cosine", "min_outer_lr", "clip_grad")}  # read by one base only
 LSLR = "lslr."  # lslr.<name>: the learned inner learning rates of adapted tensor <name>, one per step (K,)
-BN = "bn"  # Conv4's BatchNorm tensors bn{i}.weight and bn{i}.bias; per-step: (K+1, C), else (C,)
 MSL_FLOOR = 0.03  # MSL: each non-final weight falls to at least MSL_FLOOR / K (the reference's value)
 COLEARNER = "colearner."  # colearner.<name>: the co-learner's tensors φ, meta-parameters like θ
 COLEARNER_SEED_OFFSET = 1  # φ's init generator: --seed + this
@@ -138,37 +138,40 @@ def colearner_init(net: dict[str, torch.Tensor], generator: torch.Generator, blo
 def init_params(args: Args, image_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
     """θ from the seed; mamlpp: BN rows as its BN, LSLR rates --inner-lr; φ from its own seed."""
     params = common.conv4_init(image_shape, args.ways, args.filters, generator=torch.Generator().manual_seed(args.seed))
-    per_step_bn = args.base == "mamlpp" and args.per_step_bn  # the maml base: BN in θ, adapted
-    if per_step_bn:  # K+1 copies of conv4_init's BN scale 1 and shift 0, in place of the (C,) tensors
-        params.update({name: p.expand(args.inner_steps + 1, *p.shape).clone() for name, p in params.items()
-                       if name.startswith(BN)})
+    if per_step_bn(args):  # K copies of conv4_init's BN scale 1 and shift 0, in place of the (C,) tensors
+        params.update({name: p.expand(args.inner_steps, *p.shape).clone() for name, p in params.items()
+                       if name.startswith(common.BN)})
     if args.base == "mamlpp" and args.lslr:
-        adapted = [name for name in params if not (per_step_bn and name.startswith(BN))]
+        adapted, _ = common.split_adapted(params, args.adapt_bn and not per_step_bn(args))
         params.update({LSLR + name: torch.full((args.inner_steps,), args.inner_lr) for name in adapted})
     generator = torch.Generator().manual_seed(args.seed + COLEARNER_SEED_OFFSET)
     return {**params, **colearner_init(params, generator, args.colearner_blocks)}
 
 
+def per_step_bn(args: Args) -> bool:  # the maml base: one BN tensor per layer
+    return args.base == "mamlpp" and args.per_step_bn
+
+
 def split_params(params: dict[str, torch.Tensor], args: Args):
-    """params -> (adapted θ, per-step BN, LSLR rates, φ without its prefix); fixed rates: [inner_lr] * K."""
-    bn = {name: p for name, p in params.items() if args.base == "mamlpp" and args.per_step_bn and name.startswith(BN)}
-    theta = {name: p for name, p in params.items() if not name.startswith((COLEARNER, LSLR)) and name not in bn}
+    """params -> (adapted θ, BN not adapted, LSLR rates, φ without its prefix); fixed rates: [inner_lr] * K."""
+    net = {name: p for name, p in params.items() if not name.startswith((COLEARNER, LSLR))}
+    theta, bn = common.split_adapted(net, args.adapt_bn and not per_step_bn(args))  # per-step BN: never adapted
     lslr = {name: params.get(LSLR + name, [args.inner_lr] * args.inner_steps) for name in theta}
     phi = {name.removeprefix(COLEARNER): p for name, p in params.items() if name.startswith(COLEARNER)}
     return theta, bn, lslr, phi
 
 
-def forward_at(bn: dict[str, torch.Tensor], step: int, forward=common.conv4_forward):
-    """`forward` at the weights after `step` inner steps: the fast weights with BN row `step` (shared by all tasks)."""
-    rows = {name: p[step] for name, p in bn.items()}
-    return lambda weights, x: forward({**weights, **rows}, x)
+def bn_rows(frozen: dict[str, torch.Tensor], step: int, args: Args) -> dict[str, torch.Tensor]:
+    """The BN tensors of inner step `step` (from 0) and of the query forward after it, (tasks, C) each: row
+    `step` of each per-step BN tensor, or the BN tensors the inner loop leaves alone."""
+    return {name: w[:, step] if per_step_bn(args) else w for name, w in frozen.items()}
 
 
-def inner_step(fast: dict[str, torch.Tensor], k: int, bn: dict[str, torch.Tensor], lslr: dict,
+def inner_step(fast: dict[str, torch.Tensor], k: int, rows: dict[str, torch.Tensor], lslr: dict,
                x_s: torch.Tensor, y_s: torch.Tensor, args: Args, create_graph: bool) -> dict[str, torch.Tensor]:
     """Inner step k+1 for every task of the batch (k counts from 0 and indexes the rates and BN rows)."""
-    grads = common.support_grads(forward_at(bn, k), fast, x_s, y_s, create_graph=create_graph,
-                                 use_vmap=args.vmap == "on")  # ∇L_t(θ_{t,k}) with BN row k, (tasks, ...)
+    grads = common.support_grads(common.conv4_forward, fast, x_s, y_s, create_graph=create_graph,
+                                 use_vmap=args.vmap == "on", frozen=rows)  # ∇L_t(θ_{t,k}) with BN row k
     return {name: w - lslr[name][k] * grads[name] for name, w in fast.items()}  # LSLR: a rate per tensor, step
 
 
@@ -176,19 +179,24 @@ def inner_loop(theta: dict[str, torch.Tensor], bn: dict[str, torch.Tensor], lslr
                y_s: torch.Tensor, args: Args, create_graph: bool) -> list[dict[str, torch.Tensor]]:
     """Adapt θ to every task of the batch: K inner steps of the base method, without gradient sharing.
 
-    bn: the per-step BN tensors (K+1, C), or {} when BN is in θ (the maml base); lslr: each adapted tensor's
+    bn: the BN tensors not adapted, (K, C) per-step or (C,) ({} with --adapt-bn); lslr: each adapted tensor's
     rates, (K,) or a list of K floats when fixed (the maml base: [α] * K, maml_gs.py's step); x_s (tasks,
     ways*shots, C, H, W), y_s (tasks, ways*shots). Returns the trajectory [θ_{t,0}, ..., θ_{t,K}] (MSL needs
-    every step), each a dict of (tasks, ...) tensors. --recompute: torch.utils.checkpoint keeps only the
-    inputs of steps 1..K-1 and recomputes each step in the backward pass; step K stays stored.
+    every step), each a dict of (tasks, ...) tensors, θ_{t,j} (j ≥ 1) with the BN rows of step j (its query's
+    too). --recompute: torch.utils.checkpoint keeps only the inputs of steps 1..K-1 and recomputes each step
+    in the backward pass; step K stays stored.
     """
-    trajectory = [{name: p.expand(x_s.shape[0], *p.shape) for name, p in theta.items()}]  # θ_{t,0} = θ
+    weights = {name: p.expand(x_s.shape[0], *p.shape) for name, p in {**theta, **bn}.items()}  # (tasks, ...)
+    fast, frozen = {name: weights[name] for name in theta}, {name: weights[name] for name in bn}  # θ_{t,0} = θ
+    trajectory = [fast]
     for k in range(args.inner_steps):
-        step_args = (trajectory[-1], k, bn, lslr, x_s, y_s, args, create_graph)
+        rows = bn_rows(frozen, k, args)
+        step_args = (fast, k, rows, lslr, x_s, y_s, args, create_graph)
         if args.recompute and k < args.inner_steps - 1:
-            trajectory.append(torch.utils.checkpoint.checkpoint(inner_step, *step_args, use_reentrant=False))
+            fast = torch.utils.checkpoint.checkpoint(inner_step, *step_args, use_reentrant=False)
         else:
-            trajectory.append(inner_step(*step_args))
+            fast = inner_step(*step_args)
+        trajectory.append({**fast, **rows})
     return trajectory
 
 
@@ -225,9 +233,8 @@ def colearner_forward(phi: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Te
     return F.linear(z.flatten(1), phi["head.weight"], phi["head.bias"])
 
 
-def both_heads(phi: dict[str, torch.Tensor]):
-    """(net, x) -> the meta-learner's and the co-learner's logits side by side, (N, 2·ways), from one z."""
-    def forward(net: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def both_heads(phi: dict[str, torch.Tensor]):  # (net, x) -> the meta-learner's and the co-learner's logits, one z
+    def forward(net: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:  # (N, 2·ways)
         z = prepool_features(net, x)
         meta = F.linear(F.max_pool2d(z, common.POOL).flatten(1), net["head.weight"], net["head.bias"])
         return torch.cat([meta, colearner_forward(phi, z)], dim=-1)
@@ -240,16 +247,15 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
     theta, bn, lslr, phi = split_params(params, args)
     create_graph = not args.first_order if args.base == "maml" else epoch >= args.first_order_epochs
     trajectory = inner_loop(theta, bn, lslr, tasks.x_s, tasks.y_s, args, create_graph)
-    # The base's loss: MSL Σ_j w_j (1/T) Σ_t L_t^meta(θ_{t,j}) with BN row j, or the final step's alone
+    # The base's loss: MSL Σ_j w_j (1/T) Σ_t L_t^meta(θ_{t,j}) with BN row j − 1, or the final step's alone
     weights = msl_weights(epoch, args) or [0.0] * (args.inner_steps - 1) + [1.0]
     loss_meta = 0.0
     for j, weight in enumerate(weights, start=1):
         if j == args.inner_steps:  # at θ_{t,K} the co-learner reads the same z: (tasks, N_q, 2·ways)
-            both = common.forward_tasks(forward_at(bn, j, both_heads(phi)), trajectory[j], tasks.x_q,
-                                        args.vmap == "on", args.recompute)
+            both = common.forward_tasks(both_heads(phi), trajectory[j], tasks.x_q, args.vmap == "on", args.recompute)
             logits, co_logits = both.chunk(2, dim=-1)
         elif weight:
-            logits = common.forward_tasks(forward_at(bn, j), trajectory[j], tasks.x_q, args.vmap == "on",
+            logits = common.forward_tasks(common.conv4_forward, trajectory[j], tasks.x_q, args.vmap == "on",
                                           args.recompute)
         if weight:
             step_loss, acc = common.query_loss(logits, tasks.y_q)  # acc: at θ_{t,K}, the last step
@@ -286,7 +292,7 @@ def predict(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, a
     with torch.enable_grad():
         trajectory = inner_loop(theta, bn, lslr, tasks.x_s, tasks.y_s, args, create_graph=False)
     with torch.no_grad():
-        return common.forward_tasks(forward_at(bn, args.inner_steps), trajectory[-1], tasks.x_q, args.vmap == "on")
+        return common.forward_tasks(common.conv4_forward, trajectory[-1], tasks.x_q, args.vmap == "on")
 
 
 def make_algorithm(args: Args, image_shape: tuple[int, int, int], device: torch.device) -> common.Algorithm:

@@ -861,6 +861,8 @@ class Args:
     """support examples per class"""
     queries: int = 15
     """query examples per class"""
+    test_queries: int = 0
+    """query examples per class of the meta-test tasks (0: --queries)"""
     tasks: int = 5
     """task batch size: tasks per meta-iteration"""
     filters: int = 48
@@ -901,6 +903,8 @@ class Args:
     def check(self) -> list[str]:
         """Problems with the values, each saying what is expected (subclasses add their own)."""
         problems = []
+        if self.test_queries < 0:
+            problems.append(f"--test-queries must be 0 (--queries) or a positive integer, got {self.test_queries}")
         for name in ("ways", "shots", "queries", "tasks", "filters", "epochs", "iters_per_epoch", "val_tasks",
                      "test_tasks", "ensemble", "eval_batch", "max_bad_steps"):
             if getattr(self, name) < 1:
@@ -986,6 +990,8 @@ class Algorithm:
     """(params, state, tasks, args) -> adapted query logits (tasks, ways*queries, ways); never changes state"""
     outer_lr: Callable[[int, Args], float] | None = None
     """(epoch, args) -> the outer Adam's learning rate in that epoch (MAML++'s cosine annealing); None: --outer-lr"""
+    test_predict: Callable[[dict, dict, Tasks, Args], torch.Tensor] | None = None
+    """predict for the meta-test where it differs from meta-validation's (LWDGH's --test-inner-steps); None: predict"""
 
 
 # ---- Evaluation ----
@@ -999,7 +1005,7 @@ def mean_ci(values: torch.Tensor) -> tuple[float, float]:
     return float(values.mean()), float(Z95 * values.std() / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
-def evaluate(algorithm: Algorithm, members: list[tuple[dict, dict]], tasks: EvalTasks,
+def evaluate(predict: Callable, members: list[tuple[dict, dict]], tasks: EvalTasks,
              args: Args) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-task query accuracies (num_tasks,) of the ensemble of members [(params, state), ...] and of members[0].
 
@@ -1009,7 +1015,7 @@ def evaluate(algorithm: Algorithm, members: list[tuple[dict, dict]], tasks: Eval
     """
     ensemble, first = [], []
     for batch_tasks in tasks.batches(args.eval_batch):
-        logits = [algorithm.predict(params, state, batch_tasks, args) for params, state in members]
+        logits = [predict(params, state, batch_tasks, args) for params, state in members]
         ensemble.append(accuracy(sum(logits) / len(logits), batch_tasks.y_q).cpu())
         first.append(accuracy(logits[0], batch_tasks.y_q).cpu())
     return torch.cat(ensemble), torch.cat(first)
@@ -1211,7 +1217,8 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
         task_shape = (args.ways, args.shots, args.queries)
         sampler = TaskSampler(splits["train"], *task_shape, args.tasks, seed=args.seed)
         val_tasks = EvalTasks(splits["val"], *task_shape, args.val_tasks, seed=args.eval_seed)
-        test_tasks = EvalTasks(splits["test"], *task_shape, args.test_tasks, seed=args.eval_seed)
+        test_tasks = EvalTasks(splits["test"], args.ways, args.shots, args.test_queries or args.queries,
+                               args.test_tasks, seed=args.eval_seed)
     except DataError as e:
         raise SystemExit(f"error: {e}")
     algorithm = make_algorithm(args, splits["train"].image_shape, device)
@@ -1296,15 +1303,16 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
                 progress.step(epoch, loop["iteration"] - 1, result.loss.item())
             if loop["status"] != "running":
                 break
-            val_acc, val_ci = mean_ci(evaluate(algorithm, [(params, state)], val_tasks, args)[0])
+            val_acc, val_ci = mean_ci(evaluate(algorithm.predict, [(params, state)], val_tasks, args)[0])
             means = {name: total / count for name, (total, count) in loop["sums"].items()}
             loop["history"].append({  # an epoch whose every update was skipped has no training numbers: NaN
                 "epoch": epoch + 1, "train_loss": means.pop("train_loss", math.nan),
                 "train_acc": means.pop("train_acc", math.nan), "val_acc": val_acc, "val_ci": val_ci,
                 "skipped_steps": loop["skipped"], "seconds": loop["seconds"] + time.time() - started, **means})
             loop.update(epoch=epoch + 1, iteration=0, sums={}, skipped=0, seconds=0.0)
-            # Keep the best `ensemble` checkpoints by validation accuracy (ties: the earlier epoch).
-            ranked = sorted(loop["top"] + [[val_acc, epoch + 1]], key=lambda t: (-t[0], t[1]))
+            # Keep the best `ensemble` checkpoints by validation accuracy; ties: the later epoch first, as the
+            # MAML++ reference's ranking (np.argsort(val_acc)[::-1], experiment_builder.py) orders them.
+            ranked = sorted(loop["top"] + [[val_acc, epoch + 1]], key=lambda t: (-t[0], -t[1]))
             loop["top"], evicted = ranked[:args.ensemble], ranked[args.ensemble:]
             if [val_acc, epoch + 1] in loop["top"]:
                 save(run_dir / f"epoch{epoch + 1:04d}.pt")
@@ -1352,7 +1360,7 @@ def finish(args: Args, algorithm: Algorithm, run_dir: Path, loop: dict, test_tas
             ckpt = load_checkpoint(path)
             restore_params(member, ckpt["params"], path)
             members.append((member, _to(ckpt["state"], device)))
-        ensemble, best_single = evaluate(algorithm, members, test_tasks, args)
+        ensemble, best_single = evaluate(algorithm.test_predict or algorithm.predict, members, test_tasks, args)
         (acc_ens, ci_ens), (acc_best, ci_best) = mean_ci(ensemble), mean_ci(best_single)
         result.update(test_acc_ensemble=acc_ens, test_ci_ensemble=ci_ens, test_acc_best=acc_best, test_ci_best=ci_best)
         progress.message(f"meta-test: ensemble of {len(members)} {acc_ens:.4f} ± {ci_ens:.4f}, "

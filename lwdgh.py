@@ -14,6 +14,8 @@ Each meta-iteration explores with probability p_e (Adam gets ḡ, the MAML updat
 (Adam gets g_u); e is the epoch (from 0), E = round(--transition · --epochs) the transition epoch.
 
 Decisions where the paper is silent:
+- Eq. 3 as printed is inconsistent: its right-hand side (‖g_i‖ − g_i·ḡ)/‖ḡ‖ equals ‖g_i‖(1 − cos(g_i, ḡ)) only
+  when ‖ḡ‖ = 1 (and it sums over tasks on one side only); we use ‖g_i‖(1 − cos(g_i, ḡ)) per task and layer.
 - A layer is one parameter tensor (conv weight and bias, BatchNorm scale and shift are separate layers).
 - Per-task meta-gradients in one backward pass: each task adapts its own copy of θ, a (tasks, ...) leaf;
   tasks share nothing, so row t of d(Σ_t L_t)/d(copies) is g_t. Same cost as MAML's backward.
@@ -35,14 +37,21 @@ gradients (carrying its `state`, the explore/exploit generator, to the next call
 `predict` on fixed validation tasks after every epoch and on the test tasks at the end (the ensemble
 of the 5 best checkpoints).
 
-Defaults follow the paper's setting (its code base is fmu2/PyTorch-MAML): task batch 4, inner lr 0.01, 5
-inner steps at meta-training, 10 at evaluation, Adam 1e-3, Conv4 with 32 filters (the paper's 32.9k
-parameters). The paper gives no epoch count for Tables 1 and 4: 300 epochs of 200 meta-iterations are our
-assumption (Table 5 states 200 per epoch). Reproduces the paper's Tables 1 (MiniImagenet), 4 (CUB) and 5
+Defaults follow the paper's setting: task batch 4, inner lr 0.01, 5 inner steps at meta-training, 10 at
+meta-test, Adam 1e-3, Conv4 with 32 filters (the paper's 32.9k parameters). Where the paper is silent, as the
+code it built on (fmu2/PyTorch-MAML, public copy shirleyzhu233/PyTorch-MAML: train.py, configs/convnet4/
+mini-imagenet/*/{train,test}_reproduce.yaml): meta-validation with the training inner loop (5 steps, 15
+queries), meta-test with 10 steps; BatchNorm's scale and shift not adapted in the inner loop (frozen: bn;
+--adapt-bn to adapt them); every meta-gradient element clamped to ±10 (--clip-grad, train.py's
+clip_grad_value_); 300 epochs of 200 meta-iterations (train_reproduce.yaml; Table 5 states 200 per epoch).
+The meta-test queries: fmu2's test configs use 1 query per class at 1-shot and 5 at 5-shot (--test-queries),
+and those fit the paper's intervals, 15 do not: 600 tasks of 5 queries at about 48% accuracy give ±1.96 ·
+0.22/√600 ≈ ±1.8 points (the paper: ±1.75), of 25 queries at 63-67% about ±0.9 (the paper: ±0.91, ±0.97),
+where 75 queries would give about ±0.8 and ±0.6. Reproduces the paper's Tables 1 (MiniImagenet), 4 (CUB) and 5
 (the ablation, 20 epochs; its GCI column is gci_mean in metrics.csv), MAML (--p-min 1 --p-max 1) against
-MAML+LWDGH(+EE), e.g.
-    python lwdgh.py --dataset miniimagenet --shots 1 --filters 32 --epochs 300 --iters-per-epoch 200 --p-min 1 --p-max 1
-    python lwdgh.py --dataset miniimagenet --shots 1 --filters 32 --epochs 300 --iters-per-epoch 200
+MAML+LWDGH(+EE), e.g. (with --iters-per-epoch 200; 5-shot: --test-queries 5)
+    python lwdgh.py --dataset miniimagenet --shots 1 --filters 32 --epochs 300 --test-queries 1 --p-min 1 --p-max 1
+    python lwdgh.py --dataset miniimagenet --shots 1 --filters 32 --epochs 300 --test-queries 1
 `make reproduce-lwdgh` runs every row.
 """
 from __future__ import annotations
@@ -80,6 +89,8 @@ class Args(common.Args):
     """explore probability before E: cosine from p_max to p_min, or fixed at p_max (p_min from E on either way)"""
     first_order: bool = False
     """first-order approximation: no gradient through the inner-loop gradients"""
+    clip_grad: float = 10.0
+    """clamp each element of the meta-gradient handed to Adam to ±this value (fmu2's clip_grad_value_); 0: off"""
     recompute: bool = False
     """gradient checkpointing: recompute the query pass and each inner step but the last in the backward pass"""
 
@@ -92,6 +103,8 @@ class Args(common.Args):
             problems.append(f"--inner-lr must be positive, got {self.inner_lr}")
         if not 0 <= self.p_min <= self.p_max <= 1:
             problems.append(f"need 0 <= --p-min <= --p-max <= 1, got {self.p_min} and {self.p_max}")
+        if not self.clip_grad >= 0:
+            problems.append(f"--clip-grad must be 0 (off) or positive, got {self.clip_grad}")
         if not 0 <= self.transition <= 1:
             problems.append(f"--transition must be a fraction in [0, 1], got {self.transition}")
         return problems
@@ -129,28 +142,30 @@ def harmonise(task_grads: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
 
 
 def inner_step(fast: dict[str, torch.Tensor], x_s: torch.Tensor, y_s: torch.Tensor, args: Args,
-               create_graph: bool) -> dict[str, torch.Tensor]:
-    """One plain MAML step θ_{t,k+1} = θ_{t,k} − α ∇L_t(θ_{t,k}) for every task, (tasks, ...) per tensor."""
+               create_graph: bool, frozen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One plain MAML step θ_{t,k+1} = θ_{t,k} − α ∇L_t(θ_{t,k}) for every task, (tasks, ...) per adapted tensor."""
     grads = common.support_grads(common.conv4_forward, fast, x_s, y_s, create_graph=create_graph,
-                                 use_vmap=args.vmap == "on")  # ∇L_t(θ_{t,k}), (tasks, ...)
+                                 use_vmap=args.vmap == "on", frozen=frozen)  # ∇L_t(θ_{t,k}), (tasks, ...)
     return {name: w - args.inner_lr * grads[name] for name, w in fast.items()}
 
 
-def inner_loop(fast: dict[str, torch.Tensor], x_s: torch.Tensor, y_s: torch.Tensor, args: Args, inner_steps: int,
+def inner_loop(weights: dict[str, torch.Tensor], x_s: torch.Tensor, y_s: torch.Tensor, args: Args, inner_steps: int,
                create_graph: bool) -> dict[str, torch.Tensor]:
     """Adapt every task of the batch: `inner_steps` plain MAML steps from θ_{t,0}, (tasks, ...) per tensor.
 
-    x_s (tasks, ways*shots, C, H, W), y_s (tasks, ways*shots). Returns θ_{t,K}, (tasks, ...) per tensor.
+    x_s (tasks, ways*shots, C, H, W), y_s (tasks, ways*shots). Returns θ_{t,K}, (tasks, ...) per tensor; the
+    tensors common.split_adapted leaves alone (BatchNorm's unless --adapt-bn) are θ_{t,0}'s.
     --recompute: torch.utils.checkpoint keeps only the inputs of steps 1..K-1 and recomputes each step in
     the backward pass; step K, the first the backward needs, stays stored (the query pass: forward_tasks).
     """
+    fast, frozen = common.split_adapted(weights, args.adapt_bn)
     for k in range(inner_steps):
         if args.recompute and k < inner_steps - 1:
-            fast = torch.utils.checkpoint.checkpoint(inner_step, fast, x_s, y_s, args, create_graph,
+            fast = torch.utils.checkpoint.checkpoint(inner_step, fast, x_s, y_s, args, create_graph, frozen,
                                                      use_reentrant=False)
         else:
-            fast = inner_step(fast, x_s, y_s, args, create_graph)
-    return fast
+            fast = inner_step(fast, x_s, y_s, args, create_graph, frozen)
+    return {**fast, **frozen}
 
 
 def task_gradients(params: dict[str, torch.Tensor], tasks: common.Tasks, args: Args):
@@ -182,14 +197,19 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
                "gci_harmonised": gci(flat, torch.cat([g.flatten() for g in harmonised.values()])).sum().item(),
                "explore_fraction": float(explore),
                "weight_entropy": torch.special.entr(weights).sum(1).mean().item()}
-    return common.StepResult(loss, acc, mean if explore else harmonised, {"rng": generator.get_state()}, metrics)
+    grads = mean if explore else harmonised
+    if args.clip_grad > 0:  # as fmu2's train.py: every element of every meta-gradient, before the outer step
+        grads = {name: g.clamp(-args.clip_grad, args.clip_grad) for name, g in grads.items()}
+    return common.StepResult(loss, acc, grads, {"rng": generator.get_state()}, metrics)
 
 
-def predict(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, args: Args) -> torch.Tensor:
-    """Adapt θ to every task (--test-inner-steps plain MAML steps), return query logits (tasks, ways*queries, ways)."""
+def predict(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, args: Args,
+            inner_steps: int | None = None) -> torch.Tensor:
+    """Adapt θ to every task (meta-validation: the training --inner-steps, as fmu2's train.py; meta-test:
+    --test-inner-steps, `test_predict`), return query logits (tasks, ways*queries, ways)."""
     with torch.enable_grad():
         fast = {name: p.detach().expand(tasks.x_s.shape[0], *p.shape).requires_grad_() for name, p in params.items()}
-        fast = inner_loop(fast, tasks.x_s, tasks.y_s, args, args.test_inner_steps, create_graph=False)
+        fast = inner_loop(fast, tasks.x_s, tasks.y_s, args, inner_steps or args.inner_steps, create_graph=False)
     with torch.no_grad():
         return common.forward_tasks(common.conv4_forward, fast, tasks.x_q, args.vmap == "on")
 
@@ -199,7 +219,8 @@ def make_algorithm(args: Args, image_shape: tuple[int, int, int], device: torch.
     theta = common.conv4_init(image_shape, args.ways, args.filters, generator=torch.Generator().manual_seed(args.seed))
     params = {name: p.to(device).requires_grad_() for name, p in theta.items()}
     state = {"rng": torch.Generator().manual_seed(args.seed).get_state()}
-    return common.Algorithm("lwdgh_ee" if args.ee else "lwdgh", params, state, meta_gradient, predict)
+    return common.Algorithm("lwdgh_ee" if args.ee else "lwdgh", params, state, meta_gradient, predict,
+                            test_predict=lambda *a: predict(*a, inner_steps=args.test_inner_steps))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def tiny_params(seed: int = 0, mamlpp: bool = False, colearner_blocks: int = 2) 
     params = {n: p + 0.2 * torch.randn(p.shape, generator=gen, dtype=DTYPE) for n, p in params.items()}
     if mamlpp:  # per-step BN rows and LSLR rates, each off its initial value too
         for n in [n for n in params if n.startswith("bn")]:
-            params[n] = params[n] + 0.1 * torch.randn(STEPS + 1, *params[n].shape, generator=gen, dtype=DTYPE)
+            params[n] = params[n] + 0.1 * torch.randn(STEPS, *params[n].shape, generator=gen, dtype=DTYPE)
         adapted = [n for n in params if not n.startswith(("bn", cml.COLEARNER))]
         params.update({cml.LSLR + n: LR + 0.05 * torch.randn(STEPS, generator=gen, dtype=DTYPE) for n in adapted})
     return {n: p.requires_grad_() for n, p in params.items()}
@@ -98,17 +98,19 @@ def test_colearner_is_never_adapted():
 
 
 def reference_loss(params, tasks):
-    """Independent: per task, K plain gradient steps on all of θ, then L^meta + γ L^co on the query set."""
-    theta = {n: p for n, p in params.items() if not n.startswith(cml.COLEARNER)}
+    """Independent: per task, K plain gradient steps on θ but its BatchNorm tensors (the outer loop's alone), then
+    L^meta + γ L^co on the query set."""
+    theta = {n: p for n, p in params.items() if not n.startswith((cml.COLEARNER, "bn"))}
+    bn = {n: p for n, p in params.items() if n.startswith("bn")}
     phi = {n.removeprefix(cml.COLEARNER): p for n, p in params.items() if n.startswith(cml.COLEARNER)}
     total = 0.0
     for t in range(TASKS):
         fast = dict(theta)
         for _ in range(STEPS):
-            support = F.cross_entropy(common.conv4_forward(fast, tasks.x_s[t]), tasks.y_s[t])
+            support = F.cross_entropy(common.conv4_forward({**fast, **bn}, tasks.x_s[t]), tasks.y_s[t])
             grads = torch.autograd.grad(support, list(fast.values()), create_graph=True)
             fast = {n: w - LR * g for (n, w), g in zip(fast.items(), grads)}
-        x = tasks.x_q[t]
+        x, fast = tasks.x_q[t], {**fast, **bn}
         for i in range(BLOCKS):  # the extractor, written out: pool after every block but the last
             x = F.relu(F.batch_norm(F.conv2d(x, fast[f"conv{i}.weight"], fast[f"conv{i}.bias"], padding=1), None, None,
                                     fast[f"bn{i}.weight"], fast[f"bn{i}.bias"], training=True))

@@ -52,13 +52,15 @@ def maml_step(params, tasks):
 
 
 def reference_task_loss(params, tasks, t):
-    """L_t^query(θ_{t,K}) written out plainly for one task: K steps of θ ← θ − α ∇L_t^support."""
-    fast = dict(params)
+    """L_t^query(θ_{t,K}) written out plainly for one task: K steps of θ ← θ − α ∇L_t^support on θ but its
+    BatchNorm tensors, which stay θ's (the outer loop's alone)."""
+    fast = {n: p for n, p in params.items() if not n.startswith("bn")}
+    bn = {n: p for n, p in params.items() if n.startswith("bn")}
     for _ in range(STEPS):
-        loss = F.cross_entropy(common.conv4_forward(fast, tasks.x_s[t]), tasks.y_s[t])
+        loss = F.cross_entropy(common.conv4_forward({**fast, **bn}, tasks.x_s[t]), tasks.y_s[t])
         grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
         fast = {n: w - LR * g for (n, w), g in zip(fast.items(), grads)}
-    return F.cross_entropy(common.conv4_forward(fast, tasks.x_q[t]), tasks.y_q[t])
+    return F.cross_entropy(common.conv4_forward({**fast, **bn}, tasks.x_q[t]), tasks.y_q[t])
 
 
 def reference_task_grads(params, tasks) -> list[dict[str, torch.Tensor]]:
@@ -246,18 +248,31 @@ def test_omniglot_small(tmp_path, shared_data):
     assert result["status"] == "finished" and result["epochs_run"] == 2
 
 
-def test_evaluation_adapts_with_the_test_inner_steps():
+def test_validation_adapts_with_the_training_steps_and_the_meta_test_with_the_test_steps():
+    """fmu2's protocol: meta-validation with the training inner loop (--inner-steps), meta-test with
+    --test-inner-steps."""
     args = lwdgh.Args(dataset="synthetic", filters=FILTERS, ways=WAYS, inner_steps=1, test_inner_steps=3, inner_lr=LR)
     algorithm = lwdgh.make_algorithm(args, (1, 16, 16), torch.device("cpu"))
     gen = torch.Generator().manual_seed(4)
     x_s, x_q = (torch.randn(2, WAYS * n, 1, 16, 16, generator=gen) for n in (SHOTS, QUERIES))
     tasks = common.Tasks(x_s, torch.arange(WAYS).repeat_interleave(SHOTS).repeat(2, 1),
                          x_q, torch.arange(WAYS).repeat_interleave(QUERIES).repeat(2, 1))
-    logits = algorithm.predict(algorithm.params, algorithm.state, tasks, args)
     def adapted(steps):
-        return lwdgh.predict(algorithm.params, algorithm.state, tasks, lwdgh.Args(test_inner_steps=steps, inner_lr=LR))
-    torch.testing.assert_close(logits, adapted(3), rtol=0, atol=0)
-    assert not torch.allclose(logits, adapted(1))
+        return lwdgh.predict(algorithm.params, algorithm.state, tasks, lwdgh.Args(inner_steps=steps, inner_lr=LR))
+    validation = algorithm.predict(algorithm.params, algorithm.state, tasks, args)
+    test = algorithm.test_predict(algorithm.params, algorithm.state, tasks, args)
+    torch.testing.assert_close(validation, adapted(1), rtol=0, atol=0)
+    torch.testing.assert_close(test, adapted(3), rtol=0, atol=0)
+    assert not torch.allclose(validation, test)
+
+
+def test_the_meta_gradient_is_clamped_as_fmu2_clamps_it():
+    params, tasks = tiny_params(), tiny_tasks()
+    free = lwdgh.meta_gradient(params, fresh_state(), tasks, 0, tiny_args(clip_grad=0.0)).grads
+    clip = 0.5 * min(float(g.abs().max()) for g in free.values())
+    clamped = lwdgh.meta_gradient(params, fresh_state(), tasks, 0, tiny_args(clip_grad=clip)).grads
+    assert all(torch.equal(clamped[n], g.clamp(-clip, clip)) for n, g in free.items())
+    assert lwdgh.Args().clip_grad == 10.0  # fmu2's train.py: clip_grad_value_(param, 10)
 
 
 def test_defaults_follow_the_paper_and_bad_probabilities_are_rejected():

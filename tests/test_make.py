@@ -35,6 +35,7 @@ def test_table1_is_every_method_dataset_and_task_batch_with_and_without_sharing(
         assert command.startswith("srun ") and "--data-root /data --device cuda" in command
         assert "--ways 5" in command and "--shots 5" in command and f"--epochs {EPOCHS[dataset, tasks]}" in command
         assert ("--clip-grad 10" in command) == (method == "mamlpp" and dataset == "miniimagenet")
+        assert ("--min-outer-lr 0.001" in command) == (method == "mamlpp")  # the reference's configs: no decay
         assert ("--no-gs" in command.split()) != gs
         seen.add((method, dataset, tasks, gs))
     assert len(seen) == len(runs)
@@ -145,6 +146,7 @@ def test_lwdgh_runs_the_commands_of_its_docstring():
         table, variant, dataset, shots = name.groups()
         assert (flag(command, "--dataset"), flag(command, "--epochs")) == tables[table] and dataset == tables[table][0]
         assert flag(command, "--shots") == shots
+        assert flag(command, "--test-queries") == ("1" if shots == "1" else "5")  # fmu2's test configs
         for other, flags in LWDGH_VARIANTS.items():
             if flags:
                 assert (flags in command) == (other == variant)
