@@ -15,8 +15,9 @@ Meta-validation and meta-test (Algorithm 2) use the stored ĝ_k and never change
 
 Decisions where the paper is silent: m, λ ∈ R^K start at 0 (σ = 0.5); second order by default, so the
 meta-gradient flows through g_k, its norm and the task gradients; m gets no gradient on the first
-meta-iteration (ĝ = g there); every Conv4 tensor (BatchNorm scale and shift included) is adapted in the
-inner loop; before any ĝ is stored, evaluation uses the plain gradient.
+meta-iteration (ĝ = g there); before any ĝ is stored, evaluation uses the plain gradient. BatchNorm's scale
+and shift are meta-learned by the outer loop but not adapted in the inner loop (so g_k, ĝ_k leave them out),
+as in MAML's own code (BatchNorm variables outside the adapted weights); --adapt-bn adapts them too.
 
 How it runs: `common.main` parses `Args` and calls `common.run`, which builds the meta-parameters with
 `make_algorithm`, then for every meta-iteration calls `meta_gradient` on a batch of tasks and steps

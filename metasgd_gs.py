@@ -19,10 +19,10 @@ Decisions where the papers are silent: every element of α starts at --inner-lr 
 appendix A.3, the same value as MAML's for a fair comparison) and is unconstrained (it may turn negative,
 as in Li et al.); --no-learn-alpha keeps α fixed at --inner-lr, which is exactly MAML (tested); m, λ ∈ R^K
 start at 0 (σ = 0.5); second order by default, so the meta-gradient flows through g_k, its norm and the
-task gradients; m gets no gradient on the first meta-iteration (ĝ = g there); every Conv4 tensor
-(BatchNorm scale and shift included) is adapted; before any ĝ is stored, evaluation uses the plain
-gradient. Logged per epoch: the mean and standard deviation of all elements of α (`alpha_mean`,
-`alpha_std`), next to σ(m) and σ(λ).
+task gradients; m gets no gradient on the first meta-iteration (ĝ = g there); BatchNorm's scale and shift
+are meta-learned by the outer loop only (no α, not in g_k), as MAML's code; --adapt-bn adapts them too;
+before any ĝ is stored, evaluation uses the plain gradient. Logged per epoch: the mean and standard
+deviation of all elements of α (`alpha_mean`, `alpha_std`), next to σ(m) and σ(λ).
 
 How it runs: `common.main` parses `Args` and calls `common.run`, which builds the meta-parameters with
 `make_algorithm`, then for every meta-iteration calls `meta_gradient` on a batch of tasks and steps

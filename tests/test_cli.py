@@ -217,3 +217,16 @@ def test_a_run_made_before_a_resume_free_flag_existed_still_resumes(tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(SystemExit, match=r"made without the arguments \['inner_lr'\]"):
         run(["--resume", str(tmp_path / "run")])
+
+
+def test_test_queries_set_the_meta_test_tasks_only(tmp_path, monkeypatch):
+    built = []
+    original = common.EvalTasks
+
+    class Recording(original):
+        def __init__(self, split, ways, shots, queries, num_tasks, seed):
+            built.append((split.name.split("/")[1], queries))
+            super().__init__(split, ways, shots, queries, num_tasks, seed)
+    monkeypatch.setattr(common, "EvalTasks", Recording)
+    run(TINY + ["--test-queries", "1", "--out", str(tmp_path / "run")])
+    assert built == [("val", 2), ("test", 1)]  # TINY has --queries 2

@@ -65,14 +65,18 @@ def workload(shape: str, shots: int, device: torch.device) -> common.Tasks:
 
 def plain_loop(params: dict[str, torch.Tensor], tasks: common.Tasks, inner_steps: int = INNER_STEPS,
                inner_lr: float = INNER_LR) -> None:
-    """Second-order MAML written plainly, one task at a time, as the reference of the comparison: into p.grad."""
+    """Second-order MAML written plainly, one task at a time, as the reference of the comparison: into p.grad.
+
+    As the algorithm files by default, BatchNorm's scale and shift are not adapted in the inner loop."""
+    bn = {name: p for name, p in params.items() if name.startswith(common.BN)}
     for t in range(tasks.x_s.shape[0]):
-        fast = dict(params)
+        fast = {name: p for name, p in params.items() if name not in bn}
         for _ in range(inner_steps):
-            loss = F.cross_entropy(common.conv4_forward(fast, tasks.x_s[t]), tasks.y_s[t])
+            loss = F.cross_entropy(common.conv4_forward({**fast, **bn}, tasks.x_s[t]), tasks.y_s[t])
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
             fast = {name: w - inner_lr * g for (name, w), g in zip(fast.items(), grads)}
-        (F.cross_entropy(common.conv4_forward(fast, tasks.x_q[t]), tasks.y_q[t]) / tasks.x_s.shape[0]).backward()
+        loss = F.cross_entropy(common.conv4_forward({**fast, **bn}, tasks.x_q[t]), tasks.y_q[t])
+        (loss / tasks.x_s.shape[0]).backward()
 
 
 def higher_step(params: dict[str, torch.Tensor], tasks: common.Tasks, inner_steps: int, inner_lr: float):
@@ -92,7 +96,8 @@ def higher_step(params: dict[str, torch.Tensor], tasks: common.Tasks, inner_step
             return common.conv4_forward({n: self.weights[n.replace(".", "_")] for n in params}, x)
 
     net = Conv4().to(tasks.x_s.device)
-    inner_opt = torch.optim.SGD(net.parameters(), lr=inner_lr)
+    adapted = [p for n, p in net.weights.items() if not n.startswith(common.BN)]  # BN: the outer loop's only
+    inner_opt = torch.optim.SGD(adapted, lr=inner_lr)
 
     def step():
         for t in range(tasks.x_s.shape[0]):
