@@ -21,6 +21,7 @@ import ast
 import contextlib
 import csv
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import inspect
@@ -731,11 +732,12 @@ class EvalTasks:
 
 CONV_KERNEL = 3  # 3×3 convolutions, padding 1: the spatial size is kept until the pooling
 POOL = 2  # each block halves the spatial size
+BLOCKS = 4  # Conv4's blocks: images need at least POOL ** BLOCKS = 16 pixels a side
 BN_EPS = 1e-5  # BatchNorm's ε, F.batch_norm's default
 BN = "bn"  # the BatchNorm tensors' names start so: bn{i}.weight (scale), bn{i}.bias (shift)
 
 
-def conv4_init(image_shape: tuple[int, int, int], ways: int, filters: int = 48, blocks: int = 4,
+def conv4_init(image_shape: tuple[int, int, int], ways: int, filters: int = 48, blocks: int = BLOCKS,
                generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Parameters of the Conv4 backbone of MAML / MAML++ (paper 002, appendix A.2) for (C, H, W) images.
 
@@ -913,12 +915,21 @@ class Args:
             problems.append(f"--ways must be at least 2 for a classification task, got {self.ways}")
         if not self.outer_lr > 0:
             problems.append(f"--outer-lr must be positive, got {self.outer_lr}")
+        for f in dataclasses.fields(self):  # inf and NaN: no learning rate, weight or probability takes them
+            if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name)):
+                problems.append(f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(self, f.name)}")
+        for name in ("seed", "eval_seed"):  # torch.Generator.manual_seed takes [0, 2^63)
+            if not 0 <= getattr(self, name) < 2 ** 63:
+                problems.append(f"--{name.replace('_', '-')} must lie in [0, 2^63), got {getattr(self, name)}")
         if self.device == "cuda" and not torch.cuda.is_available():
             problems.append("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
         try:
             shape = synthetic_shape(self.synthetic_shape)
             if min(shape) < 1:
                 raise ValueError
+            if self.dataset == "synthetic" and min(shape[1:]) < POOL ** BLOCKS:
+                problems.append(f"--synthetic-shape {self.synthetic_shape}: Conv4's {BLOCKS} poolings need images of "
+                                f"at least {POOL ** BLOCKS}×{POOL ** BLOCKS} pixels")
         except ValueError:
             problems.append(f"--synthetic-shape must be three positive integers C,H,W, got {self.synthetic_shape!r}")
         return problems
@@ -946,18 +957,30 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def parse_args(cls: type, argv: list[str] | None = None, description: str | None = None):
-    """Build an argparse parser from a dataclass of arguments, parse argv, validate with cls.check()."""
+def _parser(cls: type, description: str | None, defaults: bool = True) -> argparse.ArgumentParser:
+    """An argparse parser of a dataclass of arguments; defaults=False leaves out every flag not given."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     docs, hints = _field_docs(cls), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        default = f.default if defaults else argparse.SUPPRESS
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=docs[f.name])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs[f.name])
         elif typing.get_origin(kind) is typing.Literal:
-            parser.add_argument(flag, choices=typing.get_args(kind), default=f.default, help=docs[f.name])
+            parser.add_argument(flag, choices=typing.get_args(kind), default=default, help=docs[f.name])
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=docs[f.name])
+            parser.add_argument(flag, type=kind, default=default, help=docs[f.name])
+    return parser
+
+
+def given_flags(cls: type, argv: list[str] | None = None) -> set[str]:
+    """The fields whose flags argv gives explicitly (also where the value given is the default)."""
+    return set(vars(_parser(cls, None, defaults=False).parse_known_args(argv)[0]))
+
+
+def parse_args(cls: type, argv: list[str] | None = None, description: str | None = None):
+    """Build an argparse parser from a dataclass of arguments, parse argv, validate with cls.check()."""
+    parser = _parser(cls, description)
     args = cls(**vars(parser.parse_args(argv)))
     problems = args.check()
     if problems:
@@ -1024,7 +1047,9 @@ def evaluate(predict: Callable, members: list[tuple[dict, dict]], tasks: EvalTas
 # ---- Run directory and checkpoints ----
 
 CHECKPOINT_FORMAT = "metalearn-gs checkpoint v1"
+CHECKPOINT_KEYS = ("program", "algorithm", "args", "params", "state", "optimizer", "sampler", "torch_rng", "loop")
 LAST = "last.pt"  # the newest state of the run, for --resume
+LOCK = ".lock"  # held by the one process writing a run directory
 RESUME_FREE = ("resume", "quiet", "device", "vmap", "out", "data_root", "cache_dir", "download", "eval_batch",
                "tensorboard")
 
@@ -1044,8 +1069,9 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write(path, write)
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint dict, or SystemExit with a message naming the file when it is damaged or foreign."""
+def load_checkpoint(path: Path, args: Args | None = None) -> dict:
+    """A checkpoint dict, or SystemExit with a message naming the file when it is damaged or foreign: every key
+    the loop reads present; with args, of this program and this configuration (the flags but RESUME_FREE)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -1054,6 +1080,15 @@ def load_checkpoint(path: Path) -> dict:
         raise SystemExit(f"error: checkpoint {path} is damaged ({e}); delete it, or resume from another run")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"error: {path} is not a checkpoint of this project ({CHECKPOINT_FORMAT})")
+    if missing := [key for key in CHECKPOINT_KEYS if key not in ckpt]:
+        raise SystemExit(f"error: checkpoint {path} lacks {', '.join(missing)}: damaged or from another version")
+    if args is not None and ckpt["program"] != program_name(args):
+        raise SystemExit(f"error: checkpoint {path} is {ckpt['program']}.py's, not {program_name(args)}.py's")
+    if args is not None:
+        saved, mine = ckpt["args"], dataclasses.asdict(args)
+        if differ := [k for k in mine if k not in RESUME_FREE and k in saved and saved[k] != mine[k]]:
+            raise SystemExit(f"error: checkpoint {path} belongs to a run with " + ", ".join(
+                f"--{k.replace('_', '-')} {saved[k]}" for k in differ) + ", not this run's: resume its own run")
     return ckpt
 
 
@@ -1149,11 +1184,13 @@ def program_name(args: Args) -> str:
     return Path(inspect.getfile(type(args))).stem
 
 
-def resumed_args(args: Args) -> Args:
-    """On --resume, the run's own arguments (its config.json), with the flags that may change between sessions.
+def resumed_args(args: Args, given: set[str] | None = None) -> Args:
+    """On --resume, the run's own arguments (its config.json); of the flags that may change between sessions
+    (RESUME_FREE) the command line's where it gives them, else the run's (its --data-root, for one).
 
-    A flag given on the command line that differs from both its default and the run's value is refused:
-    resuming must never silently continue another configuration.
+    A flag given on the command line that differs from the run's value is refused, even when it is the default:
+    resuming must never silently continue another configuration. given: the fields the command line gives
+    (given_flags); None: those that differ from the defaults.
     """
     path = Path(args.resume) / "config.json"
     try:
@@ -1163,17 +1200,25 @@ def resumed_args(args: Args) -> Args:
                          f"is it a run directory?")
     if config.get("program") != program_name(args):
         raise SystemExit(f"error: {args.resume} is a run of {config.get('program')}.py, not {program_name(args)}.py")
-    given, default = dataclasses.asdict(args), dataclasses.asdict(type(args)())
-    missing = sorted(set(given) - set(config) - set(RESUME_FREE))  # a newer RESUME_FREE flag changes no result
+    values, default = dataclasses.asdict(args), dataclasses.asdict(type(args)())
+    if given is None:
+        given = {k for k in values if values[k] != default[k]}
+    missing = sorted(set(values) - set(config) - set(RESUME_FREE))  # a newer RESUME_FREE flag changes no result
     if missing:
         raise SystemExit(f"error: {args.resume} was made without the arguments {missing}: "
                          "another version of the program")
-    clash = [k for k in given if k not in RESUME_FREE and given[k] != default[k] and given[k] != config[k]]
+    clash = [k for k in given if k not in RESUME_FREE and values[k] != config[k]]
     if clash:
         raise SystemExit(f"error: {args.resume} is a run with "
                          + ", ".join(f"--{k.replace('_', '-')} {config[k]}" for k in clash)
                          + "; resume it without changing those flags, or start a new run")
-    return type(args)(**{k: given[k] if k in RESUME_FREE or k not in config else config[k] for k in given})
+    kept = {"resume", "out"}  # this session's: the run directory is the one resumed
+    resumed = type(args)(**{k: values[k] if k in given or k in kept or k not in config else config[k]
+                            for k in values})
+    problems = resumed.check()  # e.g. the run's --device cuda on a machine without one
+    if problems:
+        raise SystemExit(f"error: cannot resume {args.resume} with these values:\n  " + "\n  ".join(problems))
+    return resumed
 
 
 def restore_params(params: dict[str, torch.Tensor], saved: dict, path: Path) -> None:
@@ -1193,7 +1238,7 @@ def main(args_cls: type, make_algorithm: Callable[[Args, tuple[int, int, int], t
     """Command-line entry point of every algorithm file: parse, then run."""
     args = parse_args(args_cls, argv, description)
     if args.resume:
-        args = resumed_args(args)
+        args = resumed_args(args, given_flags(args_cls, argv))
     return run(args, make_algorithm)
 
 
@@ -1221,124 +1266,148 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
                                args.test_tasks, seed=args.eval_seed)
     except DataError as e:
         raise SystemExit(f"error: {e}")
-    algorithm = make_algorithm(args, splits["train"].image_shape, device)
+    try:
+        algorithm = make_algorithm(args, splits["train"].image_shape, device)
+    except ValueError as e:  # e.g. images too small for the Conv4 blocks
+        raise SystemExit(f"error: {e}")
     params, state = algorithm.params, algorithm.state
     optimizer = torch.optim.Adam(params.values(), lr=args.outer_lr)
 
     # Everything the loop needs to continue exactly where it stopped lives in `loop` and the checkpoint.
     loop = {"epoch": 0, "iteration": 0, "sums": {}, "skipped": 0, "bad_streak": 0, "seconds": 0.0,
             "history": [], "top": [], "status": "running"}
-    run_dir = Path(args.resume or args.out or run_dir_name(args, algorithm.name))
-    if args.resume and (run_dir / LAST).exists():
-        ckpt = load_checkpoint(run_dir / LAST)
-        restore_params(params, ckpt["params"], run_dir / LAST)
-        state = _to(ckpt["state"], device)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        sampler_note = sampler.load_state_dict(ckpt["sampler"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        loop = ckpt["loop"]
-        if sampler_note:  # the numbers will differ from an uninterrupted run's: said even with --quiet, and kept
-            print(f"warning: {sampler_note}", file=sys.stderr)
-            loop.setdefault("notes", []).append(f"resumed at epoch {loop['epoch'] + 1}, iteration "
-                                                f"{loop['iteration'] + 1}: {sampler_note}")
-        progress.message(f"resuming {run_dir} at epoch {loop['epoch'] + 1}, iteration {loop['iteration'] + 1}")
-        # Leftovers of a kill: temp files of unfinished writes, checkpoints no longer (or not yet) in the top list.
-        keep = {f"epoch{epoch:04d}.pt" for _, epoch in loop["top"]}
-        for path in list(run_dir.glob("*.tmp")) + [p for p in run_dir.glob("epoch*.pt") if p.name not in keep]:
-            path.unlink()
-    else:  # a new run (or a resumed one killed before its first checkpoint: it starts again)
-        if not args.resume and (run_dir / LAST).exists():
-            raise SystemExit(f"error: {run_dir} already holds a run; continue it with --resume {run_dir}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", {"program": program_name(args), "algorithm": algorithm.name,
-                                             **dataclasses.asdict(args), "out": str(run_dir), "resume": "",
-                                             "torch": torch.__version__, **provenance(device)})
-
-    def save(path: Path) -> None:
-        ckpt = {"format": CHECKPOINT_FORMAT, "program": program_name(args), "algorithm": algorithm.name,
-                "args": dataclasses.asdict(args), "params": {n: p.detach().cpu() for n, p in params.items()},
-                "state": _to(state, torch.device("cpu")), "optimizer": optimizer.state_dict(),
-                "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(), "loop": loop}
-        atomic_write(path, lambda f: torch.save(ckpt, f))
-
-    writer = tensorboard_writer(run_dir) if args.tensorboard else None
-    # SIGINT / SIGTERM: finish the current meta-iteration, save, exit.
-    stop = []
-    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    run_dir = Path(args.resume or args.out or run_dir_name(args, algorithm.name)).expanduser()
+    lock = lock_run_dir(run_dir)  # held, with this open file, until the process ends: one writer per run directory
     try:
-        while loop["epoch"] < args.epochs and loop["status"] == "running":
-            epoch, started = loop["epoch"], time.time()
-            if algorithm.outer_lr is not None:
-                for group in optimizer.param_groups:
-                    group["lr"] = algorithm.outer_lr(epoch, args)
-            while loop["iteration"] < args.iters_per_epoch:
-                if stop:
-                    loop["seconds"] += time.time() - started
-                    save(run_dir / LAST)
-                    progress.message(f"interrupted: saved {run_dir / LAST}; continue with --resume {run_dir}")
-                    raise SystemExit(128 + stop[0])
-                result = algorithm.meta_gradient(params, state, sampler.sample(), epoch, args)
-                grads = [g for g in result.grads.values() if g is not None]
-                finite = torch.stack([result.loss.isfinite()] + [g.isfinite().all() for g in grads]).all()
-                if finite.item():
-                    for name, p in params.items():
-                        p.grad = result.grads[name]
-                    optimizer.step()
-                    state = result.state
-                    numbers = {"train_loss": result.loss, "train_acc": result.accuracy, **result.metrics}
-                    for name, value in numbers.items():  # [sum, count]: a metric may come every n-th step only
-                        total = loop["sums"].setdefault(name, [0.0, 0])
-                        total[0], total[1] = total[0] + float(value), total[1] + 1
-                    loop["bad_streak"] = 0
-                else:  # a NaN or inf: skip this outer update, count it, stop after too many in a row
-                    loop["skipped"] += 1
-                    loop["bad_streak"] += 1
-                    progress.message(f"epoch {epoch + 1} iteration {loop['iteration'] + 1}: non-finite loss or "
-                                     f"meta-gradient, update skipped ({loop['bad_streak']} in a row)")
-                    if loop["bad_streak"] >= args.max_bad_steps:
-                        loop["status"] = "diverged"
-                        break
-                loop["iteration"] += 1
-                progress.step(epoch, loop["iteration"] - 1, result.loss.item())
-            if loop["status"] != "running":
-                break
-            val_acc, val_ci = mean_ci(evaluate(algorithm.predict, [(params, state)], val_tasks, args)[0])
-            means = {name: total / count for name, (total, count) in loop["sums"].items()}
-            loop["history"].append({  # an epoch whose every update was skipped has no training numbers: NaN
-                "epoch": epoch + 1, "train_loss": means.pop("train_loss", math.nan),
-                "train_acc": means.pop("train_acc", math.nan), "val_acc": val_acc, "val_ci": val_ci,
-                "skipped_steps": loop["skipped"], "seconds": loop["seconds"] + time.time() - started, **means})
-            loop.update(epoch=epoch + 1, iteration=0, sums={}, skipped=0, seconds=0.0)
-            # Keep the best `ensemble` checkpoints by validation accuracy; ties: the later epoch first, as the
-            # MAML++ reference's ranking (np.argsort(val_acc)[::-1], experiment_builder.py) orders them.
-            ranked = sorted(loop["top"] + [[val_acc, epoch + 1]], key=lambda t: (-t[0], -t[1]))
-            loop["top"], evicted = ranked[:args.ensemble], ranked[args.ensemble:]
-            if [val_acc, epoch + 1] in loop["top"]:
-                save(run_dir / f"epoch{epoch + 1:04d}.pt")
-            save(run_dir / LAST)  # written before the evicted files go: a crash in between loses nothing
-            for _, old in evicted:
-                (run_dir / f"epoch{old:04d}.pt").unlink(missing_ok=True)
+        if args.resume and (run_dir / LAST).exists():
+            ckpt = load_checkpoint(run_dir / LAST, args)
+            restore_params(params, ckpt["params"], run_dir / LAST)
+            state = _to(ckpt["state"], device)
+            optimizer.load_state_dict(ckpt["optimizer"])
+            sampler_note = sampler.load_state_dict(ckpt["sampler"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            loop = ckpt["loop"]
+            if sampler_note:  # the numbers will differ from an uninterrupted run's: said even with --quiet, and kept
+                print(f"warning: {sampler_note}", file=sys.stderr)
+                loop.setdefault("notes", []).append(f"resumed at epoch {loop['epoch'] + 1}, iteration "
+                                                    f"{loop['iteration'] + 1}: {sampler_note}")
+            progress.message(f"resuming {run_dir} at epoch {loop['epoch'] + 1}, iteration {loop['iteration'] + 1}")
+            # Leftovers of a kill: temp files of unfinished writes, checkpoints no longer (or not yet) in the top list.
+            keep = {f"epoch{epoch:04d}.pt" for _, epoch in loop["top"]}
+            for path in list(run_dir.glob("*.tmp")) + [p for p in run_dir.glob("epoch*.pt") if p.name not in keep]:
+                path.unlink()
+        else:  # a new run (or a resumed one killed before its first checkpoint: it starts again)
+            if not args.resume and (run_dir / LAST).exists():
+                raise SystemExit(f"error: {run_dir} already holds a run; continue it with --resume {run_dir}")
+            write_json(run_dir / "config.json", {"program": program_name(args), "algorithm": algorithm.name,
+                                                 **dataclasses.asdict(args), "out": str(run_dir), "resume": "",
+                                                 "torch": torch.__version__, **provenance(device)})
+
+        def save(path: Path) -> None:
+            ckpt = {"format": CHECKPOINT_FORMAT, "program": program_name(args), "algorithm": algorithm.name,
+                    "args": dataclasses.asdict(args), "params": {n: p.detach().cpu() for n, p in params.items()},
+                    "state": _to(state, torch.device("cpu")), "optimizer": optimizer.state_dict(),
+                    "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(), "loop": loop}
+            atomic_write(path, lambda f: torch.save(ckpt, f))
+
+        writer = tensorboard_writer(run_dir) if args.tensorboard else None
+        # SIGINT / SIGTERM: finish the current meta-iteration, save, exit.
+        stop = []
+        handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while loop["epoch"] < args.epochs and loop["status"] == "running":
+                epoch, started = loop["epoch"], time.time()
+                if algorithm.outer_lr is not None:
+                    for group in optimizer.param_groups:
+                        group["lr"] = algorithm.outer_lr(epoch, args)
+                while loop["iteration"] < args.iters_per_epoch:
+                    if stop:
+                        loop["seconds"] += time.time() - started
+                        save(run_dir / LAST)
+                        progress.message(f"interrupted: saved {run_dir / LAST}; continue with --resume {run_dir}")
+                        raise SystemExit(128 + stop[0])
+                    result = algorithm.meta_gradient(params, state, sampler.sample(), epoch, args)
+                    grads = [g for g in result.grads.values() if g is not None]
+                    # g² finite, not only g: Adam squares the gradient, and an overflow there is a divergence too
+                    finite = torch.stack([result.loss.isfinite()] + [g.square().isfinite().all() for g in grads]).all()
+                    if finite.item():
+                        for name, p in params.items():
+                            p.grad = result.grads[name]
+                        optimizer.step()
+                        state = result.state
+                        numbers = {"train_loss": result.loss, "train_acc": result.accuracy, **result.metrics}
+                        for name, value in numbers.items():  # [sum, count]: a metric may come every n-th step only
+                            total = loop["sums"].setdefault(name, [0.0, 0])
+                            total[0], total[1] = total[0] + float(value), total[1] + 1
+                        loop["bad_streak"] = 0
+                    else:  # a NaN or inf: skip this outer update, count it, stop after too many in a row
+                        loop["skipped"] += 1
+                        loop["bad_streak"] += 1
+                        progress.message(f"epoch {epoch + 1} iteration {loop['iteration'] + 1}: non-finite loss or "
+                                         f"meta-gradient, update skipped ({loop['bad_streak']} in a row)")
+                        if loop["bad_streak"] >= args.max_bad_steps:
+                            loop["status"] = "diverged"
+                            break
+                    loop["iteration"] += 1
+                    progress.step(epoch, loop["iteration"] - 1, result.loss.item())
+                if loop["status"] != "running":
+                    break
+                val_acc, val_ci = mean_ci(evaluate(algorithm.predict, [(params, state)], val_tasks, args)[0])
+                means = {name: total / count for name, (total, count) in loop["sums"].items()}
+                loop["history"].append({  # an epoch whose every update was skipped has no training numbers: NaN
+                    "epoch": epoch + 1, "train_loss": means.pop("train_loss", math.nan),
+                    "train_acc": means.pop("train_acc", math.nan), "val_acc": val_acc, "val_ci": val_ci,
+                    "skipped_steps": loop["skipped"], "seconds": loop["seconds"] + time.time() - started, **means})
+                loop.update(epoch=epoch + 1, iteration=0, sums={}, skipped=0, seconds=0.0)
+                # Keep the best `ensemble` checkpoints by validation accuracy; ties: the later epoch first, as the
+                # MAML++ reference's ranking (np.argsort(val_acc)[::-1], experiment_builder.py) orders them.
+                ranked = sorted(loop["top"] + [[val_acc, epoch + 1]], key=lambda t: (-t[0], -t[1]))
+                loop["top"], evicted = ranked[:args.ensemble], ranked[args.ensemble:]
+                if [val_acc, epoch + 1] in loop["top"]:
+                    save(run_dir / f"epoch{epoch + 1:04d}.pt")
+                save(run_dir / LAST)  # written before the evicted files go: a crash in between loses nothing
+                for _, old in evicted:
+                    (run_dir / f"epoch{old:04d}.pt").unlink(missing_ok=True)
+                write_csv(run_dir / "metrics.csv", loop["history"])
+                if writer is not None:  # the same numbers as metrics.csv's row, one TensorBoard tag per column
+                    for key, value in loop["history"][-1].items():
+                        if key != "epoch":
+                            writer.add_scalar(key, value, epoch + 1)
+                    writer.flush()
+                row = loop["history"][-1]
+                progress.message(f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f} "
+                                 f"acc {row['train_acc']:.4f}, val acc {val_acc:.4f} ± {val_ci:.4f}")
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            if writer is not None:
+                writer.close()
+        if loop["status"] == "running":
+            loop["status"] = "finished"
+        save(run_dir / LAST)  # also a diverged run: --resume then reports it again instead of training on
+        if loop["history"]:  # again: a kill between the last epoch's checkpoint and its metrics.csv loses no row
             write_csv(run_dir / "metrics.csv", loop["history"])
-            if writer is not None:  # the same numbers as metrics.csv's row, one TensorBoard tag per column
-                for key, value in loop["history"][-1].items():
-                    if key != "epoch":
-                        writer.add_scalar(key, value, epoch + 1)
-                writer.flush()
-            row = loop["history"][-1]
-            progress.message(f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f} "
-                             f"acc {row['train_acc']:.4f}, val acc {val_acc:.4f} ± {val_ci:.4f}")
+        result = finish(args, algorithm, run_dir, loop, test_tasks, device, progress)
+        return result
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        if writer is not None:
-            writer.close()
-    if loop["status"] == "running":
-        loop["status"] = "finished"
-    save(run_dir / LAST)  # also a diverged run: --resume then reports it again instead of training on
-    if loop["history"]:  # again: a kill between the last epoch's checkpoint and its metrics.csv loses no row
-        write_csv(run_dir / "metrics.csv", loop["history"])
-    return finish(args, algorithm, run_dir, loop, test_tasks, device, progress)
+        lock.close()
+
+
+def lock_run_dir(run_dir: Path) -> typing.IO:
+    """Create run_dir and take its lock file (fcntl.flock, released when the file closes or the process ends):
+    a second run or resume into a directory in use is refused instead of mixing two runs' files."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / LOCK, "a+")
+    except OSError as e:
+        raise SystemExit(f"error: cannot use {run_dir} as a run directory ({e.strerror}); choose another --out")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise SystemExit(f"error: {run_dir} is in use by another running process; wait for it, or choose another --out")
+    return lock
 
 
 def finish(args: Args, algorithm: Algorithm, run_dir: Path, loop: dict, test_tasks: EvalTasks,
@@ -1357,7 +1426,7 @@ def finish(args: Args, algorithm: Algorithm, run_dir: Path, loop: dict, test_tas
         for _, epoch in loop["top"]:
             path = run_dir / f"epoch{epoch:04d}.pt"
             member = {name: torch.empty_like(p) for name, p in algorithm.params.items()}
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, args)
             restore_params(member, ckpt["params"], path)
             members.append((member, _to(ckpt["state"], device)))
         ensemble, best_single = evaluate(algorithm.test_predict or algorithm.predict, members, test_tasks, args)

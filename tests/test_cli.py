@@ -35,9 +35,9 @@ def metrics(run_dir: Path) -> list[dict]:
 def test_synthetic_run_writes_the_run_directory(tmp_path, gs):
     result = run(TINY + [gs, "--out", str(tmp_path / "run")])
     files = {p.name for p in (tmp_path / "run").iterdir()}
-    # config, metrics, result, the resume checkpoint and the best `--ensemble 2` epochs, nothing else.
+    # config, metrics, result, the resume checkpoint, the best `--ensemble 2` epochs and the lock, nothing else.
     kept = {f"epoch{e:04d}.pt" for e in result["ensemble_epochs"]}
-    assert files == {"config.json", "metrics.csv", "result.json", "last.pt"} | kept
+    assert files == {"config.json", "metrics.csv", "result.json", "last.pt", ".lock"} | kept
     assert len(result["ensemble_epochs"]) == 2
     assert json.loads((tmp_path / "run" / "result.json").read_text()) == result
     assert set(result) == RESULT_KEYS and result["status"] == "finished" and result["epochs_run"] == 3
@@ -230,3 +230,36 @@ def test_test_queries_set_the_meta_test_tasks_only(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "EvalTasks", Recording)
     run(TINY + ["--test-queries", "1", "--out", str(tmp_path / "run")])
     assert built == [("val", 2), ("test", 1)]  # TINY has --queries 2
+
+
+def test_a_run_directory_in_use_is_refused(tmp_path):
+    """One writer per run directory: a second run (or resume) while another process holds the lock stops."""
+    import fcntl
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running process holds it
+        out = subprocess.run([sys.executable, str(REPO / "maml_gs.py"), *TINY, "--out", str(tmp_path / "run")],
+                             capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 1 and "is in use by another running process" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "run" / "config.json").exists()
+
+
+def test_resume_takes_the_runs_own_values_and_refuses_a_flag_that_differs(tmp_path):
+    """--resume R alone continues with the run's --data-root and every other value; an explicit flag that
+    differs from the run's is refused, even when it equals the default."""
+    run_dir = tmp_path / "run"
+    run(TINY + ["--data-root", str(tmp_path / "elsewhere"), "--epochs", "1", "--out", str(run_dir)])
+    (run_dir / "result.json").unlink()
+    args = common.resumed_args(*(lambda a: (a, common.given_flags(maml_gs.Args, ["--resume", str(run_dir)])))(
+        common.parse_args(maml_gs.Args, ["--resume", str(run_dir)])))
+    assert args.data_root == str(tmp_path / "elsewhere") and args.epochs == 1 and args.quiet
+    with pytest.raises(SystemExit, match="--epochs 1"):
+        run(["--resume", str(run_dir), "--epochs", str(maml_gs.Args().epochs)])  # the default, given explicitly
+
+
+@pytest.mark.parametrize("flag, value", [("--outer-lr", "inf"), ("--inner-lr", "nan"), ("--seed", str(2 ** 63)),
+                                         ("--synthetic-shape", "1,8,8")])
+def test_impossible_numbers_are_usage_errors(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse_args(maml_gs.Args, ["--dataset", "synthetic", flag, value])
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err

@@ -21,7 +21,7 @@ def test_overflowing_inner_lr_diverges_cleanly(tmp_path):
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["status"] == "diverged" and result["epochs_run"] == 0 and result["test_acc_ensemble"] is None
-    assert {p.name for p in (tmp_path / "run").iterdir()} == {"config.json", "result.json", "last.pt"}
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"config.json", "result.json", "last.pt", ".lock"}
 
 
 def test_divergence_after_some_epochs_still_reports_the_best_checkpoints(tmp_path, monkeypatch):
@@ -90,6 +90,11 @@ def test_truncated_checkpoint_is_named(finished_run):
 def test_checkpoint_of_another_shape_is_refused(finished_run, tmp_path):
     run(TINY + ["--epochs", "1", "--filters", "4", "--out", str(tmp_path / "other")])
     shutil.copy(tmp_path / "other" / "last.pt", finished_run / "last.pt")
+    with pytest.raises(SystemExit, match=r"last\.pt belongs to a run with --filters 4,"):
+        run(["--resume", str(finished_run)])
+    ckpt = common.load_checkpoint(finished_run / "last.pt")  # the same flags, tensors of another shape
+    ckpt["args"] = json.loads((finished_run / "config.json").read_text())
+    torch.save(ckpt, finished_run / "last.pt")
     with pytest.raises(SystemExit, match=r"does not fit this run: parameter bn0\.bias is \(4,\)"):
         run(["--resume", str(finished_run)])
 
@@ -148,3 +153,20 @@ def test_kill_between_the_last_checkpoint_and_metrics_csv_loses_no_row(tmp_path,
     assert len(metrics(tmp_path / "run")) == 2
     assert run(["--resume", str(tmp_path / "run"), "--quiet"]) == reference
     assert metrics(tmp_path / "run") == metrics(tmp_path / "ref")
+
+
+def test_a_checkpoint_of_another_program_or_configuration_is_refused_by_name(tmp_path):
+    """A maml_gs last.pt copied into an lwdgh run, or run A's last.pt into run B: a message naming the file."""
+    import lwdgh
+    run_a, run_b, run_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    common.main(maml_gs.Args, maml_gs.make_algorithm, TINY + ["--out", str(run_a)])
+    common.main(maml_gs.Args, maml_gs.make_algorithm, TINY + ["--seed", "2", "--out", str(run_b)])
+    lwdgh_tiny = [a for a in TINY if a not in ("--gs", "--no-gs")]
+    common.main(lwdgh.Args, lwdgh.make_algorithm, lwdgh_tiny + ["--out", str(run_c)])
+    for target in (run_b, run_c):
+        (target / "result.json").unlink()
+        shutil.copy(run_a / "last.pt", target / "last.pt")
+    with pytest.raises(SystemExit, match=r"last.pt belongs to a run with --seed 1"):
+        common.main(maml_gs.Args, maml_gs.make_algorithm, ["--resume", str(run_b), "--quiet"])
+    with pytest.raises(SystemExit, match=r"last.pt is maml_gs.py's, not lwdgh.py's"):
+        common.main(lwdgh.Args, lwdgh.make_algorithm, ["--resume", str(run_c), "--quiet"])
