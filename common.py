@@ -1192,7 +1192,7 @@ def resumed_args(args: Args, given: set[str] | None = None) -> Args:
     resuming must never silently continue another configuration. given: the fields the command line gives
     (given_flags); None: those that differ from the defaults.
     """
-    path = Path(args.resume) / "config.json"
+    path = Path(args.resume).expanduser() / "config.json"
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -1242,7 +1242,28 @@ def main(args_cls: type, make_algorithm: Callable[[Args, tuple[int, int, int], t
     return run(args, make_algorithm)
 
 
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM noted in the list yielded instead of acted on, until the block ends: the run finishes
+    its current step, saves (or writes nothing half-done), says so and exits with 128 + the signal."""
+    stop: list[int] = []
+    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.device], Algorithm]) -> dict:
+    """common.run under deferred_signals: see _run."""
+    with deferred_signals() as stop:
+        return _run(args, make_algorithm, stop)
+
+
+def _run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.device], Algorithm],
+         stop: list[int]) -> dict:
     """Meta-train, meta-validate after every epoch, keep the best checkpoints, meta-test; return result.json's dict.
 
     Each meta-iteration: algorithm.meta_gradient on a fresh task batch, then one outer Adam step on its
@@ -1266,6 +1287,9 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
                                args.test_tasks, seed=args.eval_seed)
     except DataError as e:
         raise SystemExit(f"error: {e}")
+    if stop:  # during the data's loading or first conversion (its cache is written atomically): nothing started
+        progress.message("interrupted before training started; nothing was written to a run directory")
+        raise SystemExit(128 + stop[0])
     try:
         algorithm = make_algorithm(args, splits["train"].image_shape, device)
     except ValueError as e:  # e.g. images too small for the Conv4 blocks
@@ -1311,10 +1335,6 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
             atomic_write(path, lambda f: torch.save(ckpt, f))
 
         writer = tensorboard_writer(run_dir) if args.tensorboard else None
-        # SIGINT / SIGTERM: finish the current meta-iteration, save, exit.
-        stop = []
-        handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             while loop["epoch"] < args.epochs and loop["status"] == "running":
                 epoch, started = loop["epoch"], time.time()
@@ -1379,8 +1399,6 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
                 progress.message(f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f} "
                                  f"acc {row['train_acc']:.4f}, val acc {val_acc:.4f} ± {val_ci:.4f}")
         finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
             if writer is not None:
                 writer.close()
         if loop["status"] == "running":
@@ -1388,7 +1406,10 @@ def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.
         save(run_dir / LAST)  # also a diverged run: --resume then reports it again instead of training on
         if loop["history"]:  # again: a kill between the last epoch's checkpoint and its metrics.csv loses no row
             write_csv(run_dir / "metrics.csv", loop["history"])
-        result = finish(args, algorithm, run_dir, loop, test_tasks, device, progress)
+        if stop:  # during the last validation or checkpoint: saved above
+            progress.message(f"interrupted: saved {run_dir / LAST}; meta-test it with --resume {run_dir}")
+            raise SystemExit(128 + stop[0])
+        result = finish(args, algorithm, run_dir, loop, test_tasks, device, progress, stop)
         return result
     finally:
         lock.close()
@@ -1411,7 +1432,7 @@ def lock_run_dir(run_dir: Path) -> typing.IO:
 
 
 def finish(args: Args, algorithm: Algorithm, run_dir: Path, loop: dict, test_tasks: EvalTasks,
-           device: torch.device, progress: Progress) -> dict:
+           device: torch.device, progress: Progress, stop: list[int]) -> dict:
     """Meta-test the top checkpoints (ensemble and best single model) and write result.json."""
     history = loop["history"]
     best = max(history, key=lambda row: (row["val_acc"], -row["epoch"])) if history else None
@@ -1434,6 +1455,9 @@ def finish(args: Args, algorithm: Algorithm, run_dir: Path, loop: dict, test_tas
         result.update(test_acc_ensemble=acc_ens, test_ci_ensemble=ci_ens, test_acc_best=acc_best, test_ci_best=ci_best)
         progress.message(f"meta-test: ensemble of {len(members)} {acc_ens:.4f} ± {ci_ens:.4f}, "
                          f"best single {acc_best:.4f} ± {ci_best:.4f}")
+    if stop:  # during the meta-test: no result.json; the run is complete, --resume meta-tests it again
+        progress.message(f"interrupted during the meta-test; its checkpoints are saved: --resume {run_dir}")
+        raise SystemExit(128 + stop[0])
     if loop["status"] == "diverged":
         progress.message(f"diverged: {args.max_bad_steps} non-finite meta-iterations in a row; stopped")
     write_json(run_dir / "result.json", result)

@@ -263,3 +263,23 @@ def test_impossible_numbers_are_usage_errors(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         common.parse_args(maml_gs.Args, ["--dataset", "synthetic", flag, value])
     assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("moment", ["last validation", "meta-test"])
+def test_sigterm_during_the_last_validation_or_the_meta_test_saves_and_exits_143(tmp_path, monkeypatch, moment):
+    import os
+    original, calls = common.evaluate, []
+
+    def evaluate(predict, members, tasks, args):  # TINY: 3 epochs, so calls 1-3 validate and 4 meta-tests
+        calls.append(1)
+        if len(calls) == {"last validation": 3, "meta-test": 4}[moment]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(predict, members, tasks, args)
+    monkeypatch.setattr(common, "evaluate", evaluate)
+    with pytest.raises(SystemExit) as exit_info:
+        run(TINY + ["--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "result.json").exists()
+    monkeypatch.undo()
+    result = run(["--resume", str(tmp_path / "run"), "--quiet"])
+    assert result["status"] == "finished" and result["epochs_run"] == 3 and result["test_acc_ensemble"] is not None
