@@ -1054,8 +1054,17 @@ RESUME_FREE = ("resume", "quiet", "device", "vmap", "out", "data_root", "cache_d
                "tensorboard")
 
 
+def write_run_file(path: Path, write: Callable[[typing.BinaryIO], None]) -> None:
+    """atomic_write into a run directory; a full disk or a permission error is a message, not a traceback."""
+    try:
+        atomic_write(path, write)
+    except (OSError, RuntimeError) as e:  # torch.save's writer raises RuntimeError on a full disk
+        raise SystemExit(f"error: could not write {path} ({e}): free some space or fix the permissions, then "
+                         f"continue with --resume {path.parent}; the files written before are intact")
+
+
 def write_json(path: Path, obj: dict) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    write_run_file(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -1066,7 +1075,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(rows)
         f.write(text.getvalue().encode())
-    atomic_write(path, write)
+    write_run_file(path, write)
 
 
 def load_checkpoint(path: Path, args: Args | None = None) -> dict:
@@ -1332,7 +1341,7 @@ def _run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch
                     "args": dataclasses.asdict(args), "params": {n: p.detach().cpu() for n, p in params.items()},
                     "state": _to(state, torch.device("cpu")), "optimizer": optimizer.state_dict(),
                     "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(), "loop": loop}
-            atomic_write(path, lambda f: torch.save(ckpt, f))
+            write_run_file(path, lambda f: torch.save(ckpt, f))
 
         writer = tensorboard_writer(run_dir) if args.tensorboard else None
         try:

@@ -170,3 +170,17 @@ def test_a_checkpoint_of_another_program_or_configuration_is_refused_by_name(tmp
         common.main(maml_gs.Args, maml_gs.make_algorithm, ["--resume", str(run_b), "--quiet"])
     with pytest.raises(SystemExit, match=r"last.pt is maml_gs.py's, not lwdgh.py's"):
         common.main(lwdgh.Args, lwdgh.make_algorithm, ["--resume", str(run_c), "--quiet"])
+
+
+def test_a_full_disk_while_checkpointing_is_a_message_and_the_run_resumes(tmp_path, monkeypatch):
+    original = common.atomic_write
+
+    def full(path, write):
+        if path.name == "last.pt":
+            raise OSError(28, "No space left on device")
+        return original(path, write)
+    monkeypatch.setattr(common, "atomic_write", full)
+    with pytest.raises(SystemExit, match="No space left on device.*continue with --resume"):
+        run(TINY + ["--out", str(tmp_path / "run")])
+    monkeypatch.undo()
+    assert run(["--resume", str(tmp_path / "run"), "--quiet"])["status"] == "finished"
