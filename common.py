@@ -80,7 +80,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SIZE = 84  # MiniImagenet and CUB
 RESAMPLE = Image.Resampling.LANCZOS  # anti-aliased downscaling, as in MAML's own resizing script
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error)
+READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error, Image.DecompressionBombError)
 DOCS = "docs/datasets.md"
 
 OMNIGLOT_SIZE = 28
@@ -187,7 +187,10 @@ def load_split(dataset: str, split: str, data_root: str | Path = "data", *, down
         return _synthetic(split, synthetic_shape, synthetic_classes, synthetic_per_class, seed)
     root = Path(data_root).expanduser()
     locate = {"omniglot": _locate_omniglot, "miniimagenet": _locate_mini, "cub": _locate_cub}[dataset]
-    source = locate(root, split, download, bbox_crop)
+    try:
+        source = locate(root, split, download, bbox_crop)
+    except PermissionError as e:  # a data folder that cannot be listed or entered
+        raise _damaged(Path(e.filename or root), e) from e
     config = {"dataset": source.variant, "split": split, "image_size": source.shape[1], "bbox_crop": bbox_crop}
     file_name = f"{source.variant}-{split}-{source.shape[1]}px{'-bbox' if bbox_crop else ''}.cache-v{CACHE_VERSION}.pt"
     dirs = _cache_dirs(source.directory, cache_dir)
@@ -285,6 +288,9 @@ def _iter_files(source: Path, prefix: str, wanted: dict | set) -> Iterator[tuple
 
 
 def _damaged(path: Path, error: Exception) -> DataError:
+    if isinstance(error, PermissionError):
+        return DataError(f"could not read {path}: permission denied; make it readable (chmod) or copy the data "
+                         f"to a folder you can read, and point --data-root there")
     return DataError(f"could not read {path} ({type(error).__name__}: {error}): the file is damaged or "
                      f"incomplete. Delete it and download it again (see {DOCS}).")
 
@@ -423,6 +429,9 @@ def _build_omniglot(zips: list[Path], prefixes: list[str], variant: str, split: 
             if member in seen:  # small1 and small2 share Greek and Latin (identical files): keep one copy
                 continue
             seen.add(member)
+            if member.count("/") != 2:  # Alphabet/characterNN/file.png under the zip's top folder
+                raise DataError(f"{path}: member {prefix}{member} is not at the depth of Omniglot's "
+                                f"<alphabet>/<character>/<drawing>.png; delete the zip and download it again")
             alphabet, character, _ = member.split("/")
             if _omniglot_split(variant, alphabet, character) == split:
                 characters.setdefault(f"{alphabet}/{character}", []).append((z, member))
@@ -476,8 +485,12 @@ def _read_mini_pickle(path: Path, split: str, strict: bool = False):
             and isinstance(class_dict, dict) and class_dict):
         raise DataError(f"{path}: expected a dict with 'image_data' uint8 (N, 84, 84, 3) and 'class_dict' "
                         f"{{wnid: [indices]}}; delete it and get the file by hand: {how}")
-    groups = sorted((_text(k), np.asarray(v, dtype=np.int64)) for k, v in class_dict.items())
-    index = np.concatenate([v for _, v in groups])
+    try:  # every key a wnid (str or bytes), every value a flat list of image indices
+        groups = sorted((_text(k), np.asarray(v, dtype=np.int64).reshape(len(v))) for k, v in class_dict.items())
+        index = np.concatenate([v for _, v in groups])
+    except (ValueError, TypeError, AttributeError) as e:
+        raise DataError(f"{path}: class_dict is not {{wnid: [image indices]}} ({e}); delete it and get the file by "
+                        f"hand: {how}") from e
     if index.min() < 0 or index.max() >= len(images):
         raise DataError(f"{path}: class_dict indices outside image_data; delete it and get the file by hand: {how}")
     counts = [len(v) for _, v in groups]
@@ -489,9 +502,12 @@ def _read_mini_pickle(path: Path, split: str, strict: bool = False):
 
 def _read_mini_csv(folder: Path, split: str):
     """{split}.csv (filename,label) listing images/<filename>."""
-    with open(folder / f"{split}.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or set(rows[0]) != {"filename", "label"}:
+    try:
+        with open(folder / f"{split}.csv", newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is accepted
+            rows = list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{folder / f'{split}.csv'}: not UTF-8 text ({e})") from e
+    if not rows or set(rows[0]) != {"filename", "label"} or any(None in (r["filename"], r["label"]) for r in rows):
         raise DataError(f"{folder / f'{split}.csv'}: expected a 'filename,label' header and one row per image")
     by_label: dict[str, list[str]] = {}
     for row in rows:
@@ -502,6 +518,8 @@ def _read_mini_csv(folder: Path, split: str):
 def _read_mini_folders(folder: Path, split: str):
     """MAML++ layout: {split}/<wnid>/*.jpg."""
     classes = sorted(p for p in (folder / split).iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{folder / split}: no class folders <wnid>/*.jpg in it (see {DOCS})")
     groups = [(c.name, sorted(f"{c.name}/{f.name}" for f in c.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES))
               for c in classes]
     return _decode_groups(folder, f"{split}/", groups, IMAGE_SIZE)
@@ -556,11 +574,17 @@ def _build_cub(source: Path, prefix: str, split: str, bbox_crop: bool):
     wanted = {"images.txt", "bounding_boxes.txt"} if bbox_crop else {"images.txt"}
     try:
         meta = {name: data.decode().splitlines() for name, data in _iter_files(source, prefix, wanted)}
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source}: {prefix}images.txt or bounding_boxes.txt is not UTF-8 text ({e})") from e
     except READ_ERRORS as e:
         raise _damaged(source, e) from e
     if set(meta) != wanted:
         raise DataError(f"{source}: missing {prefix}{sorted(wanted - set(meta))[0]}; "
                         f"incomplete CUB-200-2011 (see {DOCS})")
+    bad = next((line for line in meta["images.txt"] if line.strip() and len(line.split()) != 2), None)
+    if bad is not None or not any(line.strip() for line in meta["images.txt"]):
+        raise DataError(f"{source}: {prefix}images.txt should list '<id> <class>/<file>.jpg' per line, "
+                        f"found {bad!r}" if bad is not None else f"{source}: {prefix}images.txt is empty")
     paths = dict(line.split() for line in meta["images.txt"] if line.strip())  # id -> "NNN.Class/file.jpg"
     by_class: dict[str, list[str]] = {}
     for path in sorted(paths.values()):
@@ -568,9 +592,15 @@ def _build_cub(source: Path, prefix: str, split: str, bbox_crop: bool):
     groups = [(c, by_class[c]) for i, c in enumerate(sorted(by_class)) if _chen_split(i) == split]
     boxes = None
     if bbox_crop:  # crop before resizing; PIL boxes are (left, upper, right, lower)
-        xywh = {i: [float(v) for v in rest.split()] for i, rest in
-                (line.split(maxsplit=1) for line in meta["bounding_boxes.txt"] if line.strip())}
-        boxes = {paths[i]: (round(x), round(y), round(x + w), round(y + h)) for i, (x, y, w, h) in xywh.items()}
+        try:
+            xywh = {i: [float(v) for v in rest.split()] for i, rest in
+                    (line.split(maxsplit=1) for line in meta["bounding_boxes.txt"] if line.strip())}
+            boxes = {paths[i]: (round(x), round(y), round(x + w), round(y + h)) for i, (x, y, w, h) in xywh.items()}
+        except (ValueError, KeyError) as e:
+            raise DataError(f"{source}: {prefix}bounding_boxes.txt should list '<id> <x> <y> <w> <h>' for the ids "
+                            f"of images.txt ({e!r})") from e
+        if empty := next((name for name, (x0, y0, x1, y1) in boxes.items() if x1 <= x0 or y1 <= y0), None):
+            raise DataError(f"{source}: the bounding box of {empty} is empty; fix bounding_boxes.txt")
     return _decode_groups(source, prefix + "images/", groups, IMAGE_SIZE, boxes)
 
 
@@ -1311,6 +1341,8 @@ def _run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch
             "history": [], "top": [], "status": "running"}
     run_dir = Path(args.resume or args.out or run_dir_name(args, algorithm.name)).expanduser()
     lock = lock_run_dir(run_dir)  # held, with this open file, until the process ends: one writer per run directory
+    for leftover in run_dir.glob("*.tmp"):  # of a process killed while writing here (none can be writing now)
+        leftover.unlink()
     try:
         if args.resume and (run_dir / LAST).exists():
             ckpt = load_checkpoint(run_dir / LAST, args)
@@ -1325,9 +1357,9 @@ def _run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch
                 loop.setdefault("notes", []).append(f"resumed at epoch {loop['epoch'] + 1}, iteration "
                                                     f"{loop['iteration'] + 1}: {sampler_note}")
             progress.message(f"resuming {run_dir} at epoch {loop['epoch'] + 1}, iteration {loop['iteration'] + 1}")
-            # Leftovers of a kill: temp files of unfinished writes, checkpoints no longer (or not yet) in the top list.
+            # Leftovers of a kill: checkpoints no longer (or not yet) in the top list (temp files: gone above).
             keep = {f"epoch{epoch:04d}.pt" for _, epoch in loop["top"]}
-            for path in list(run_dir.glob("*.tmp")) + [p for p in run_dir.glob("epoch*.pt") if p.name not in keep]:
+            for path in [p for p in run_dir.glob("epoch*.pt") if p.name not in keep]:
                 path.unlink()
         else:  # a new run (or a resumed one killed before its first checkpoint: it starts again)
             if not args.resume and (run_dir / LAST).exists():

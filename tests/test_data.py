@@ -423,3 +423,46 @@ def test_synthetic_deterministic_disjoint_learnable():
     logits = -torch.cdist(tasks.x_q.flatten(2), tasks.x_s.flatten(2))  # 1 shot: support images are the prototypes
     accuracy = (tasks.y_s.gather(1, logits.argmax(2)) == tasks.y_q).float().mean()
     assert accuracy > 0.9
+
+
+def load(dataset, root, cache, split="train"):
+    return common.load_split(dataset, split, root, cache_dir=cache, verbose=False)
+
+
+def test_malformed_content_is_a_data_error_naming_the_file(tmp_path, cache):
+    """Content in the right place but of the wrong form: a DataError saying what was expected, never a traceback."""
+    write_mini_csv(tmp_path / "bom")  # a BOM before the header is accepted
+    csv_path = tmp_path / "bom" / "train.csv"
+    csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes())
+    assert load("miniimagenet", tmp_path / "bom", cache).classes == MINI_FIXTURE_CLASSES["train"]
+    write_mini_csv(tmp_path / "short")
+    (tmp_path / "short" / "train.csv").write_text("filename,label\nn0000000000000000.jpg\n")  # a row of one field
+    with pytest.raises(common.DataError, match="'filename,label' header"):
+        load("miniimagenet", tmp_path / "short", cache)
+    write_mini_csv(tmp_path / "latin1")
+    (tmp_path / "latin1" / "train.csv").write_bytes(b"filename,label\n\xe9t\xe9.jpg,x\n")
+    with pytest.raises(common.DataError, match="not UTF-8"):
+        load("miniimagenet", tmp_path / "latin1", cache)
+    (tmp_path / "empty" / "train").mkdir(parents=True)  # MAML++ layout without class folders
+    with pytest.raises(common.DataError, match="no class folders"):
+        load("miniimagenet", tmp_path / "empty", cache)
+    import pickle
+    folder = tmp_path / "pickle"
+    folder.mkdir()
+    images = np.zeros((4, 84, 84, 3), np.uint8)
+    with open(folder / "mini-imagenet-cache-train.pkl", "wb") as f:
+        pickle.dump({"image_data": images, "class_dict": {"n01": "0123"}}, f)  # indices as a string
+    with pytest.raises(common.DataError, match="class_dict is not"):
+        load("miniimagenet", folder, cache)
+
+
+def test_malformed_cub_text_files_and_empty_boxes(tmp_path, cache):
+    folder = write_cub(tmp_path / "short")
+    (folder / "images.txt").write_text("1\n")
+    with pytest.raises(common.DataError, match="images.txt should list"):
+        load("cub", tmp_path / "short", cache)
+    folder = write_cub(tmp_path / "boxes")
+    lines = (folder / "bounding_boxes.txt").read_text().splitlines()
+    (folder / "bounding_boxes.txt").write_text("\n".join([lines[0].rsplit(" ", 2)[0] + " 0.0 5.0"] + lines[1:]))
+    with pytest.raises(common.DataError, match="bounding box of .* is empty"):
+        common.load_split("cub", "train", tmp_path / "boxes", cache_dir=cache, bbox_crop=True, verbose=False)

@@ -184,3 +184,19 @@ def test_a_full_disk_while_checkpointing_is_a_message_and_the_run_resumes(tmp_pa
         run(TINY + ["--out", str(tmp_path / "run")])
     monkeypatch.undo()
     assert run(["--resume", str(tmp_path / "run"), "--quiet"])["status"] == "finished"
+
+
+def test_a_run_killed_while_writing_its_config_starts_again_without_leftovers(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.jsonab12.tmp").write_text("{half")  # what a kill inside atomic_write leaves
+    result = run(TINY + ["--out", str(run_dir)])
+    assert result["status"] == "finished" and not list(run_dir.glob("*.tmp"))
+
+
+def test_an_unreadable_data_folder_says_permission_denied(tmp_path, monkeypatch):
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "data"))
+    monkeypatch.setattr(common, "_locate_omniglot", denied)
+    with pytest.raises(common.DataError, match="permission denied"):
+        common.load_split("omniglot", "train", tmp_path / "data")
