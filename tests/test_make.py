@@ -1,6 +1,7 @@
 """The Makefile's reproduction targets: `make -n` lists the runs of each paper table (count, flags, run
 directories); finished runs are skipped, interrupted ones resumed; `make report`."""
 import ast
+import json
 import re
 import shutil
 import subprocess
@@ -203,3 +204,17 @@ def test_reproduce_quick_is_the_table1_grid_on_omniglot_then_its_report(tmp_path
         cells.add((method, tasks, lr, gs))
     grid = {(m, t, DEFAULT_INNER_LR, gs) for m in ("maml", "metasgd", "mamlpp") for t in (5, 1) for gs in (False, True)}
     assert cells == grid | {("maml", 5, 1.0, gs) for gs in (False, True)} and len(runs) == len(cells)
+
+
+def test_an_interrupted_run_resumes_through_make_with_its_own_data_root(tmp_path, shared_data):
+    """The Makefile's resume line passes no --data-root: the run's own (here the real Omniglot subsets) is used."""
+    run_dir = tmp_path / "run"
+    flags = (f"--dataset omniglot --cache-dir {tmp_path / 'cache'} --filters 4 --tasks 2 --ways 3 --queries 2 "
+             "--inner-steps 1 --epochs 1 --iters-per-epoch 2 --val-tasks 4 --test-tasks 4 --ensemble 1 --quiet")
+    target = f"tiny: ; $(call run,maml_gs.py,{flags},{run_dir})"
+    make = ["make", "-s", "-o", "setup", "--eval", target, "tiny", f"DATA={shared_data}", "DEVICE=cpu"]
+    subprocess.run(make, cwd=REPO, check=True, capture_output=True, text=True)
+    (run_dir / "result.json").unlink()  # as a kill after the last checkpoint leaves it
+    resumed = subprocess.run(make + [f"DATA={tmp_path / 'nowhere'}"], cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr  # with DATA pointing nowhere: the run's --data-root was used
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "finished"
