@@ -229,11 +229,17 @@ def _cache_dirs(data_dir: Path, cache_dir: str | Path | None) -> list[Path]:
 
 
 def _save_cache(payload: dict, dirs: list[Path], file_name: str) -> Path | None:
-    """Write atomically to the first writable folder: a crash leaves no valid-looking cache."""
+    """Write atomically to the first writable folder: a crash leaves no valid-looking cache. The writer holds
+    the folder's lock for this cache, so the temp files of this cache it finds there are a killed writer's
+    leftovers: they go first."""
     for folder in dirs:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            atomic_write(folder / file_name, lambda f: torch.save(payload, f))
+            with open(folder / f"{file_name}.lock", "a+") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # another process writing the same cache: wait for it
+                for leftover in folder.glob(f"{file_name}*.tmp"):
+                    leftover.unlink()
+                atomic_write(folder / file_name, lambda f: torch.save(payload, f))
             return folder / file_name
         except (OSError, RuntimeError):  # read-only, or disk full (torch's writer raises RuntimeError): next folder
             continue

@@ -249,7 +249,7 @@ def test_cache_reused_validated_and_atomic(tmp_path, cache, monkeypatch):
     monkeypatch.setattr(common.torch, "save", crashing_save)
     with pytest.raises(Crash):
         load_split("miniimagenet", "test", tmp_path, cache_dir=cache, verbose=False)
-    assert not files(cache)  # neither the temp file nor a cache that looks valid
+    assert [f.suffix for f in files(cache)] == [".lock"]  # neither the temp file nor a cache that looks valid
 
 
 def test_read_only_data_root_falls_back(tmp_path, cache, monkeypatch, capsys):
@@ -466,3 +466,14 @@ def test_malformed_cub_text_files_and_empty_boxes(tmp_path, cache):
     (folder / "bounding_boxes.txt").write_text("\n".join([lines[0].rsplit(" ", 2)[0] + " 0.0 5.0"] + lines[1:]))
     with pytest.raises(common.DataError, match="bounding box of .* is empty"):
         common.load_split("cub", "train", tmp_path / "boxes", cache_dir=cache, bbox_crop=True, verbose=False)
+
+
+def test_a_cache_conversion_killed_mid_write_leaves_nothing_behind_next_time(tmp_path, cache):
+    write_mini_pickle(tmp_path, "test")
+    folder = common._cache_dirs(tmp_path, cache)[0]
+    folder.mkdir(parents=True)
+    name = f"miniimagenet-test-84px.cache-v{common.CACHE_VERSION}.pt"
+    (folder / f"{name}x1y2.tmp").write_bytes(b"half a cache")  # what a kill inside atomic_write leaves
+    split = common.load_split("miniimagenet", "test", tmp_path, cache_dir=cache, verbose=False)
+    assert split.classes == MINI_FIXTURE_CLASSES["test"] and (folder / name).is_file()
+    assert not list(folder.glob("*.tmp"))
