@@ -18,28 +18,24 @@ Decisions (where the paper is silent):
   prediction), which with fixed rates [α]·K and one BN per layer (the maml base) is maml_gs.py --no-gs step
   for step. At γ = 0 the meta-gradient equals maml_gs.py's / mamlpp_gs.py's bitwise (tested). MAML++'s MSL
   applies to L^meta only (L^co at θ_{t,K}); its clamp to the summed network gradient, not φ's.
-- z_t is computed once per query pass: the meta-learner pools it and applies its head (common.conv4_forward's
-  operations), the co-learner reads it (`both_heads`). With MAML++ per-step BN, the last BN row.
-- φ's blocks are Conv4's (common.conv_block), --filters channels; its linear layer has the head's input
-  size. Xavier init, zero biases, from a generator seeded --seed + COLEARNER_SEED_OFFSET.
-- BatchNorm as the base: meta-learned by the outer loop only (mamlpp: per-step rows), --adapt-bn adapts it in
-  the inner loop too. The reference (torchmeta's MetaBatchNorm2d) adapts BN's scale and shift: --adapt-bn.
-- Unlike the reference code (JJongyn/CML): one Adam for the whole run (train_cml.py makes new Adam
-  optimisers every 100-iteration epoch); φ initialised like θ (the reference: PyTorch's default init); the
-  reference meta-tests the single best validation model on 10,000 tasks: compare with test_acc_best.
-  --colearner-blocks 2 is its co-learner (Conv(2)); the paper's ablation finds Conv(0) best for 1-shot.
+- z_t once per query pass: the meta-learner pools it and applies its head (conv4_forward's operations), the
+  co-learner reads it (`both_heads`); with MAML++ per-step BN, the last BN row.
+- φ: common.conv_block's blocks, --filters channels, a linear layer of the head's input size; Xavier, zero biases.
+- BatchNorm as the base's: the outer loop's only (mamlpp: per-step rows); the reference (torchmeta's
+  MetaBatchNorm2d) adapts BN's scale and shift in the inner loop too, as --adapt-bn does.
+- Unlike the reference (JJongyn/CML): one Adam for the run (train_cml.py makes new ones every 100-iteration
+  epoch); φ initialised like θ (there: PyTorch's default); it meta-tests the single best validation model on
+  10,000 tasks (compare test_acc_best). --colearner-blocks 2 is its Conv(2); the paper finds Conv(0) best at 1-shot.
 - Logged (`metrics`): loss_meta (MSL-weighted while MSL is on), loss_co (train_loss = loss_meta + γ loss_co);
   grad_cos, grad_norm_ratio = ‖g_co‖/‖g_meta‖ of g_meta = ∇L^meta, g_co = ∇L^co w.r.t. θ's conv and BN tensors:
   a second backward, so from every --grad-stats-every-th meta-iteration of an epoch (`state` counts them).
 
-How it runs: `common.run` builds the meta-parameters with `make_algorithm`, steps Adam with the gradients of
-`meta_gradient` on every batch of tasks (averaging its `metrics` per epoch; MAML++: each epoch's learning
-rate from `cosine_lr`), and evaluates `predict` on fixed validation tasks and, at the end, test tasks.
+How it runs: `common.run` steps Adam with the gradients of `meta_gradient` on every batch of tasks (metrics
+averaged per epoch; MAML++: each epoch's lr from `cosine_lr`) and evaluates `predict` on fixed tasks.
 
-Reproduces arXiv 2406.04639's MiniImagenet 5-way rows (headline: CML on MAML++ 5-shot, 70.08%), MAML+CML
-and MAML++ +CML, 1-shot and 5-shot. MAML rows with the reference's run_cml.sh / train_cml.py settings (task
-batch 4, one inner step of 0.5, 64 filters, Adam 1e-3, 300 × 100 meta-iterations); MAML++ rows with
-mamlpp_gs.py's defaults and a task batch of 2, our assumption (the reference ships no MAML++ configuration):
+Reproduces arXiv 2406.04639's MiniImagenet 5-way rows (headline: MAML++ +CML 5-shot, 70.08%), 1- and 5-shot:
+MAML+CML with the reference's run_cml.sh / train_cml.py settings (task batch 4, one inner step of 0.5, 64
+filters, 300 × 100 meta-iterations), MAML++ +CML with mamlpp_gs.py's defaults and task batch 2 (ours):
     python cml.py --dataset miniimagenet --base maml --shots 1 --tasks 4 --inner-steps 1 --inner-lr 0.5 --filters 64
     python cml.py --dataset miniimagenet --base mamlpp --shots 5 --tasks 2 --epochs 250 --clip-grad 10
 `make reproduce-cml` runs every row (the MAML rows also with --epochs 300 --iters-per-epoch 100).
@@ -273,13 +269,11 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
     if args.clip_grad > 0:  # as mamlpp_gs.py: the network's meta-gradients only, not the LSLR rates (nor φ)
         grads = {name: g.clamp(-args.clip_grad, args.clip_grad) if g is not None and (name in theta or name in bn)
                  else g for name, g in grads.items()}
-    metrics = {"loss_meta": loss_meta.item(), "loss_co": loss_co.item()}
-    if args.base == "mamlpp" and args.lslr:
-        metrics["lslr_mean"] = torch.stack([p.detach() for p in lslr.values()]).mean().item()  # (tensors, K)
+    metrics = {"loss_meta": loss_meta.item(), "loss_co": loss_co.item(), **({"lslr_mean": torch.stack(
+        [p.detach() for p in lslr.values()]).mean().item()} if args.base == "mamlpp" and args.lslr else {})}
     if apart:  # gradient agreement on the extractor (conv and BN tensors of θ), flattened: cosine and norm ratio
-        extractor = [i for i, name in enumerate(names) if name.startswith(EXTRACTOR)]
-        flat_meta = torch.cat([g_meta[i].flatten() for i in extractor])
-        flat_co = torch.cat([g_co[i].flatten() for i in extractor])
+        flat_meta, flat_co = (torch.cat([g[i].flatten() for i, name in enumerate(names) if name.startswith(EXTRACTOR)])
+                              for g in (g_meta, g_co))
         metrics.update(grad_cos=F.cosine_similarity(flat_meta, flat_co, dim=0).item(),
                        grad_norm_ratio=(flat_co.norm() / flat_meta.norm()).item())
     loss = (loss_meta + args.gamma * loss_co).detach()

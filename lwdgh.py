@@ -14,42 +14,35 @@ Each meta-iteration explores with probability p_e (Adam gets ḡ, the MAML updat
 (Adam gets g_u); e is the epoch (from 0), E = round(--transition · --epochs) the transition epoch.
 
 Decisions where the paper is silent:
-- Eq. 3 as printed is inconsistent: its right-hand side (‖g_i‖ − g_i·ḡ)/‖ḡ‖ equals ‖g_i‖(1 − cos(g_i, ḡ)) only
-  when ‖ḡ‖ = 1 (and it sums over tasks on one side only); we use ‖g_i‖(1 − cos(g_i, ḡ)) per task and layer.
+- Eq. 3 as printed is inconsistent (its right side (‖g_i‖ − g_i·ḡ)/‖ḡ‖ is ‖g_i‖(1 − cos) only if ‖ḡ‖ = 1):
+  we use the left side, per task and layer.
 - A layer is one parameter tensor (conv weight and bias, BatchNorm scale and shift are separate layers).
 - Per-task meta-gradients in one backward pass: each task adapts its own copy of θ, a (tasks, ...) leaf;
   tasks share nothing, so row t of d(Σ_t L_t)/d(copies) is g_t. Same cost as MAML's backward.
-- ‖ḡ^ℓ‖ = 0 (all tasks cancel) counts as cos = 0: GCI_t^ℓ = ‖g_t^ℓ‖, never a division by zero.
-- The paper gives no p_min, p_max: defaults 0 and 1 (explore always at the start, exploit always from E
-  on). --schedule fixed is the paper's "fixed" mode of Table 6: p_max before E, p_min from E on.
+- ‖ḡ^ℓ‖ = 0 (all tasks cancel) counts as cos = 0: GCI_t^ℓ = ‖g_t^ℓ‖. The paper gives no p_min, p_max: 0 and 1
+  (explore at the start, exploit from E on); --schedule fixed (Table 6): p_max before E, p_min from E on.
 - The explore/exploit draw comes from a generator seeded with --seed whose state lives in `state`
   (resume is exact); the global RNG is never touched. --no-ee sets p = 0 (always exploit).
 - Logged per epoch (`metrics`: common.run averages them over the epoch's finite meta-iterations):
-  gci_mean / gci_harmonised: Eq. 3 over the whole θ, summed over tasks, w.r.t. ḡ / g_u. gci_mean is Table
-  5's GCI column (each method measured along its own trajectory); Σ_t GCI_t is smallest for a reference
-  along ḡ (Cauchy-Schwarz), so gci_harmonised >= gci_mean always: it says how far g_u turns away from ḡ;
-  explore_fraction; weight_entropy: entropy of w^ℓ over tasks, mean over layers (log T = uniform).
+  gci_mean / gci_harmonised: Eq. 3 over the whole θ, summed over tasks, w.r.t. ḡ / g_u (gci_mean: Table 5's GCI
+  column, along each method's own trajectory; gci_harmonised >= gci_mean always, Cauchy-Schwarz: how far g_u
+  turns away from ḡ); explore_fraction; weight_entropy: entropy of w^ℓ over tasks, mean over layers.
 - --p-min 1 --p-max 1 explores always: plain MAML with the paper's settings and the GCI logged.
 
-How it runs: `common.main` parses `Args` and calls `common.run`, which builds θ with `make_algorithm`,
-then for every meta-iteration calls `meta_gradient` on a batch of tasks and steps Adam with its
-gradients (carrying its `state`, the explore/exploit generator, to the next call), and evaluates with
-`predict` on fixed validation tasks after every epoch and on the test tasks at the end (the ensemble
-of the 5 best checkpoints).
+How it runs: `common.run` builds θ with `make_algorithm`, steps Adam with the gradients of `meta_gradient`
+on every batch of tasks (carrying its `state`, the explore/exploit generator), evaluates `predict` on fixed
+validation tasks after every epoch and `test_predict` on the test tasks at the end (top-5 ensemble).
 
-Defaults follow the paper's setting: task batch 4, inner lr 0.01, 5 inner steps at meta-training, 10 at
-meta-test, Adam 1e-3, Conv4 with 32 filters (the paper's 32.9k parameters). Where the paper is silent, as the
-code it built on (fmu2/PyTorch-MAML, public copy shirleyzhu233/PyTorch-MAML: train.py, configs/convnet4/
-mini-imagenet/*/{train,test}_reproduce.yaml): meta-validation with the training inner loop (5 steps, 15
-queries), meta-test with 10 steps; BatchNorm's scale and shift not adapted in the inner loop (frozen: bn;
---adapt-bn to adapt them); every meta-gradient element clamped to ±10 (--clip-grad, train.py's
-clip_grad_value_); 300 epochs of 200 meta-iterations (train_reproduce.yaml; Table 5 states 200 per epoch).
-The meta-test queries: fmu2's test configs use 1 query per class at 1-shot and 5 at 5-shot (--test-queries),
-and those fit the paper's intervals, 15 do not: 600 tasks of 5 queries at about 48% accuracy give ±1.96 ·
-0.22/√600 ≈ ±1.8 points (the paper: ±1.75), of 25 queries at 63-67% about ±0.9 (the paper: ±0.91, ±0.97),
-where 75 queries would give about ±0.8 and ±0.6. Reproduces the paper's Tables 1 (MiniImagenet), 4 (CUB) and 5
-(the ablation, 20 epochs; its GCI column is gci_mean in metrics.csv), MAML (--p-min 1 --p-max 1) against
-MAML+LWDGH(+EE), e.g. (with --iters-per-epoch 200; 5-shot: --test-queries 5)
+Defaults: the paper's (task batch 4, inner lr 0.01, 5 inner steps in training, 10 at meta-test, Adam 1e-3,
+Conv4-32: 32.9k parameters) and, where it is silent, its code base's (fmu2/PyTorch-MAML, public copy
+shirleyzhu233/PyTorch-MAML: train.py, configs/convnet4/mini-imagenet/*/*_reproduce.yaml): validation with
+the training inner loop, BatchNorm not adapted (frozen: bn; --adapt-bn), meta-gradients clamped to ±10
+(--clip-grad, clip_grad_value_), 300 epochs of 200 meta-iterations, meta-test queries 1 per class at 1-shot
+and 5 at 5-shot (--test-queries). The paper's intervals fit those: 600 tasks of 5 queries at 48% give
+±1.96·√(.48·.52/5)/√600 = ±1.79 points from the binomial spread alone (the paper: ±1.75; 75 queries: ±0.46).
+Reproduces Tables 1 (MiniImagenet), 4 (CUB) and 5 (the ablation, 20 epochs; its GCI column is gci_mean in
+metrics.csv), MAML (--p-min 1 --p-max 1) against MAML+LWDGH(+EE), e.g. (--iters-per-epoch 200; 5-shot:
+--test-queries 5)
     python lwdgh.py --dataset miniimagenet --shots 1 --filters 32 --epochs 300 --test-queries 1 --p-min 1 --p-max 1
     python lwdgh.py --dataset miniimagenet --shots 1 --filters 32 --epochs 300 --test-queries 1
 `make reproduce-lwdgh` runs every row.

@@ -24,10 +24,9 @@ are meta-learned by the outer loop only (no α, not in g_k), as MAML's code; --a
 before any ĝ is stored, evaluation uses the plain gradient. Logged per epoch: the mean and standard
 deviation of all elements of α (`alpha_mean`, `alpha_std`), next to σ(m) and σ(λ).
 
-How it runs: `common.main` parses `Args` and calls `common.run`, which builds the meta-parameters with
-`make_algorithm`, then for every meta-iteration calls `meta_gradient` on a batch of tasks and steps
-Adam with its gradients (carrying its `state`, the stored ĝ, to the next call and averaging its
-`metrics` per epoch), and evaluates with `predict` on fixed validation tasks after every epoch and on
+How it runs: `common.main` parses `Args`; `common.run` builds the meta-parameters with `make_algorithm`, steps
+Adam with the gradients of `meta_gradient` on every batch of tasks (carrying its `state`, the stored ĝ, and
+averaging its `metrics` per epoch), and evaluates `predict` on fixed validation tasks after every epoch and on
 the test tasks at the end (the ensemble of the 5 best checkpoints).
 
 Reproduces arXiv 2312.08398, Table 1 (5-way 5-shot), rows Meta-SGD/5 and Meta-SGD/1 (task batch 5 and 1),
