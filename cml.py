@@ -4,22 +4,21 @@ Paper: "Cooperative Meta-Learning with Gradient Augmentation", arXiv 2406.04639 
 JJongyn/CML). A co-learner head, trained by the outer loop only, reads the feature map of the adapted
 extractor; its query loss adds gradient to the extractor's initialisation.
 
-Names (per task t of the batch, K inner steps, θ = Conv4 incl. its head, φ = the co-learner):
+Names (per task t of the batch, K inner steps, θ = Conv4 incl. its head, the only backbone here; φ = the co-learner):
     θ_{t,K}  = the base method's inner loop from θ, without gradient sharing         `inner_loop`
     z_t      = Conv4 blocks at θ_{t,K} on the query set, the last one before its pooling  `prepool_features`
     L_t^meta = CE(head_{θ_{t,K}}(pool(z_t)), y_q)       the base method's query loss    `meta_gradient`
     L_t^co   = CE(φ(z_t), y_q), φ = --colearner-blocks conv blocks, max-pool, linear    `colearner_forward`
     L        = (1/T) Σ_t L_t^meta + γ (1/T) Σ_t L_t^co, γ = --gamma                   `meta_gradient`
-Outer step: Adam on (θ, φ) [and MAML++'s LSLR / per-step BN] with ∇L. φ is never adapted in the inner
-loop and never used at evaluation: `predict` is the base method's, on the meta-learner's parameters only.
+Outer step: Adam on (θ, φ) [and MAML++'s LSLR / per-step BN] with ∇L. φ is never adapted in the inner loop,
+nor used at evaluation: `predict` is the base method's, on the meta-learner's parameters only.
 
 Decisions (where the paper is silent):
 - The base is a copy of mamlpp_gs.py --no-gs (loop, init, MSL, first-order epochs, clamp, cosine lr,
   prediction), which with fixed rates [α]·K and one BN per layer (the maml base) is maml_gs.py --no-gs step
   for step. At γ = 0 the meta-gradient equals maml_gs.py's / mamlpp_gs.py's bitwise (tested). MAML++'s MSL
   applies to L^meta only (L^co at θ_{t,K}); its clamp to the summed network gradient, not φ's.
-- z_t once per query pass: the meta-learner pools it and applies its head (conv4_forward's operations), the
-  co-learner reads it (`both_heads`); with MAML++ per-step BN, the last BN row.
+- z_t once per query pass, read by both heads (`both_heads`); with MAML++ per-step BN, the last BN row.
 - φ: common.conv_block's blocks, --filters channels, a linear layer of the head's input size; Xavier, zero biases.
 - BatchNorm as the base's: the outer loop's only (mamlpp: per-step rows); the reference (torchmeta's
   MetaBatchNorm2d) adapts BN's scale and shift in the inner loop too, as --adapt-bn does.
@@ -86,6 +85,7 @@ class Args(common.Args):
     """mamlpp base: clamp each meta-gradient element of the network to ±this value; 0: off"""
     recompute: bool = False
     """gradient checkpointing: recompute the query pass and each inner step but the last in the backward pass"""
+    backbones = ("conv4",)  # φ continues Conv4's last block (and the reference's network is Conv4)
 
     def check(self) -> list[str]:
         problems = super().check()

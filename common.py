@@ -311,7 +311,7 @@ def _decode_into(out: np.ndarray, source: Path, prefix: str, rows: dict[str, int
                 with Image.open(io.BytesIO(data)) as image:
                     image = image.convert(mode)
                     if boxes is not None:
-                        image = image.crop(boxes[name])
+                        image = image.crop(_clip_box(boxes[name], image.size, source / prefix / name))
                     out[rows[name]] = np.asarray(image.resize(out.shape[2:0:-1], RESAMPLE)).reshape(out.shape[1:])
             except READ_ERRORS as e:  # a damaged image: name it
                 raise _damaged(source / prefix / name, e) from e
@@ -323,6 +323,15 @@ def _decode_into(out: np.ndarray, source: Path, prefix: str, rows: dict[str, int
         raise DataError(f"{source}: {len(missing)} of {len(rows)} listed images are missing, e.g. "
                         f"{prefix}{missing[0]}; "
                         f"the data is incomplete (see {DOCS})")
+
+
+def _clip_box(box: tuple[int, int, int, int], size: tuple[int, int], path: Path) -> tuple[int, int, int, int]:
+    """A (left, upper, right, lower) box clipped to the image (PIL would pad black outside it); none left: error."""
+    x0, y0, x1, y1 = max(box[0], 0), max(box[1], 0), min(box[2], size[0]), min(box[3], size[1])
+    if x1 <= x0 or y1 <= y0:
+        raise DataError(f"{path}: its bounding box {box} lies outside the {size[0]}x{size[1]} image; "
+                        f"fix bounding_boxes.txt")
+    return x0, y0, x1, y1
 
 
 def _decode_groups(source: Path, prefix: str, groups: list[tuple[str, list[str]]], size: int,
@@ -607,6 +616,8 @@ def _build_cub(source: Path, prefix: str, split: str, bbox_crop: bool):
                             f"of images.txt ({e!r})") from e
         if empty := next((name for name, (x0, y0, x1, y1) in boxes.items() if x1 <= x0 or y1 <= y0), None):
             raise DataError(f"{source}: the bounding box of {empty} is empty; fix bounding_boxes.txt")
+        if unboxed := next((f for _, members in groups for f in members if f not in boxes), None):
+            raise DataError(f"{source}: {prefix}bounding_boxes.txt has no box for {unboxed}; fix bounding_boxes.txt")
     return _decode_groups(source, prefix + "images/", groups, IMAGE_SIZE, boxes)
 
 
@@ -819,6 +830,72 @@ def conv4_forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Ten
     return F.linear(x.flatten(1), params["head.weight"], params["head.bias"])
 
 
+RESNET_BLOCKS, RESNET_CONVS = 4, 3  # ResNet-12: 4 residual blocks of 3 convolutions (+ the 1×1 shortcut's)
+RESNET_SLOPE = 0.1  # LeakyReLU's negative slope
+
+
+def resnet12_init(image_shape: tuple[int, int, int], ways: int, width: int = 64,
+                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+                  ) -> dict[str, torch.Tensor]:
+    """Parameters of the ResNet-12 of fmu2/PyTorch-MAML (models/encoders/resnet12.py), the code of the LWDGH paper.
+
+    Block i: 3×3 convolutions without bias, width·2^i channels (64-128-256-512: about 8 million parameters),
+    Kaiming-normal (fan_out, leaky_relu) as there; BatchNorm scale 1, shift 0; a 1×1 convolution + BatchNorm
+    shortcut. The head is a linear layer on the globally averaged features, initialised as torch.nn.Linear.
+    Names: conv{i}.{j}.weight, bn{i}.{j}.weight / .bias (j = 0, 1, 2, and "shortcut"), head.weight, head.bias.
+    """
+    if min(image_shape[1:]) < POOL ** RESNET_BLOCKS:
+        raise ValueError(f"{RESNET_BLOCKS} pooling blocks need images of at least {POOL ** RESNET_BLOCKS} pixels, "
+                         f"got {image_shape}")
+    params: dict[str, torch.Tensor] = {}
+    channels = image_shape[0]
+    for i in range(RESNET_BLOCKS):
+        out = width * 2 ** i
+        for j, (c_in, kernel) in enumerate([(channels, CONV_KERNEL)] + [(out, CONV_KERNEL)] * (RESNET_CONVS - 1)
+                                           + [(channels, 1)]):
+            j = "shortcut" if j == RESNET_CONVS else j
+            w = torch.empty(out, c_in, kernel, kernel, dtype=dtype)
+            params[f"conv{i}.{j}.weight"] = torch.nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="leaky_relu",
+                                                                          generator=generator)
+            params[f"bn{i}.{j}.weight"] = torch.ones(out, dtype=dtype)
+            params[f"bn{i}.{j}.bias"] = torch.zeros(out, dtype=dtype)
+        channels = out
+    bound = 1 / math.sqrt(channels)  # torch.nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias
+    params["head.weight"] = torch.empty(ways, channels, dtype=dtype).uniform_(-bound, bound, generator=generator)
+    params["head.bias"] = torch.empty(ways, dtype=dtype).uniform_(-bound, bound, generator=generator)
+    return params
+
+
+def _conv_bn(params: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+    """ResNet-12's convolution `name` (e.g. 0.1, 2.shortcut), then BatchNorm on this batch's statistics."""
+    weight = params[f"conv{name}.weight"]
+    x = F.conv2d(x, weight, padding=weight.shape[-1] // 2)
+    return F.batch_norm(x, None, None, params[f"bn{name}.weight"], params[f"bn{name}.bias"], training=True, eps=BN_EPS)
+
+
+def resnet12_forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) images -> (N, ways) logits: per block three conv -> BatchNorm (-> LeakyReLU but the last), plus
+    the shortcut, LeakyReLU, max-pool; then the spatial mean and the linear head."""
+    for i in range(RESNET_BLOCKS):
+        out = x
+        for j in range(RESNET_CONVS):
+            out = _conv_bn(params, f"{i}.{j}", out)
+            out = F.leaky_relu(out, RESNET_SLOPE) if j < RESNET_CONVS - 1 else out
+        x = F.max_pool2d(F.leaky_relu(out + _conv_bn(params, f"{i}.shortcut", x), RESNET_SLOPE), POOL)
+    return F.linear(x.mean((2, 3)), params["head.weight"], params["head.bias"])
+
+
+FORWARD = {"conv4": conv4_forward, "resnet12": resnet12_forward}  # --backbone -> its pure forward function
+
+
+def init_backbone(args: Args, image_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    """θ of --backbone for (C, H, W) images, drawn from --seed."""
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.backbone == "resnet12":
+        return resnet12_init(image_shape, args.ways, args.resnet_width, generator=generator)
+    return conv4_init(image_shape, args.ways, args.filters, generator=generator)
+
+
 def split_adapted(weights: dict[str, torch.Tensor], adapt_bn: bool) -> tuple[dict, dict]:
     """weights -> (those the inner loop adapts, those it leaves alone).
 
@@ -905,6 +982,10 @@ class Args:
     """task batch size: tasks per meta-iteration"""
     filters: int = 48
     """channels of each Conv4 block"""
+    backbone: Literal["conv4", "resnet12"] = "conv4"
+    """conv4, or resnet12 (fmu2/PyTorch-MAML's) where the algorithm file offers it"""
+    resnet_width: int = 64
+    """ResNet-12 only: channels of its first block, doubled in each next one (fmu2's 64-128-256-512)"""
     epochs: int = 250
     """meta-training epochs"""
     iters_per_epoch: int = 1000
@@ -937,6 +1018,7 @@ class Args:
     """no progress line"""
     tensorboard: bool = False
     """also write the per-epoch scalars as TensorBoard events into the run directory (pip install tensorboard)"""
+    backbones = ("conv4", "resnet12")  # the --backbone values a file offers (no annotation: not a flag)
 
     def check(self) -> list[str]:
         """Problems with the values, each saying what is expected (subclasses add their own)."""
@@ -944,9 +1026,11 @@ class Args:
         if self.test_queries < 0:
             problems.append(f"--test-queries must be 0 (--queries) or a positive integer, got {self.test_queries}")
         for name in ("ways", "shots", "queries", "tasks", "filters", "epochs", "iters_per_epoch", "val_tasks",
-                     "test_tasks", "ensemble", "eval_batch", "max_bad_steps"):
+                     "test_tasks", "ensemble", "eval_batch", "max_bad_steps", "resnet_width"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.backbone not in self.backbones:
+            problems.append(f"--backbone {self.backbone}: this method runs on {' or '.join(self.backbones)} only")
         if self.ways < 2:
             problems.append(f"--ways must be at least 2 for a classification task, got {self.ways}")
         if not self.outer_lr > 0:
@@ -968,7 +1052,43 @@ class Args:
                                 f"at least {POOL ** BLOCKS}×{POOL ** BLOCKS} pixels")
         except ValueError:
             problems.append(f"--synthetic-shape must be three positive integers C,H,W, got {self.synthetic_shape!r}")
+            return problems
+        if not problems and (need := memory_floor(self, shape)) > (have := device_memory(self.device)):
+            problems.append(f"these counts need at least {need / 2 ** 30:.1f} GiB (a task batch's images and first "
+                            f"activations, the fixed task sets' indices, the network with Adam), more than the "
+                            f"{have / 2 ** 30:.1f} GiB of {pick_device(self.device).type} memory here: lower --tasks, "
+                            f"--ways, --shots, --queries, --filters, --resnet-width, --val-tasks, --test-tasks or "
+                            f"--eval-batch")
         return problems
+
+
+FLOAT_BYTES, INDEX_BYTES = 4, 8  # float32 images and activations; int64 task indices
+ADAM_COPIES = 4  # a parameter, its gradient and Adam's two moments
+
+
+def memory_floor(args: Args, synthetic: tuple[int, int, int]) -> int:
+    """Bytes a run of these counts needs at the least: a lower bound, so that only the impossible is refused."""
+    c, h, w = {"omniglot": (1, OMNIGLOT_SIZE, OMNIGLOT_SIZE), "synthetic": synthetic}.get(
+        args.dataset, (3, IMAGE_SIZE, IMAGE_SIZE))
+    per_task = args.ways * (args.shots + max(args.queries, args.test_queries))  # images of one task
+    evaluated = min(args.eval_batch, max(args.val_tasks, args.test_tasks))
+    if args.backbone == "resnet12":
+        widths = [c] + [args.resnet_width * 2 ** i for i in range(RESNET_BLOCKS)]
+        weights = sum(a * b * (1 + CONV_KERNEL ** 2) + (RESNET_CONVS - 1) * b * b * CONV_KERNEL ** 2
+                      for a, b in zip(widths, widths[1:]))
+    else:
+        widths = [c] + [args.filters] * BLOCKS
+        weights = sum(a * b * CONV_KERNEL ** 2 for a, b in zip(widths, widths[1:]))
+    images = max(args.tasks, evaluated) * per_task * (c + widths[1]) * h * w * FLOAT_BYTES  # input, first block
+    indices = (args.val_tasks + args.test_tasks) * per_task * INDEX_BYTES  # EvalTasks.index
+    return images + indices + weights * FLOAT_BYTES * ADAM_COPIES
+
+
+def device_memory(device: str) -> int:
+    """Bytes of memory of the device --device names (auto: the one pick_device picks)."""
+    if pick_device(device).type == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def synthetic_shape(text: str) -> tuple[int, int, int]:
@@ -1302,9 +1422,16 @@ def deferred_signals() -> Iterator[list[int]]:
 
 
 def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.device], Algorithm]) -> dict:
-    """common.run under deferred_signals: see _run."""
+    """common.run under deferred_signals (see _run); running out of memory is a message, not a traceback."""
     with deferred_signals() as stop:
-        return _run(args, make_algorithm, stop)
+        try:
+            return _run(args, make_algorithm, stop)
+        except RuntimeError as e:  # CUDA: torch.OutOfMemoryError; CPU: "DefaultCPUAllocator: can't allocate memory"
+            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                raise
+            raise SystemExit(f"error: out of {pick_device(args.device).type} memory ({str(e).splitlines()[0]}). "
+                             f"Lower --eval-batch (it may change on --resume), or start again with fewer --tasks, "
+                             f"--queries or --filters, or with --recompute where the file offers it")
 
 
 def _run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.device], Algorithm],

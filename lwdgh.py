@@ -27,7 +27,7 @@ Decisions where the paper is silent:
   gci_mean / gci_harmonised: Eq. 3 over the whole θ, summed over tasks, w.r.t. ḡ / g_u (gci_mean: Table 5's GCI
   column, along each method's own trajectory; gci_harmonised >= gci_mean always, Cauchy-Schwarz: how far g_u
   turns away from ḡ); explore_fraction; weight_entropy: entropy of w^ℓ over tasks, mean over layers.
-- --p-min 1 --p-max 1 explores always: plain MAML with the paper's settings and the GCI logged.
+- --p-min 1 --p-max 1 is plain MAML (GCI logged); --backbone resnet12: fmu2's ResNet-12 (Tables 2 and 3).
 
 How it runs: `common.run` builds θ with `make_algorithm`, steps Adam with the gradients of `meta_gradient`
 on every batch of tasks (carrying its `state`, the explore/exploit generator), evaluates `predict` on fixed
@@ -137,7 +137,7 @@ def harmonise(task_grads: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
 def inner_step(fast: dict[str, torch.Tensor], x_s: torch.Tensor, y_s: torch.Tensor, args: Args,
                create_graph: bool, frozen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One plain MAML step θ_{t,k+1} = θ_{t,k} − α ∇L_t(θ_{t,k}) for every task, (tasks, ...) per adapted tensor."""
-    grads = common.support_grads(common.conv4_forward, fast, x_s, y_s, create_graph=create_graph,
+    grads = common.support_grads(common.FORWARD[args.backbone], fast, x_s, y_s, create_graph=create_graph,
                                  use_vmap=args.vmap == "on", frozen=frozen)  # ∇L_t(θ_{t,k}), (tasks, ...)
     return {name: w - args.inner_lr * grads[name] for name, w in fast.items()}
 
@@ -167,7 +167,7 @@ def task_gradients(params: dict[str, torch.Tensor], tasks: common.Tasks, args: A
     # θ_{t,0}: one copy of θ per task, (tasks, ...) leaves, so that the backward keeps the tasks' gradients apart.
     copies = {name: p.detach().expand(num_tasks, *p.shape).clone().requires_grad_() for name, p in params.items()}
     fast = inner_loop(copies, tasks.x_s, tasks.y_s, args, args.inner_steps, create_graph=not args.first_order)
-    logits = common.forward_tasks(common.conv4_forward, fast, tasks.x_q, args.vmap == "on",
+    logits = common.forward_tasks(common.FORWARD[args.backbone], fast, tasks.x_q, args.vmap == "on",
                                   args.recompute)  # (tasks, ways*queries, ways)
     # Σ_t L_t^query, each L_t the mean over task t's queries: row t of its gradient w.r.t. the copies is g_t.
     total = F.cross_entropy(logits.flatten(0, 1), tasks.y_q.flatten(), reduction="sum") / tasks.y_q.shape[1]
@@ -204,12 +204,12 @@ def predict(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, a
         fast = {name: p.detach().expand(tasks.x_s.shape[0], *p.shape).requires_grad_() for name, p in params.items()}
         fast = inner_loop(fast, tasks.x_s, tasks.y_s, args, inner_steps or args.inner_steps, create_graph=False)
     with torch.no_grad():
-        return common.forward_tasks(common.conv4_forward, fast, tasks.x_q, args.vmap == "on")
+        return common.forward_tasks(common.FORWARD[args.backbone], fast, tasks.x_q, args.vmap == "on")
 
 
 def make_algorithm(args: Args, image_shape: tuple[int, int, int], device: torch.device) -> common.Algorithm:
     """θ from the seed; the explore/exploit generator seeded with --seed."""
-    theta = common.conv4_init(image_shape, args.ways, args.filters, generator=torch.Generator().manual_seed(args.seed))
+    theta = common.init_backbone(args, image_shape)
     params = {name: p.to(device).requires_grad_() for name, p in theta.items()}
     state = {"rng": torch.Generator().manual_seed(args.seed).get_state()}
     return common.Algorithm("lwdgh_ee" if args.ee else "lwdgh", params, state, meta_gradient, predict,

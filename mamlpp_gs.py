@@ -42,11 +42,10 @@ outer loop only like every BN tensor of this project (the reference's MAML confi
 enable_inner_loop_optimizable_bn_params false); --adapt-bn adapts them in the inner loop as well.
 
 How it runs: `common.main` parses `Args` and calls `common.run`, which builds the meta-parameters with
-`make_algorithm`, then for every meta-iteration calls `meta_gradient` on a batch of tasks and steps
-Adam with its gradients (carrying its `state`, the stored ĝ, to the next call and averaging its
-`metrics` per epoch; the learning rate of each epoch from `cosine_lr`), and evaluates with `predict` on
-fixed validation tasks after every epoch and on the test tasks at the end (the ensemble of the 5 best
-checkpoints).
+`make_algorithm`, then for every meta-iteration calls `meta_gradient` on a batch of tasks and steps Adam with
+its gradients (carrying its `state`, the stored ĝ, and averaging its `metrics` per epoch; each epoch's learning
+rate from `cosine_lr`), and evaluates `predict` on fixed validation tasks after every epoch and on the test
+tasks at the end (the top-5 ensemble). Conv4 only (--backbone): per-step BN rows are Conv4's, as MAML++'s.
 
 Reproduces arXiv 2312.08398, Table 1 (5-way 5-shot), rows MAML++/5 and MAML++/1 (task batch 5 and 1),
 columns ORIGINAL (--no-gs) and GRADSHARE (--gs); CUB: 150 epochs (task batch 5) or 750 (task batch 1),
@@ -89,6 +88,7 @@ class Args(common.Args):
     """clamp each meta-gradient element of the network to ±this value; 0: off"""
     recompute: bool = False
     """gradient checkpointing: recompute the query pass and each inner step but the last in the backward pass"""
+    backbones = ("conv4",)  # its per-step BN rows are Conv4's blocks' (and the reference's network is Conv4)
 
     def check(self) -> list[str]:
         problems = super().check()

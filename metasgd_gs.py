@@ -21,8 +21,8 @@ as in Li et al.); --no-learn-alpha keeps α fixed at --inner-lr, which is exactl
 start at 0 (σ = 0.5); second order by default, so the meta-gradient flows through g_k, its norm and the
 task gradients; m gets no gradient on the first meta-iteration (ĝ = g there); BatchNorm's scale and shift
 are meta-learned by the outer loop only (no α, not in g_k), as MAML's code; --adapt-bn adapts them too;
-before any ĝ is stored, evaluation uses the plain gradient. Logged per epoch: the mean and standard
-deviation of all elements of α (`alpha_mean`, `alpha_std`), next to σ(m) and σ(λ).
+before any ĝ is stored, evaluation uses the plain gradient. Logged per epoch: `alpha_mean`, `alpha_std` over
+all elements of α. --backbone resnet12: fmu2/PyTorch-MAML's ResNet-12 in place of Conv4 (α shaped as its θ).
 
 How it runs: `common.main` parses `Args`; `common.run` builds the meta-parameters with `make_algorithm`, steps
 Adam with the gradients of `meta_gradient` on every batch of tasks (carrying its `state`, the stored ĝ, and
@@ -76,7 +76,7 @@ ALPHA = "alpha."  # alpha.<name>: the learned inner learning rate of θ tensor <
 
 def init_params(args: Args, image_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
     """θ (Conv4) from the seed; with gradient sharing m = λ = 0 (σ = 0.5)."""
-    params = common.conv4_init(image_shape, args.ways, args.filters, generator=torch.Generator().manual_seed(args.seed))
+    params = common.init_backbone(args, image_shape)
     if args.learn_alpha:  # α = --inner-lr everywhere, for every tensor the inner loop adapts
         adapted, _ = common.split_adapted(params, args.adapt_bn)
         params.update({ALPHA + name: torch.full_like(p, args.inner_lr) for name, p in adapted.items()})
@@ -99,7 +99,7 @@ def inner_step(fast: dict[str, torch.Tensor], k: int, alpha: dict, m: torch.Tens
 
     Returns θ_{t,k+1} for every task, (tasks, ...) per adapted tensor, and ĝ_{k+1} (None unless shared).
     """
-    grads = common.support_grads(common.conv4_forward, fast, x_s, y_s, create_graph=create_graph,
+    grads = common.support_grads(common.FORWARD[args.backbone], fast, x_s, y_s, create_graph=create_graph,
                                  use_vmap=args.vmap == "on", frozen=frozen)  # ∇L_t(θ_{t,k}), (tasks, ...)
     delta, ghat_k = grads, None  # without sharing: Δ_{t,k} = ∇L_t
     if lam is not None and (share or ghat is not None):
@@ -149,7 +149,7 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
     fast, ghat = inner_loop(theta, alpha, m, lam, state["ghat"], tasks.x_s, tasks.y_s, args, share=True,
                             create_graph=not args.first_order)
     # (1/T) Σ_t L_t^query(θ_{t,K}) and its gradient w.r.t. every meta-parameter, through the inner loop
-    logits = common.forward_tasks(common.conv4_forward, fast, tasks.x_q, args.vmap == "on",
+    logits = common.forward_tasks(common.FORWARD[args.backbone], fast, tasks.x_q, args.vmap == "on",
                                   args.recompute)  # (tasks, ways*queries, ways)
     loss, acc = common.query_loss(logits, tasks.y_q)
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)  # m: None on the first iteration
@@ -172,7 +172,7 @@ def predict(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, a
         fast, _ = inner_loop(theta, alpha, m, lam, state["ghat"], tasks.x_s, tasks.y_s, args, share=False,
                              create_graph=False)
     with torch.no_grad():
-        return common.forward_tasks(common.conv4_forward, fast, tasks.x_q, args.vmap == "on")
+        return common.forward_tasks(common.FORWARD[args.backbone], fast, tasks.x_q, args.vmap == "on")
 
 
 def make_algorithm(args: Args, image_shape: tuple[int, int, int], device: torch.device) -> common.Algorithm:

@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -263,6 +264,35 @@ def test_impossible_numbers_are_usage_errors(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         common.parse_args(maml_gs.Args, ["--dataset", "synthetic", flag, value])
     assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--tasks", "--val-tasks", "--filters"])
+def test_counts_beyond_the_machines_memory_are_usage_errors_with_the_estimate(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse_args(maml_gs.Args, ["--device", "cpu", flag, str(10 ** 9)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "need at least" in err and "GiB of cpu memory" in err and flag in err
+
+
+def test_the_memory_floor_is_below_what_a_run_allocates():
+    """memory_floor is a lower bound: a tiny run's own task batch, first block and Adam exceed it."""
+    args = common.parse_args(maml_gs.Args, TINY)
+    floor = common.memory_floor(args, common.synthetic_shape(args.synthetic_shape))
+    c, h, w = common.synthetic_shape(args.synthetic_shape)
+    per_task = args.ways * (args.shots + args.queries)
+    batch = max(args.tasks, min(args.eval_batch, args.val_tasks)) * per_task * (c + args.filters) * h * w * 4
+    assert batch < floor < batch + 10 * 2 ** 20  # images + first activations, a little for the indices and Conv4
+    assert common.memory_floor(replace(args, tasks=2 * args.tasks + args.eval_batch), (c, h, w)) > floor
+
+
+@pytest.mark.parametrize("message, clean", [("DefaultCPUAllocator: can't allocate memory: you tried 9 bytes", True),
+                                            ("some other failure", False)])
+def test_running_out_of_memory_is_a_message(tmp_path, monkeypatch, message, clean):
+    def exhausted(*args, **kwargs):
+        raise RuntimeError(message)
+    monkeypatch.setattr(common.TaskSampler, "sample", exhausted)
+    with pytest.raises(SystemExit if clean else RuntimeError, match="out of cpu memory" if clean else message):
+        run(TINY + ["--out", str(tmp_path / "run"), "--device", "cpu"])
 
 
 @pytest.mark.parametrize("moment", ["last validation", "meta-test"])

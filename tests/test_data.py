@@ -468,6 +468,40 @@ def test_malformed_cub_text_files_and_empty_boxes(tmp_path, cache):
         common.load_split("cub", "train", tmp_path / "boxes", cache_dir=cache, bbox_crop=True, verbose=False)
 
 
+def test_cub_boxes_outside_the_image_are_clipped_or_refused(tmp_path, cache):
+    """A box reaching past the image is clipped to it (the same crop as the box inside it); one wholly outside it,
+    or an image without a box, is a DataError."""
+    inside, past = write_cub(tmp_path / "inside"), write_cub(tmp_path / "past")
+    lines = (past / "bounding_boxes.txt").read_text().splitlines()  # 30 wide, 40 high; box x 7 y 8 w 15 h 20
+    image_id, x, y, w, h = lines[0].split()
+    (past / "bounding_boxes.txt").write_text("\n".join([f"{image_id} -{x} -{y} {float(w) + 2 * float(x)} "
+                                                          f"{float(h) + 2 * float(y)}"] + lines[1:]))
+    (inside / "bounding_boxes.txt").write_text("\n".join([f"{image_id} 0.0 0.0 {float(w) + float(x)} "
+                                                            f"{float(h) + float(y)}"] + lines[1:]))
+    clipped, expected = (common.load_split("cub", "train", tmp_path / name, cache_dir=cache, bbox_crop=True,
+                                           verbose=False) for name in ("past", "inside"))
+    assert torch.equal(clipped.images, expected.images)
+    (past / "bounding_boxes.txt").write_text("\n".join([f"{image_id} 100.0 100.0 5.0 5.0"] + lines[1:]))
+    with pytest.raises(common.DataError, match="lies outside the 30x40 image"):  # image 1: class 0, train
+        common.load_split("cub", "train", tmp_path / "past", cache_dir=tmp_path / "other", bbox_crop=True,
+                          verbose=False)
+    (past / "bounding_boxes.txt").write_text("\n".join(lines[1:]))
+    with pytest.raises(common.DataError, match="no box for"):
+        common.load_split("cub", "train", tmp_path / "past", cache_dir=tmp_path / "third", bbox_crop=True,
+                          verbose=False)
+
+
+def test_mini_pickle_with_mixed_bytes_and_str_keys(tmp_path, cache):
+    expected = write_mini_pickle(tmp_path, "test")
+    with open(tmp_path / "mini-imagenet-cache-test.pkl", "rb") as f:
+        data = pickle.load(f)
+    class_dict = {(k.encode() if i % 2 else k): v for i, (k, v) in enumerate(data["class_dict"].items())}
+    with open(tmp_path / "mini-imagenet-cache-test.pkl", "wb") as f:
+        pickle.dump({b"image_data": data["image_data"], "class_dict": class_dict}, f)
+    split = load("miniimagenet", tmp_path, cache, "test")
+    assert split.class_names == sorted(expected)
+
+
 def test_a_cache_conversion_killed_mid_write_leaves_nothing_behind_next_time(tmp_path, cache):
     write_mini_pickle(tmp_path, "test")
     folder = common._cache_dirs(tmp_path, cache)[0]
