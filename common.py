@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from PIL import Image
 from torchvision.datasets import Omniglot
-from torchvision.datasets.utils import calculate_md5, download_url
+from torchvision.datasets.utils import calculate_md5, download_file_from_google_drive, download_url
 
 # ---- Files ----
 
@@ -71,7 +71,7 @@ def atomic_write(path: Path, write: Callable[[typing.BinaryIO], None]) -> None:
 
 # ---- Data ----
 
-DATASETS = ("omniglot", "miniimagenet", "cub", "synthetic")
+DATASETS = ("omniglot", "miniimagenet", "tieredimagenet", "cub", "synthetic")
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 1
 CACHE_APP_DIR = "metalearn-gs"  # subfolder of $XDG_CACHE_HOME (or ~/.cache) for read-only data roots
@@ -122,6 +122,14 @@ MINI_URLS = {
              "https://www.dropbox.com/s/ye9jeb5tyz0x01b/mini-imagenet-cache-test.pkl?dl=1"),
 }
 
+# tieredImageNet (Ren et al. 2018, arXiv 1803.00676): 351 / 97 / 160 classes of 84×84 images. Ren's pickles
+# ({split}_images_png.pkl: a list of PNG files' bytes; {split}_labels.pkl: {"label_specific": class per image,
+# "label_specific_str": class names, ...}), as learn2learn and MetaOptNet read them, or {split}/<wnid>/*.jpg.
+TIERED_DIRS = ("tiered-imagenet", "tiered_imagenet", "")
+TIERED_CLASSES = {"train": 351, "val": 97, "test": 160}
+TIERED_GDRIVE_ID = "1g1aIDy2Ar_MViF2gDXFYDBTR-HYecV07"  # learn2learn's mirror of Ren's tar (12 GB; no md5 published)
+TIERED_ARCHIVE = "tiered_imagenet.tar"
+
 CUB_DIRS = ("cub", "")
 CUB_FOLDER = "CUB_200_2011"
 CUB_ARCHIVE = "CUB_200_2011.tgz"
@@ -163,7 +171,7 @@ class Split:
 
 
 class _Source(NamedTuple):
-    variant: str  # "omniglot", "omniglot-small", "miniimagenet", "cub"
+    variant: str  # "omniglot", "omniglot-small", "miniimagenet", "tieredimagenet", "cub"
     directory: Path  # where the data lives; its cache goes here unless read-only
     shape: tuple[int, int, int]  # (C, H, W) of the converted images
     build: Callable[[], tuple[np.ndarray, list[int], list[str]]]  # -> (N, H, W, C) uint8, counts, names
@@ -186,7 +194,8 @@ def load_split(dataset: str, split: str, data_root: str | Path = "data", *, down
     if dataset == "synthetic":
         return _synthetic(split, synthetic_shape, synthetic_classes, synthetic_per_class, seed)
     root = Path(data_root).expanduser()
-    locate = {"omniglot": _locate_omniglot, "miniimagenet": _locate_mini, "cub": _locate_cub}[dataset]
+    locate = {"omniglot": _locate_omniglot, "miniimagenet": _locate_mini, "tieredimagenet": _locate_tiered,
+              "cub": _locate_cub}[dataset]
     try:
         source = locate(root, split, download, bbox_crop)
     except PermissionError as e:  # a data folder that cannot be listed or entered
@@ -212,7 +221,7 @@ def load_split(dataset: str, split: str, data_root: str | Path = "data", *, down
             print(f"cached {tuple(images.shape)} to {written}" if written else
                   f"warning: no writable cache folder among {[str(d) for d in dirs]}; converting again next time")
     channels = images.shape[1]
-    imagenet = dataset in ("miniimagenet", "cub")
+    imagenet = dataset in ("miniimagenet", "tieredimagenet", "cub")
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else ((0.0,) * channels, (1.0,) * channels)
     return Split(f"{source.variant}/{split}", images, torch.cumsum(count, 0) - count, count, names, mean, std)
 
@@ -530,8 +539,8 @@ def _read_mini_csv(folder: Path, split: str):
     return _decode_groups(folder, "images/", sorted(by_label.items()), IMAGE_SIZE)
 
 
-def _read_mini_folders(folder: Path, split: str):
-    """MAML++ layout: {split}/<wnid>/*.jpg."""
+def _read_class_folders(folder: Path, split: str):
+    """{split}/<wnid>/*.jpg (MAML++'s MiniImagenet layout; tieredImageNet's extracted to folders)."""
     classes = sorted(p for p in (folder / split).iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{folder / split}: no class folders <wnid>/*.jpg in it (see {DOCS})")
@@ -555,7 +564,7 @@ def _locate_mini(root: Path, split: str, download: bool, _bbox: bool) -> _Source
         looked_for.append(folder / split / "<wnid>" / "*.jpg")
         if (folder / split).is_dir():
             return _Source("miniimagenet", folder, (3, IMAGE_SIZE, IMAGE_SIZE),
-                           lambda: _read_mini_folders(folder, split))
+                           lambda: _read_class_folders(folder, split))
     if not download:
         raise _missing("miniimagenet", split, root, looked_for)
     path = root / MINI_DIRS[0] / MINI_PICKLE.format(MINI_PICKLE_SPLITS[split][-1])
@@ -563,6 +572,70 @@ def _locate_mini(root: Path, split: str, download: bool, _bbox: bool) -> _Source
               f"download one of {', '.join(MINI_URLS[split])}",
               check=lambda p: _read_mini_pickle(p, split, strict=True))
     return _Source("miniimagenet", path.parent, (3, IMAGE_SIZE, IMAGE_SIZE), lambda: _read_mini_pickle(path, split))
+
+
+def _locate_tiered(root: Path, split: str, download: bool, _bbox: bool) -> _Source:
+    looked_for, shape = [], (3, IMAGE_SIZE, IMAGE_SIZE)
+    if (folder := _find(root, TIERED_DIRS, [f"{split}_images_png.pkl", f"{split}_labels.pkl"], looked_for)):
+        return _Source("tieredimagenet", folder, shape, lambda: _read_tiered_pickles(folder, split))
+    for d in TIERED_DIRS:
+        looked_for.append(root / d / split / "<wnid>" / "*.jpg")
+        if (root / d / split).is_dir():
+            return _Source("tieredimagenet", root / d, shape,
+                           lambda folder=root / d: _read_class_folders(folder, split))
+    if not download:
+        raise _missing("tieredimagenet", split, root, looked_for)
+    how = f"download https://drive.google.com/file/d/{TIERED_GDRIVE_ID} and extract it into {root}"
+    archive = root / TIERED_ARCHIVE
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        download_file_from_google_drive(TIERED_GDRIVE_ID, str(root), TIERED_ARCHIVE)
+        _reject_html(archive, "a tar of tiered-imagenet/", how)
+        with tarfile.open(archive) as tar:  # no md5 is published: the class counts check the content below
+            tar.extractall(root, filter="data")
+    except (OSError, tarfile.TarError, RuntimeError) as e:
+        raise DataError(f"could not download tieredImageNet ({e}); get it by hand: {how}") from e
+    finally:
+        archive.unlink(missing_ok=True)
+    folder = root / TIERED_DIRS[0]
+    return _Source("tieredimagenet", folder, shape, lambda: _read_tiered_pickles(folder, split, strict=True))
+
+
+def _read_tiered_pickles(folder: Path, split: str, strict: bool = False):
+    """Ren's pickles -> (N, 84, 84, 3) uint8 grouped by class, each PNG decoded straight into its row (the
+    training split is about 9.5 GB decoded: the PNG list and this array are the only copies held)."""
+    def load(name: str):
+        try:
+            with open(folder / name, "rb") as f:
+                return _ArrayUnpickler(f, encoding="latin1").load()  # latin1: Ren's Python 2 pickles
+        except Exception as e:  # a truncated or foreign pickle raises many unrelated types
+            raise _damaged(folder / name, e) from e
+    labels = load(f"{split}_labels.pkl")
+    labels = {_text(k): v for k, v in labels.items()} if isinstance(labels, dict) else {}
+    try:
+        label = np.asarray(labels["label_specific"], dtype=np.int64).reshape(-1)
+        classes = int(label.max()) + 1
+        names = [_text(n) for n in labels.get("label_specific_str", [f"class{c:03d}" for c in range(classes)])]
+    except (KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{folder / f'{split}_labels.pkl'}: expected a dict with 'label_specific' (an integer class "
+                        f"per image) and 'label_specific_str' (the class names) ({e!r})") from e
+    counts = np.bincount(label, minlength=classes) if label.size and label.min() >= 0 else np.zeros(0, np.int64)
+    images = load(f"{split}_images_png.pkl")
+    if not (len(counts) == len(names) and counts.size and counts.min() > 0
+            and isinstance(images, (list, tuple, np.ndarray)) and len(images) == len(label)):
+        raise DataError(f"{folder}: {split}_labels.pkl and {split}_images_png.pkl do not match (a label in "
+                        f"[0, {len(names)}) for every image, every class with images); get the pair again")
+    if strict and len(names) != TIERED_CLASSES[split]:
+        raise DataError(f"{folder}: {len(names)} {split} classes, expected {TIERED_CLASSES[split]}")
+    out = np.empty((len(label), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    for row, i in enumerate(np.argsort(label, kind="stable")):  # class by class, each class in file order
+        try:
+            with Image.open(io.BytesIO(np.asarray(images[i], dtype=np.uint8).tobytes()
+                                       if isinstance(images[i], np.ndarray) else images[i])) as image:
+                out[row] = np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), RESAMPLE))
+        except (*READ_ERRORS, TypeError, ValueError) as e:
+            raise _damaged(folder / f"{split}_images_png.pkl (image {i})", e) from e
+    return out, counts.tolist(), names
 
 
 def _chen_split(index: int) -> str:
@@ -956,8 +1029,8 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Args:
-    dataset: Literal["omniglot", "miniimagenet", "cub", "synthetic"] = "omniglot"
-    """dataset: omniglot, miniimagenet, cub or synthetic"""
+    dataset: Literal["omniglot", "miniimagenet", "tieredimagenet", "cub", "synthetic"] = "omniglot"
+    """dataset: omniglot, miniimagenet, tieredimagenet, cub or synthetic"""
     data_root: str = "data"
     """folder that holds the datasets (see docs/datasets.md for the layout looked for)"""
     download: bool = False

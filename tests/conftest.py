@@ -85,6 +85,33 @@ def write_mini_csv(folder: Path) -> None:
         (folder / f"{split}.csv").write_text("\n".join(rows) + "\n")
 
 
+TIERED_FIXTURE_CLASSES = {"train": 6, "val": 3, "test": 3}
+TIERED_FIXTURE_PER_CLASS = 3
+
+
+def write_tiered(folder: Path, python2: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """Ren's {split}_images_png.pkl (a list of PNG files' bytes; python2: as his cv2/Python 2 pickles hold them,
+    uint8 arrays under bytes keys) and {split}_labels.pkl; classes interleaved. Returns {split: {wnid: images}}."""
+    expected = {}
+    for split, n in TIERED_FIXTURE_CLASSES.items():
+        rng = np.random.default_rng(SPLITS.index(split))
+        images = rng.integers(0, 256, (n * TIERED_FIXTURE_PER_CLASS, 84, 84, 3), dtype=np.uint8)
+        labels = [i % n for i in range(len(images))]
+        pngs = [encode(image, "PNG") for image in images]
+        key = (lambda s: s.encode()) if python2 else str
+        if python2:
+            pngs = [np.frombuffer(p, np.uint8).reshape(-1, 1) for p in pngs]
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{split}_images_png.pkl", "wb") as f:
+            pickle.dump(pngs, f)
+        with open(folder / f"{split}_labels.pkl", "wb") as f:
+            pickle.dump({key("label_specific"): np.array(labels), key("label_general"): np.zeros(len(labels), int),
+                         key("label_specific_str"): [key(wnid(split, c)) for c in range(n)],
+                         key("label_general_str"): [key("n99999999")]}, f)
+        expected[split] = {wnid(split, c): images[c::n] for c in range(n)}
+    return expected
+
+
 def write_mini_folders(folder: Path) -> None:
     """MAML++ layout {train,val,test}/<wnid>/*.jpg; same images as write_mini_csv."""
     for split, n in MINI_FIXTURE_CLASSES.items():

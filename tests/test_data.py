@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -15,8 +16,9 @@ from torchvision.datasets import Omniglot
 
 import common
 from common import DataError, EvalTasks, TaskSampler, load_split
-from conftest import (MINI_FIXTURE_CLASSES, MINI_FIXTURE_PER_CLASS, class_color, coded_split, cub_class, write_cub,
-                      write_mini_csv, write_mini_folders, write_mini_pickle, write_omniglot, write_omniglot_small)
+from conftest import (MINI_FIXTURE_CLASSES, MINI_FIXTURE_PER_CLASS, TIERED_FIXTURE_CLASSES, class_color, coded_split,
+                      cub_class, write_cub, write_mini_csv, write_mini_folders, write_mini_pickle, write_omniglot,
+                      write_omniglot_small, write_tiered)
 
 
 def files(folder: Path) -> list[Path]:
@@ -97,6 +99,56 @@ def test_pickle_with_code_is_refused(tmp_path, cache):
         pickle.dump({"image_data": os.system, "class_dict": {}}, f)  # would import os.system on load
     with pytest.raises(DataError, match="refusing to load"):
         load_split("miniimagenet", "test", tmp_path, cache_dir=cache, verbose=False)
+
+
+# ---- tieredImageNet ----
+
+@pytest.mark.parametrize("python2", [False, True], ids=["png-bytes", "python2-arrays-bytes-keys"])
+def test_tiered_pickles(tmp_path, cache, python2):
+    expected = write_tiered(tmp_path / "tiered-imagenet", python2)
+    splits = load_all("tieredimagenet", tmp_path, cache)
+    check_splits(splits, (3, 84, 84), TIERED_FIXTURE_CLASSES)
+    for s, split in splits.items():
+        assert split.class_names == sorted(expected[s]) and split.mean == common.IMAGENET_MEAN
+        for c, name in enumerate(split.class_names):  # PNG is lossless: exact pixels, regrouped by class
+            block = split.images[split.start[c]:split.start[c] + split.count[c]]
+            assert torch.equal(block.permute(0, 2, 3, 1), torch.from_numpy(expected[s][name]))
+
+
+def test_tiered_class_folders(tmp_path, cache):
+    write_mini_folders(tmp_path / "tiered_imagenet")  # {split}/<wnid>/*.jpg
+    check_splits(load_all("tieredimagenet", tmp_path, cache), (3, 84, 84), MINI_FIXTURE_CLASSES)
+
+
+def test_tiered_faults_are_data_errors(tmp_path, cache, monkeypatch):
+    with pytest.raises(DataError, match="tiered_imagenet/train/<wnid>/\\*.jpg"):
+        load("tieredimagenet", tmp_path / "none", cache)
+    folder = tmp_path / "short" / "tiered-imagenet"
+    write_tiered(folder)
+    with open(folder / "train_images_png.pkl", "rb") as f:
+        pngs = pickle.load(f)
+    with open(folder / "train_images_png.pkl", "wb") as f:
+        pickle.dump(pngs[:-1], f)
+    with pytest.raises(DataError, match="do not match"):
+        load("tieredimagenet", tmp_path / "short", cache)
+    with open(folder / "train_images_png.pkl", "wb") as f:
+        pickle.dump(pngs[:-1] + [b"not a png"], f)
+    with pytest.raises(DataError, match=r"train_images_png.pkl \(image \d+\)"):
+        load("tieredimagenet", tmp_path / "short", cache)
+    with open(folder / "train_labels.pkl", "wb") as f:
+        pickle.dump({"labels": [0]}, f)
+    with pytest.raises(DataError, match="'label_specific'"):
+        load("tieredimagenet", tmp_path / "short", cache)
+
+    def download(file_id, root, filename):  # a mirror serving a tar of a small tiered-imagenet/
+        write_tiered(Path(root) / "staging" / "tiered-imagenet")
+        with tarfile.open(Path(root) / filename, "w") as tar:
+            tar.add(Path(root) / "staging" / "tiered-imagenet", arcname="tiered-imagenet")
+        shutil.rmtree(Path(root) / "staging")
+    monkeypatch.setattr(common, "download_file_from_google_drive", download)
+    with pytest.raises(DataError, match="6 train classes, expected 351"):  # the content check of a download
+        common.load_split("tieredimagenet", "train", tmp_path / "dl", download=True, cache_dir=cache, verbose=False)
+    assert not (tmp_path / "dl" / common.TIERED_ARCHIVE).exists()
 
 
 # ---- CUB ----
