@@ -1279,6 +1279,7 @@ CHECKPOINT_FORMAT = "metalearn-gs checkpoint v1"
 CHECKPOINT_KEYS = ("program", "algorithm", "args", "params", "state", "optimizer", "sampler", "torch_rng", "loop")
 LAST = "last.pt"  # the newest state of the run, for --resume
 LOCK = ".lock"  # held by the one process writing a run directory
+ADDED_LATER = {"backbone": "conv4", "resnet_width": 64}  # result flags newer than some runs: the value those ran with
 RESUME_FREE = ("resume", "quiet", "device", "vmap", "out", "data_root", "cache_dir", "download", "eval_batch",
                "tensorboard")
 
@@ -1432,8 +1433,8 @@ def resumed_args(args: Args, given: set[str] | None = None) -> Args:
     """
     path = Path(args.resume).expanduser() / "config.json"
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        config = {**ADDED_LATER, **json.loads(path.read_text())}
+    except (OSError, ValueError, TypeError) as e:  # TypeError: JSON that is not an object
         raise SystemExit(f"error: cannot resume {args.resume}: {path} is missing or damaged ({e}); "
                          f"is it a run directory?")
     if config.get("program") != program_name(args):

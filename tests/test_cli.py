@@ -214,6 +214,10 @@ def test_a_run_made_before_a_resume_free_flag_existed_still_resumes(tmp_path):
     del config["tensorboard"]
     path.write_text(json.dumps(config))
     assert run(["--resume", str(tmp_path / "run"), "--epochs", "1"])["status"] == "finished"
+    for flag in common.ADDED_LATER:  # a run made before --backbone: Conv4, as every run was then
+        del config[flag]
+    path.write_text(json.dumps(config))
+    assert run(["--resume", str(tmp_path / "run"), "--epochs", "1"])["status"] == "finished"
     del config["inner_lr"]
     path.write_text(json.dumps(config))
     with pytest.raises(SystemExit, match=r"made without the arguments \['inner_lr'\]"):
