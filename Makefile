@@ -152,32 +152,64 @@ cml-mamlpp-1s: setup ; $(call seeds,cml.py,$(CML_DIR)mamlpp__miniimagenet__5w1s_
 cml-mamlpp-5s: setup ; $(call seeds,cml.py,$(CML_DIR)mamlpp__miniimagenet__5w5s__t2,--shots 5 $(CML_MAMLPP))
 
 # Paper 004 (LWDGH): the commands of lwdgh.py's docstring, MAML (--p-min 1 --p-max 1: always explore, plain
-# MAML with the GCI logged), LWDGH alone (--no-ee) and LWDGH+EE. Table 1: MiniImagenet, Table 4: CUB, 5-way
-# 1/5-shot, 300 epochs (fmu2's configs: the paper gives none); Table 5: the ablation, 1-shot, 20 epochs.
+# MAML with the GCI logged), LWDGH alone (--no-ee) and LWDGH+EE. 5-way, 300 epochs of 200 meta-iterations (fmu2's
+# configs: the paper gives none) in Table 1 (MiniImagenet), Table 2 (tieredImageNet; Convnet4 is fmu2's tiered
+# configs' wide-convnet4, 64 filters; ResNet-12 1-shot), Table 3 (MiniImagenet, ResNet-12) and Table 4 (CUB);
+# Table 5, the ablation, and Table 6, the transition epoch (20/33/50% of the epochs, fixed or cosine), 20 epochs,
+# 1-shot: Table 6's 33%-cosine row is Table 5's LWDGH+EE run (the paper prints 51.33 for both), run once.
 # Meta-test queries per class as fmu2's test configs: 1 at 1-shot, 5 at 5-shot (lwdgh.py's docstring).
-LW = --filters 32 --iters-per-epoch 200
+LW_ITERS = --iters-per-epoch 200
+LW = --filters 32 $(LW_ITERS)
 LW_MINI = $(LW) --dataset miniimagenet
+LW_TIERED = --dataset tieredimagenet $(LW_ITERS)
+RESNET = --backbone resnet12 $(LW_ITERS)
 LW_DIR = $(RUNS)/lwdgh/
 MAML = --p-min 1 --p-max 1
 Q1 = --test-queries 1
 Q5 = --test-queries 5
-LWDGH = lwdgh-table1 lwdgh-table4 lwdgh-table5
-.PHONY: reproduce-lwdgh $(LWDGH)
+LWDGH = lwdgh-table1 lwdgh-table2 lwdgh-table3 lwdgh-table4 lwdgh-table5 lwdgh-table6
+.PHONY: reproduce-lwdgh $(LWDGH) lwdgh-ee-20ep
 reproduce-lwdgh: $(LWDGH)
 lwdgh-table1: setup
 	$(call seeds,lwdgh.py,$(LW_DIR)table1_maml__miniimagenet__5w1s,$(LW_MINI) --shots 1 --epochs 300 $(MAML) $(Q1))
 	$(call seeds,lwdgh.py,$(LW_DIR)table1_lwdgh_ee__miniimagenet__5w1s,$(LW_MINI) --shots 1 --epochs 300 $(Q1))
 	$(call seeds,lwdgh.py,$(LW_DIR)table1_maml__miniimagenet__5w5s,$(LW_MINI) --shots 5 --epochs 300 $(MAML) $(Q5))
 	$(call seeds,lwdgh.py,$(LW_DIR)table1_lwdgh_ee__miniimagenet__5w5s,$(LW_MINI) --shots 5 --epochs 300 $(Q5))
+lwdgh-table2: setup
+	$(call seeds,lwdgh.py,$(LW_DIR)table2_maml__tieredimagenet__5w1s,$(LW_TIERED) --filters 64 --shots 1 --epochs 300 \
+		$(MAML) $(Q1))
+	$(call seeds,lwdgh.py,$(LW_DIR)table2_lwdgh_ee__tieredimagenet__5w1s,$(LW_TIERED) --filters 64 --shots 1 \
+		--epochs 300 $(Q1))
+	$(call seeds,lwdgh.py,$(LW_DIR)table2_maml_resnet12__tieredimagenet__5w1s,$(LW_TIERED) $(RESNET) --shots 1 \
+		--epochs 300 $(MAML) $(Q1))
+	$(call seeds,lwdgh.py,$(LW_DIR)table2_lwdgh_ee_resnet12__tieredimagenet__5w1s,$(LW_TIERED) $(RESNET) --shots 1 \
+		--epochs 300 $(Q1))
+	$(call seeds,lwdgh.py,$(LW_DIR)table2_maml__tieredimagenet__5w5s,$(LW_TIERED) --filters 64 --shots 5 --epochs 300 \
+		$(MAML) $(Q5))
+	$(call seeds,lwdgh.py,$(LW_DIR)table2_lwdgh_ee__tieredimagenet__5w5s,$(LW_TIERED) --filters 64 --shots 5 \
+		--epochs 300 $(Q5))
+lwdgh-table3: setup
+	$(call seeds,lwdgh.py,$(LW_DIR)table3_maml_resnet12__miniimagenet__5w1s,--dataset miniimagenet $(RESNET) --shots 1 \
+		--epochs 300 $(MAML) $(Q1))
+	$(call seeds,lwdgh.py,$(LW_DIR)table3_lwdgh_ee_resnet12__miniimagenet__5w1s,--dataset miniimagenet $(RESNET) \
+		--shots 1 --epochs 300 $(Q1))
 lwdgh-table4: setup
 	$(call seeds,lwdgh.py,$(LW_DIR)table4_maml__cub__5w1s,$(LW) --dataset cub --shots 1 --epochs 300 $(MAML) $(Q1))
 	$(call seeds,lwdgh.py,$(LW_DIR)table4_lwdgh_ee__cub__5w1s,$(LW) --dataset cub --shots 1 --epochs 300 $(Q1))
 	$(call seeds,lwdgh.py,$(LW_DIR)table4_maml__cub__5w5s,$(LW) --dataset cub --shots 5 --epochs 300 $(MAML) $(Q5))
 	$(call seeds,lwdgh.py,$(LW_DIR)table4_lwdgh_ee__cub__5w5s,$(LW) --dataset cub --shots 5 --epochs 300 $(Q5))
-lwdgh-table5: setup
+lwdgh-ee-20ep: setup
+	$(call seeds,lwdgh.py,$(LW_DIR)table5_lwdgh_ee__miniimagenet__5w1s,$(LW_MINI) --shots 1 --epochs 20 $(Q1))
+lwdgh-table5: lwdgh-ee-20ep
 	$(call seeds,lwdgh.py,$(LW_DIR)table5_maml__miniimagenet__5w1s,$(LW_MINI) --shots 1 --epochs 20 $(MAML) $(Q1))
 	$(call seeds,lwdgh.py,$(LW_DIR)table5_lwdgh__miniimagenet__5w1s,$(LW_MINI) --shots 1 --epochs 20 --no-ee $(Q1))
-	$(call seeds,lwdgh.py,$(LW_DIR)table5_lwdgh_ee__miniimagenet__5w1s,$(LW_MINI) --shots 1 --epochs 20 $(Q1))
+T6 = $(LW_MINI) --shots 1 --epochs 20 $(Q1)
+lwdgh-table6: lwdgh-ee-20ep
+	$(call seeds,lwdgh.py,$(LW_DIR)table6_lwdgh_ee_e20fixed__miniimagenet__5w1s,$(T6) --transition 0.2 --schedule fixed)
+	$(call seeds,lwdgh.py,$(LW_DIR)table6_lwdgh_ee_e20cosine__miniimagenet__5w1s,$(T6) --transition 0.2 --schedule cosine)
+	$(call seeds,lwdgh.py,$(LW_DIR)table6_lwdgh_ee_e33fixed__miniimagenet__5w1s,$(T6) --transition 0.33 --schedule fixed)
+	$(call seeds,lwdgh.py,$(LW_DIR)table6_lwdgh_ee_e50fixed__miniimagenet__5w1s,$(T6) --transition 0.5 --schedule fixed)
+	$(call seeds,lwdgh.py,$(LW_DIR)table6_lwdgh_ee_e50cosine__miniimagenet__5w1s,$(T6) --transition 0.5 --schedule cosine)
 
 # Paper 002's Table 1 grid scaled down to Omniglot (the omniglot-small subsets where the full zips are absent),
 # 5-way 1-shot, to check the paper's qualitative claims in about 30 minutes on 2 CPU cores: every method ×

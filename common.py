@@ -1225,6 +1225,7 @@ class StepResult(NamedTuple):
     grads: dict[str, torch.Tensor | None]  # meta-gradient per meta-parameter; None: no gradient this step
     state: dict  # what the algorithm carries to the next meta-iteration (e.g. ĝ); kept only if the step was finite
     metrics: dict[str, torch.Tensor | float] = {}  # this step's own numbers: run() logs their epoch means
+    per_task: dict[str, torch.Tensor] = {}  # (tasks,) numbers of each task: run() logs some to tasks.csv
 
 
 @dataclass
@@ -1278,6 +1279,8 @@ def evaluate(predict: Callable, members: list[tuple[dict, dict]], tasks: EvalTas
 CHECKPOINT_FORMAT = "metalearn-gs checkpoint v1"
 CHECKPOINT_KEYS = ("program", "algorithm", "args", "params", "state", "optimizer", "sampler", "torch_rng", "loop")
 LAST = "last.pt"  # the newest state of the run, for --resume
+TASK_LOG = 25  # StepResult.per_task of the first 25 meta-iterations of every epoch go to tasks.csv (paper 004's
+# Figure 2 plots 100 tasks, 25 batches of its 4): a sample of every epoch, small enough to ride in the checkpoint
 LOCK = ".lock"  # held by the one process writing a run directory
 ADDED_LATER = {"backbone": "conv4", "resnet_width": 64}  # result flags newer than some runs: the value those ran with
 RESUME_FREE = ("resume", "quiet", "device", "vmap", "out", "data_root", "cache_dir", "download", "eval_batch",
@@ -1514,8 +1517,9 @@ def _run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch
 
     Each meta-iteration: algorithm.meta_gradient on a fresh task batch, then one outer Adam step on its
     gradients (skipped, and counted, when the loss or a gradient is not finite); its `state` is carried
-    on and its `metrics` averaged over the epoch. After each epoch: algorithm.predict on the fixed
-    validation tasks, a checkpoint, a metrics.csv row. At the end: the top-`ensemble` checkpoints' meta-test.
+    on, its `metrics` averaged over the epoch, its `per_task` numbers of the first TASK_LOG kept (tasks.csv).
+    After each epoch: algorithm.predict on the fixed validation tasks, a checkpoint, a metrics.csv row. At
+    the end: the top-`ensemble` checkpoints' meta-test.
     """
     device = pick_device(args.device)
     args = for_device(args, device)
@@ -1604,6 +1608,12 @@ def _run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch
                             p.grad = result.grads[name]
                         optimizer.step()
                         state = result.state
+                        if result.per_task and loop["iteration"] < TASK_LOG:
+                            columns = {name: value.tolist() for name, value in result.per_task.items()}
+                            loop.setdefault("tasks", []).extend(
+                                {"epoch": epoch + 1, "iteration": loop["iteration"] + 1, "task": t,
+                                 **{name: values[t] for name, values in columns.items()}}
+                                for t in range(len(next(iter(columns.values())))))
                         numbers = {"train_loss": result.loss, "train_acc": result.accuracy, **result.metrics}
                         for name, value in numbers.items():  # [sum, count]: a metric may come every n-th step only
                             total = loop["sums"].setdefault(name, [0.0, 0])
@@ -1638,6 +1648,8 @@ def _run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch
                 for _, old in evicted:
                     (run_dir / f"epoch{old:04d}.pt").unlink(missing_ok=True)
                 write_csv(run_dir / "metrics.csv", loop["history"])
+                if loop.get("tasks"):
+                    write_csv(run_dir / "tasks.csv", loop["tasks"])
                 if writer is not None:  # the same numbers as metrics.csv's row, one TensorBoard tag per column
                     for key, value in loop["history"][-1].items():
                         if key != "epoch":
@@ -1654,6 +1666,8 @@ def _run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch
         save(run_dir / LAST)  # also a diverged run: --resume then reports it again instead of training on
         if loop["history"]:  # again: a kill between the last epoch's checkpoint and its metrics.csv loses no row
             write_csv(run_dir / "metrics.csv", loop["history"])
+        if loop.get("tasks"):
+            write_csv(run_dir / "tasks.csv", loop["tasks"])
         if stop:  # during the last validation or checkpoint: saved above
             progress.message(f"interrupted: saved {run_dir / LAST}; meta-test it with --resume {run_dir}")
             raise SystemExit(128 + stop[0])

@@ -23,11 +23,11 @@ Decisions where the paper is silent:
   (explore at the start, exploit from E on); --schedule fixed (Table 6): p_max before E, p_min from E on.
 - The explore/exploit draw comes from a generator seeded with --seed whose state lives in `state`
   (resume is exact); the global RNG is never touched. --no-ee sets p = 0 (always exploit).
-- Logged per epoch (`metrics`: common.run averages them over the epoch's finite meta-iterations):
-  gci_mean / gci_harmonised: Eq. 3 over the whole θ, summed over tasks, w.r.t. ḡ / g_u (gci_mean: Table 5's GCI
-  column, along each method's own trajectory; gci_harmonised >= gci_mean always, Cauchy-Schwarz: how far g_u
-  turns away from ḡ); explore_fraction; weight_entropy: entropy of w^ℓ over tasks, mean over layers.
-- --p-min 1 --p-max 1 is plain MAML (GCI logged); --backbone resnet12: fmu2's ResNet-12 (Tables 2 and 3).
+- Logged per epoch (`metrics`, averaged by common.run over the finite meta-iterations): gci_mean / gci_harmonised:
+  Eq. 3 over the whole θ, summed over tasks, w.r.t. ḡ / g_u (gci_mean: Table 5's GCI column; gci_harmonised >=
+  gci_mean, Cauchy-Schwarz); explore_fraction; weight_entropy (of w^ℓ over tasks, mean over layers). Per task
+  (`per_task`, tasks.csv: common.run keeps the first meta-iterations of each epoch): L_t and GCI_t (Figure 2).
+- --p-min 1 --p-max 1 is plain MAML (GCI logged); --backbone resnet12 is fmu2's ResNet-12 (Tables 2, 3).
 
 How it runs: `common.run` builds θ with `make_algorithm`, steps Adam with the gradients of `meta_gradient`
 on every batch of tasks (carrying its `state`, the explore/exploit generator), evaluates `predict` on fixed
@@ -40,12 +40,11 @@ the training inner loop, BatchNorm not adapted (frozen: bn; --adapt-bn), meta-gr
 (--clip-grad, clip_grad_value_), 300 epochs of 200 meta-iterations, meta-test queries 1 per class at 1-shot
 and 5 at 5-shot (--test-queries). The paper's intervals fit those: 600 tasks of 5 queries at 48% give
 ±1.96·√(.48·.52/5)/√600 = ±1.79 points from the binomial spread alone (the paper: ±1.75; 75 queries: ±0.46).
-Reproduces Tables 1 (MiniImagenet), 4 (CUB) and 5 (the ablation, 20 epochs; its GCI column is gci_mean in
-metrics.csv), MAML (--p-min 1 --p-max 1) against MAML+LWDGH(+EE), e.g. (--iters-per-epoch 200; 5-shot:
---test-queries 5)
+Reproduces Tables 1-6 (MiniImagenet; tieredImageNet; ResNet-12; CUB; the ablation and the transition epoch, 20
+epochs), MAML (--p-min 1 --p-max 1) against MAML+LWDGH(+EE), e.g. (--iters-per-epoch 200; 5-shot: --test-queries 5)
     python lwdgh.py --dataset miniimagenet --shots 1 --filters 32 --epochs 300 --test-queries 1 --p-min 1 --p-max 1
-    python lwdgh.py --dataset miniimagenet --shots 1 --filters 32 --epochs 300 --test-queries 1
-`make reproduce-lwdgh` runs every row.
+    python lwdgh.py --dataset tieredimagenet --shots 1 --backbone resnet12 --epochs 300 --test-queries 1
+`make reproduce-lwdgh` runs every row (Table 6: --transition 0.2 --schedule fixed, ...).
 """
 from __future__ import annotations
 
@@ -162,23 +161,23 @@ def inner_loop(weights: dict[str, torch.Tensor], x_s: torch.Tensor, y_s: torch.T
 
 
 def task_gradients(params: dict[str, torch.Tensor], tasks: common.Tasks, args: Args):
-    """Every task's meta-gradient g_t = ∇_θ L_t^query(θ_{t,K}), (tasks, ...) per tensor; (1/T) Σ_t L_t; accuracy."""
+    """Every task's meta-gradient g_t = ∇_θ L_t^query(θ_{t,K}), (tasks, ...) per tensor; L_t (tasks,); accuracy."""
     num_tasks = tasks.x_s.shape[0]
     # θ_{t,0}: one copy of θ per task, (tasks, ...) leaves, so that the backward keeps the tasks' gradients apart.
     copies = {name: p.detach().expand(num_tasks, *p.shape).clone().requires_grad_() for name, p in params.items()}
     fast = inner_loop(copies, tasks.x_s, tasks.y_s, args, args.inner_steps, create_graph=not args.first_order)
     logits = common.forward_tasks(common.FORWARD[args.backbone], fast, tasks.x_q, args.vmap == "on",
                                   args.recompute)  # (tasks, ways*queries, ways)
-    # Σ_t L_t^query, each L_t the mean over task t's queries: row t of its gradient w.r.t. the copies is g_t.
-    total = F.cross_entropy(logits.flatten(0, 1), tasks.y_q.flatten(), reduction="sum") / tasks.y_q.shape[1]
-    task_grads = dict(zip(copies, torch.autograd.grad(total, list(copies.values()))))
-    return task_grads, total.detach() / num_tasks, common.accuracy(logits.detach(), tasks.y_q).mean()
+    # L_t^query, the mean over task t's queries (tasks,): row t of the gradient of Σ_t L_t w.r.t. the copies is g_t.
+    losses = F.cross_entropy(logits.flatten(0, 1), tasks.y_q.flatten(), reduction="none").view(num_tasks, -1).mean(1)
+    task_grads = dict(zip(copies, torch.autograd.grad(losses.sum(), list(copies.values()))))
+    return task_grads, losses.detach(), common.accuracy(logits.detach(), tasks.y_q).mean()
 
 
 def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, epoch: int,
                   args: Args) -> common.StepResult:
     """One meta-iteration: per-task meta-gradients g_t, then ḡ (explore) or g_u (exploit) for Adam."""
-    task_grads, loss, acc = task_gradients(params, tasks, args)
+    task_grads, losses, acc = task_gradients(params, tasks, args)
     mean = {name: g.mean(0) for name, g in task_grads.items()}  # ḡ^ℓ: the MAML meta-gradient
     harmonised, weights = harmonise(task_grads)  # g_u^ℓ, w (layers, tasks)
     generator = torch.Generator()
@@ -186,20 +185,21 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
     explore = torch.rand((), generator=generator).item() < explore_probability(epoch, args)
     # Conflict numbers of this step over the whole θ: Eq. 3 summed over tasks, w.r.t. ḡ and w.r.t. g_u.
     flat = torch.cat([g.flatten(1) for g in task_grads.values()], dim=1)  # (tasks, n)
-    metrics = {"gci_mean": gci(flat, torch.cat([g.flatten() for g in mean.values()])).sum().item(),
+    task_gci = gci(flat, torch.cat([g.flatten() for g in mean.values()]))  # (tasks,): Figure 2's GCI of each task
+    metrics = {"gci_mean": task_gci.sum().item(), "explore_fraction": float(explore),
                "gci_harmonised": gci(flat, torch.cat([g.flatten() for g in harmonised.values()])).sum().item(),
-               "explore_fraction": float(explore),
                "weight_entropy": torch.special.entr(weights).sum(1).mean().item()}
     grads = mean if explore else harmonised
     if args.clip_grad > 0:  # as fmu2's train.py: every element of every meta-gradient, before the outer step
         grads = {name: g.clamp(-args.clip_grad, args.clip_grad) for name, g in grads.items()}
-    return common.StepResult(loss, acc, grads, {"rng": generator.get_state()}, metrics)
+    return common.StepResult(losses.mean(), acc, grads, {"rng": generator.get_state()}, metrics,
+                             per_task={"loss": losses, "gci": task_gci})
 
 
 def predict(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, args: Args,
             inner_steps: int | None = None) -> torch.Tensor:
-    """Adapt θ to every task (meta-validation: the training --inner-steps, as fmu2's train.py; meta-test:
-    --test-inner-steps, `test_predict`), return query logits (tasks, ways*queries, ways)."""
+    """Query logits (tasks, ways*queries, ways) after adapting θ to every task (meta-validation: the training
+    --inner-steps, as fmu2's train.py; meta-test: --test-inner-steps, `test_predict`)."""
     with torch.enable_grad():
         fast = {name: p.detach().expand(tasks.x_s.shape[0], *p.shape).requires_grad_() for name, p in params.items()}
         fast = inner_loop(fast, tasks.x_s, tasks.y_s, args, inner_steps or args.inner_steps, create_graph=False)

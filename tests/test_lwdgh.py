@@ -90,10 +90,10 @@ def test_gci_and_weights_match_a_hand_computation():
 @pytest.mark.parametrize("use_vmap", [False, True], ids=["loop", "vmap"])
 def test_per_task_meta_gradients_match_an_independent_per_task_loop(use_vmap):
     params, tasks = tiny_params(), tiny_tasks()
-    task_grads, loss, _ = lwdgh.task_gradients(params, tasks, tiny_args(use_vmap))
+    task_grads, losses, _ = lwdgh.task_gradients(params, tasks, tiny_args(use_vmap))
     want = reference_task_grads(params, tasks)
-    want_loss = sum(reference_task_loss(params, tasks, t) for t in range(TASKS)).detach() / TASKS
-    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
+    want_losses = torch.stack([reference_task_loss(params, tasks, t) for t in range(TASKS)]).detach()
+    torch.testing.assert_close(losses, want_losses, rtol=1e-12, atol=1e-12)
     for t in range(TASKS):
         for name, g in task_grads.items():
             torch.testing.assert_close(g[t], want[t][name], rtol=1e-9, atol=1e-12, msg=f"task {t} {name}")
@@ -238,6 +238,36 @@ def test_sigterm_mid_epoch_resumes_to_the_same_draws_and_numbers(tmp_path, monke
         return [{k: v for k, v in row.items() if k != "seconds"} for row in columns(run_dir)]
     assert numbers(tmp_path / "run") == numbers(tmp_path / "ref")
     assert 0 < sum(float(row["explore_fraction"]) for row in numbers(tmp_path / "ref")) < 3  # both kinds drawn
+    assert task_rows(tmp_path / "run") == task_rows(tmp_path / "ref")  # the per-task sample too
+
+
+def task_rows(run_dir) -> list[dict]:
+    with open(run_dir / "tasks.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_each_tasks_loss_and_gci_are_reported_and_add_up_to_the_logged_ones():
+    params, tasks = tiny_params(), tiny_tasks()
+    step = run_step(params, tasks, p_explore=1.0)
+    want = torch.stack([reference_task_loss(params, tasks, t) for t in range(TASKS)]).detach()
+    torch.testing.assert_close(step.per_task["loss"], want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(step.loss, want.mean(), rtol=1e-12, atol=1e-12)
+    grads = reference_task_grads(params, tasks)
+    flat = torch.stack([torch.cat([g[n].flatten() for n in params]) for g in grads])  # (tasks, n)
+    torch.testing.assert_close(step.per_task["gci"], lwdgh.gci(flat, flat.mean(0)), rtol=1e-9, atol=1e-12)
+    assert step.metrics["gci_mean"] == pytest.approx(float(step.per_task["gci"].sum()), rel=1e-12)
+
+
+def test_tasks_csv_holds_the_first_meta_iterations_of_every_epoch(tmp_path, monkeypatch):
+    """common.run keeps StepResult.per_task of the first TASK_LOG meta-iterations per epoch (paper 004's Figure 2)."""
+    monkeypatch.setattr(common, "TASK_LOG", 2)
+    common.main(lwdgh.Args, lwdgh.make_algorithm, TINY + ["--out", str(tmp_path / "run")])  # 3 epochs × 3 iterations
+    rows = task_rows(tmp_path / "run")
+    assert [(int(r["epoch"]), int(r["iteration"]), int(r["task"])) for r in rows] == [
+        (e, i, t) for e in (1, 2, 3) for i in (1, 2) for t in (0, 1)]  # 2 tasks per batch
+    assert all(float(r["loss"]) > 0 and math.isfinite(float(r["gci"])) for r in rows)
+    epoch_1 = [float(r["gci"]) for r in rows if r["epoch"] == "1"]
+    assert len(set(epoch_1)) == len(epoch_1)  # every task its own number
 
 
 def test_omniglot_small(tmp_path, shared_data):

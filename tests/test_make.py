@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import lwdgh
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 EPOCHS = {("cub", 5): 150, ("cub", 1): 750, ("miniimagenet", 5): 250, ("miniimagenet", 1): 1250}
@@ -138,20 +140,39 @@ LWDGH_VARIANTS = {"maml": "--p-min 1 --p-max 1", "lwdgh": "--no-ee", "lwdgh_ee":
 
 def test_lwdgh_runs_the_commands_of_its_docstring():
     runs = planned_runs("reproduce-lwdgh", DATA="/data", DEVICE="cuda", RUNNER="srun")
-    assert len(runs) == 2 * 2 + 2 * 2 + 3  # Table 1, Table 4 (MAML, +LWDGH+EE × 1/5-shot), Table 5
+    # Tables 1, 4: MAML, +LWDGH+EE × 1/5-shot; Table 2: those on Convnet4 and 1-shot on ResNet-12; Table 3: 1-shot
+    # on ResNet-12; Table 5: three variants; Table 6: six transitions, one of them Table 5's LWDGH+EE run (once).
+    assert len(runs) == 4 + (4 + 2) + 2 + 4 + 3 + 5
+    assert len({out_dir(command) for command in runs}) == len(runs)
     assert_documented("lwdgh.py", runs)
-    tables = {"table1": ("miniimagenet", "300"), "table4": ("cub", "300"), "table5": ("miniimagenet", "20")}
+    tables = {"table1": ("miniimagenet", "300"), "table2": ("tieredimagenet", "300"), "table3": ("miniimagenet", "300"),
+              "table4": ("cub", "300"), "table5": ("miniimagenet", "20"), "table6": ("miniimagenet", "20")}
+    transitions = set()
     for command in runs:
-        name = re.fullmatch(r"runs/lwdgh/(table\d)_(\w+?)__(\w+)__5w(\d)s__1", out_dir(command))
+        name = re.fullmatch(r"runs/lwdgh/(table\d)_(maml|lwdgh|lwdgh_ee)(_e\d+\w+)?(_resnet12)?__(\w+)__5w(\d)s__1",
+                            out_dir(command))
         assert name is not None, out_dir(command)
-        table, variant, dataset, shots = name.groups()
+        table, variant, transition, resnet, dataset, shots = name.groups()
         assert (flag(command, "--dataset"), flag(command, "--epochs")) == tables[table] and dataset == tables[table][0]
-        assert flag(command, "--shots") == shots
+        assert flag(command, "--shots") == shots and flag(command, "--iters-per-epoch") == "200"
         assert flag(command, "--test-queries") == ("1" if shots == "1" else "5")  # fmu2's test configs
+        assert (flag(command, "--backbone") == "resnet12") == bool(resnet)
+        assert bool(resnet) >= (table == "table3") and (not resnet or table in ("table2", "table3"))
+        if not resnet:  # Convnet4: the paper's 32 filters; tieredImageNet: fmu2's wide-convnet4 (64)
+            assert flag(command, "--filters") == ("64" if table == "table2" else "32")
         for other, flags in LWDGH_VARIANTS.items():
             if flags:
                 assert (flags in command) == (other == variant)
+        if transition:
+            assert table == "table6" and variant == "lwdgh_ee"
+            transitions.add((flag(command, "--transition"), flag(command, "--schedule")))
+            assert transition == f"_e{round(100 * float(flag(command, '--transition')))}{flag(command, '--schedule')}"
+    # Table 6: 20/33/50% × fixed/cosine; 33% cosine (the defaults) is Table 5's run
+    assert transitions == {(t, s) for t in ("0.2", "0.33", "0.5") for s in ("fixed", "cosine")} - {("0.33", "cosine")}
+    assert lwdgh.Args().transition == 0.33 and lwdgh.Args().schedule == "cosine"
     assert len(planned_runs("lwdgh-table5")) == 3 and len(planned_runs("lwdgh-table1")) == 4
+    assert len(planned_runs("lwdgh-table6")) == 6 and len(planned_runs("lwdgh-table2")) == 6
+    assert len(planned_runs("lwdgh-table5", "lwdgh-table6")) == 3 + 5
 
 
 def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tmp_path):

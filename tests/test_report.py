@@ -128,6 +128,16 @@ def runs(real_runs: Path) -> Path:
         write_run(run_dir, config, [0.40, 0.45, 0.47], {"test_acc_ensemble": acc, "test_ci_ensemble": 0.0175},
                   {"gci_mean": list(gci), "gci_harmonised": list(gci), "explore_fraction": [1.0] * 3,
                    "weight_entropy": [1.3] * 3})
+    # Table 6's 20%-fixed row and Table 3's MAML row (ResNet-12).
+    for name, flags, acc, gci in (("table6_lwdgh_ee_e20fixed", dict(transition=0.2, schedule="fixed", epochs=20,
+                                                                    filters=32), 0.52, 4.5),
+                                  ("table3_maml_resnet12", dict(backbone="resnet12", epochs=300, p_min=1.0, p_max=1.0),
+                                   0.55, 4.0)):
+        run_dir = root / "lwdgh" / f"{name}__miniimagenet__5w1s__1"
+        config = config_of(lwdgh, "lwdgh", "lwdgh_ee", run_dir, dataset="miniimagenet", shots=1, iters_per_epoch=200,
+                           **flags)
+        write_run(run_dir, config, [0.40, 0.45, 0.47], {"test_acc_ensemble": acc, "test_ci_ensemble": 0.0175 if
+                                                        name.startswith("table6") else 0.018}, {"gci_mean": [gci] * 3})
     # Paper 003: CML on MAML++, MiniImagenet 5-shot (the config: maml_gs.Args' fields plus base, gamma).
     run_dir = root / "cml" / "cml_mamlpp__miniimagenet__5w5s__t2__1"
     config = {**config_of(maml_gs, "cml", "cml_mamlpp", run_dir, dataset="miniimagenet", shots=5, tasks=2, epochs=250),
@@ -216,18 +226,32 @@ def test_real_runs_make_their_own_table(written, real_runs):
 
 def test_lwdgh_and_cml_tables(written):
     text, _ = written
-    table = lines_after(text, "### MiniImagenet 5-way, 20 epochs (paper 004, Table 5")
+    table = lines_after(text, "### MiniImagenet 5-way, Convnet4, 20 epochs (paper 004, Table 5")
     assert table[2] == row("Method", "source", "1-shot", "1-shot GCI")
     assert table[4:10] == [
         row("MAML", "paper", "48.17 ± 1.75", "4.8171"), row("", "ours", "48.01 ± 1.75", "4.8000"),
         row("MAML + LWDGH", "paper", "50.73 ± 1.63", "4.7545"), row("", "ours", "49.55 ± 1.75", "4.7000"),
         row("MAML + LWDGH + EE", "paper", "51.33 ± 1.76", "4.7146"), row("", "ours", "50.12 ± 1.75", "4.6000")]
-    table = lines_after(text, "### MiniImagenet 5-way, 300 epochs (paper 004, Table 1")
+    table = lines_after(text, "### MiniImagenet 5-way, Convnet4, 300 epochs (paper 004, Table 1")
     assert table[4:8] == [row("MAML", "paper", "48.17 ± 1.75", "—", "63.11 ± 0.91", "—"),
                           row("", "ours", "not yet run", "—", "not yet run", "—"),
                           row("MAML + LWDGH + EE", "paper", "51.40 ± 1.76", "—", "67.06 ± 0.97", "—"),
                           row("", "ours", "not yet run", "—", "not yet run", "—")]
-    assert "### CUB 5-way, 300 epochs (paper 004, Table 4)" in text
+    assert "### CUB 5-way, Convnet4, 300 epochs (paper 004, Table 4)" in text
+    # Table 6 shares the 20-epoch runs: its 33%-cosine row is Table 5's LWDGH + EE run, the other rows its own.
+    table = lines_after(text, "### MiniImagenet 5-way, Convnet4, 20 epochs (paper 004, Table 6")
+    assert table[4:6] == [row("MAML + LWDGH + EE, E 20% fixed", "paper", "50.43 ± 1.96", "—"),
+                          row("", "ours", "52.00 ± 1.75", "4.5000")]
+    assert table[10:12] == [row("MAML + LWDGH + EE, E 33% cosine", "paper", "51.33 ± 1.76", "—"),
+                            row("", "ours", "50.12 ± 1.75", "4.6000")]
+    assert len(table[2:table.index("", 2)]) == 2 + 2 * 6  # header, rule, 6 rows of paper and ours
+    for title, cells in (("### tieredImageNet 5-way, Convnet4, 300 epochs (paper 004, Table 2, the Convnet4 rows", 6),
+                         ("### tieredImageNet 5-way, ResNet-12, 300 epochs (paper 004, Table 2, the Resnet12 row", 4),
+                         ("### MiniImagenet 5-way, ResNet-12, 300 epochs (paper 004, Table 3", 4)):
+        assert len(lines_after(text, title)[2].split("|")) - 2 == cells, title  # Method, source, (acc, GCI) per shots
+    table = lines_after(text, "### MiniImagenet 5-way, ResNet-12, 300 epochs (paper 004, Table 3")
+    assert table[4:8] == [row("MAML", "paper", "54.87 ± 1.82", "—"), row("", "ours", "55.00 ± 1.80", "4.0000"),
+                          row("MAML + LWDGH + EE", "paper", "59.13 ± 2.01", "—"), row("", "ours", "not yet run", "—")]
     table = lines_after(text, "### MiniImagenet 5-way (paper 003)")
     assert table[2] == row("Method", "source", "1-shot ensemble", "1-shot best single", "5-shot ensemble",
                            "5-shot best single")
@@ -241,7 +265,7 @@ def test_other_runs_and_every_run_directory_listed(written, runs):
     others = lines_after(text, "## Other runs")
     assert sum("smoke2" in line for line in others[:others.index("## Run directories")]) == 2  # OG and GS
     listed = lines_after(text, "## Run directories")
-    assert sum(line.startswith(f"| {runs}") for line in listed) == 2 + 2 + 2 + 6 + 2 + 2 + 2 + 3 + 1  # all but quick/
+    assert sum(line.startswith(f"| {runs}") for line in listed) == 2 + 2 + 2 + 6 + 2 + 2 + 2 + 3 + 2 + 1  # not quick/
     assert "/quick/" not in text
 
 
@@ -281,3 +305,37 @@ def test_report_reads_the_columns_the_algorithms_write(tmp_path):
         common.main(module.Args, module.make_algorithm, tiny + ["--out", str(tmp_path / module.__name__)])
         with open(tmp_path / module.__name__ / "metrics.csv", newline="") as f:
             assert wanted <= set(next(csv.DictReader(f))), module.__name__
+
+
+def test_lwdgh_figures_from_real_runs(tmp_path):
+    """Tiny real lwdgh.py runs (MAML and MAML + LWDGH + EE on Conv4, LWDGH + EE on a ResNet-12, synthetic data):
+    the training loss (paper 004's Figure 4), loss against GCI (Figure 2) and predictions (Figure 5) are drawn;
+    Figure 5's predictions are the best single checkpoint's meta-test, so their accuracy is result.json's
+    test_acc_best; the ResNet-12 run trains and has a table of its own."""
+    tiny = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--filters", "4", "--tasks", "2", "--ways", "3",
+            "--queries", "2", "--inner-steps", "1", "--test-inner-steps", "2", "--epochs", "2", "--iters-per-epoch",
+            "3", "--val-tasks", "4", "--test-tasks", "6", "--ensemble", "2", "--quiet"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, flags in (("maml", ["--p-min", "1", "--p-max", "1"]), ("ee", []),
+                            ("resnet12", ["--backbone", "resnet12", "--resnet-width", "2"])):
+            common.main(lwdgh.Args, lwdgh.make_algorithm, tiny + flags + ["--out", str(tmp_path / "runs" / name)])
+        text = report.write_report([tmp_path / "runs"], tmp_path / "out", "report").read_text()
+        run = report.read_run(tmp_path / "runs" / "ee")
+        got = report.predict_test_tasks(run, run.result["test_tasks"])
+    finally:
+        torch.set_num_threads(threads)
+    figures = {"lwdgh_synthetic_3w_2ep.png", "lwdgh_loss_gci_synthetic_3w_2ep.png",
+               "lwdgh_predictions_synthetic_3w_2ep.png", "lwdgh_synthetic_3w_2ep_resnet12.png",
+               "lwdgh_loss_gci_synthetic_3w_2ep_resnet12.png"}
+    assert {p.name for p in (tmp_path / "out" / "report").iterdir()} == figures
+    for name in figures:
+        assert (tmp_path / "out" / "report" / name).read_bytes().startswith(PNG_MAGIC)
+        assert f"(report/{name})" in text
+    assert got["predictions"].shape == got["labels"].shape == (6, 3 * 2) and got["images"].shape == (6, 6, 1, 16, 16)
+    assert float((got["predictions"] == got["labels"]).double().mean()) == pytest.approx(run.result["test_acc_best"])
+    resnet = json.loads((tmp_path / "runs" / "resnet12" / "result.json").read_text())
+    table = lines_after(text, "### Synthetic 3-way, ResNet-12, 2 epochs")
+    assert table[4] == row("MAML + LWDGH + EE", "ours", f"{100 * resnet['test_acc_ensemble']:.2f} ± "
+                           f"{100 * resnet['test_ci_ensemble']:.2f}", table[4].split(" | ")[-1].rstrip(" |"))

@@ -21,8 +21,11 @@ The report, results/<name>.md, has one section per paper:
 - Paper 003 (CML): accuracy per base method and shots, of the top-5 ensemble and of the best single
   checkpoint (the reference code's protocol, beside which the paper's headline number stands); loss curves
   (L_meta, L_co), cos(g_meta, g_co) and the validation curve of each run.
-- Paper 004 (LWDGH): Tables 1 (MiniImagenet), 4 (CUB) and 5 (ablation, with the GCI column); per table
-  a figure of the validation accuracy and the GCI per epoch.
+- Paper 004 (LWDGH): Tables 1 (MiniImagenet), 2 (tieredImageNet, one table per backbone), 3 (ResNet-12),
+  4 (CUB), 5 (ablation, with the GCI column) and 6 (transition epoch; it shares Table 5's runs). Per table
+  the validation accuracy, GCI and training loss per epoch (Figure 4), the per-task loss against GCI from
+  tasks.csv (Figure 2) and, where both checkpoints and the test data are at hand, MAML's and LWDGH + EE's
+  predictions on the meta-test tasks where they differ most (Figure 5).
 - Other runs (groups no table shows, e.g. a second configuration of one cell) and every run directory.
 
 Numbers: accuracies in %, the top-5 ensemble's meta-test accuracy (result.json's test_acc_ensemble) ±
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import statistics
@@ -50,10 +54,13 @@ from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]  # the algorithm files, for Figure 5's predictions
 
 # ---- The papers' numbers ----------------------------------------------------------------------------
 
@@ -104,18 +111,31 @@ PAPER_002_TABLE1: dict[tuple[str, int, str], tuple[Reported, Reported, int]] = {
 PAPER_003_MINIIMAGENET: dict[tuple[str, int], Reported] = {("MAML++ + CML", 5): _r2(70.08, None)}
 
 # Paper 004. Table 1 (MiniImagenet, Convnet4), MAML rows: "MAML Finn et al. (2017)" and "MAML+LWDGH (ours)";
-# Table 4 (Cub200, Convnet4); Table 5 (ablation, MiniImagenet 5-way 1-shot, 20 epochs; GCI column).
-# The paper's "MAML+LWDGH" of Tables 1 and 4 is its full method, our "MAML + LWDGH + EE" (lwdgh.py).
-# (method, shots) -> accuracy; Table 5's GCI: method -> GCI.
+# Table 2 (tieredImageNet: Convnet4 1- and 5-shot, Resnet12 1-shot); Table 3 (MiniImagenet, Resnet12, 1-shot,
+# the rows "MAML" and "MAML+LWDGH"); Table 4 (Cub200, Convnet4); Table 5 (ablation, MiniImagenet 5-way 1-shot,
+# 20 epochs; GCI column); Table 6 (the transition epoch, MiniImagenet 5-way 1-shot, Convnet4: its 33%-cosine
+# row is Table 5's LWDGH + EE, 51.33 ± 1.76 in both). The paper's "MAML+LWDGH" of Tables 1-4 is its full
+# method, our "MAML + LWDGH + EE" (lwdgh.py). (method, shots) -> accuracy; Table 5's GCI: method -> GCI.
 PAPER_004_TABLE1: dict[tuple[str, int], Reported] = {
     ("MAML", 1): _r2(48.17, 1.75), ("MAML", 5): _r2(63.11, 0.91),
     ("MAML + LWDGH + EE", 1): _r2(51.40, 1.76), ("MAML + LWDGH + EE", 5): _r2(67.06, 0.97)}
+PAPER_004_TABLE2_CONV4: dict[tuple[str, int], Reported] = {
+    ("MAML", 1): _r2(50.10, 1.97), ("MAML", 5): _r2(67.16, 0.91),
+    ("MAML + LWDGH + EE", 1): _r2(53.63, 1.80), ("MAML + LWDGH + EE", 5): _r2(67.75, 0.97)}
+PAPER_004_TABLE2_RESNET12: dict[tuple[str, int], Reported] = {
+    ("MAML", 1): _r2(51.97, 1.76), ("MAML + LWDGH + EE", 1): _r2(60.93, 1.91)}
+PAPER_004_TABLE3: dict[tuple[str, int], Reported] = {
+    ("MAML", 1): _r2(54.87, 1.82), ("MAML + LWDGH + EE", 1): _r2(59.13, 2.01)}
 PAPER_004_TABLE4: dict[tuple[str, int], Reported] = {
     ("MAML", 1): _r2(54.00, 1.78), ("MAML", 5): _r2(61.99, 0.95),
     ("MAML + LWDGH + EE", 1): _r2(58.13, 1.73), ("MAML + LWDGH + EE", 5): _r2(68.11, 0.97)}
 PAPER_004_TABLE5: dict[tuple[str, int], Reported] = {
     ("MAML", 1): _r2(48.17, 1.75), ("MAML + LWDGH", 1): _r2(50.73, 1.63), ("MAML + LWDGH + EE", 1): _r2(51.33, 1.76)}
 PAPER_004_TABLE5_GCI: dict[str, float] = {"MAML": 4.8171, "MAML + LWDGH": 4.7545, "MAML + LWDGH + EE": 4.7146}
+# Table 6: (transition as a fraction of the epochs, schedule) -> accuracy (1-shot).
+PAPER_004_TABLE6: dict[tuple[float, str], Reported] = {
+    (0.2, "fixed"): _r2(50.43, 1.96), (0.2, "cosine"): _r2(49.67, 1.75), (0.33, "fixed"): _r2(50.80, 1.68),
+    (0.33, "cosine"): _r2(51.33, 1.76), (0.5, "fixed"): _r2(50.53, 1.82), (0.5, "cosine"): _r2(50.67, 1.77)}
 
 # ---- Run directories --------------------------------------------------------------------------------
 
@@ -360,9 +380,9 @@ def empty_panel(ax: plt.Axes, title: str) -> None:
     ax.set_yticks([])
 
 
-def save_figure(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path, integer_x: bool = True) -> Path:
     for ax in fig.axes:
-        if ax.has_data():  # epochs are whole numbers
+        if integer_x and ax.has_data():  # epochs are whole numbers
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -382,7 +402,8 @@ GS_METHOD_ORDER = list(GS_PROGRAMS.values())
 GS_TASK_ORDER = (5, 1)  # the paper's rows: task batch 5, then 1
 PAPER_DATASETS = ("cub", "miniimagenet")
 PAPER = "paper"  # the dataset family of PAPER_DATASETS
-DATASET_NAMES = {"cub": "CUB", "miniimagenet": "MiniImagenet", "omniglot": "Omniglot", "synthetic": "Synthetic"}
+DATASET_NAMES = {"cub": "CUB", "miniimagenet": "MiniImagenet", "tieredimagenet": "tieredImageNet",
+                 "omniglot": "Omniglot", "synthetic": "Synthetic"}
 DEFAULT_INNER_LR = 0.1
 PAPER_WAYS = 5
 # The paper's grid: (ways, shots, inner lr, PAPER) -> where the paper shows it.
@@ -583,6 +604,20 @@ LWDGH_GCI = "gci_mean"  # paper 004 Table 5's GCI: Eq. 3 w.r.t. the plain mean g
 # Paper 004's epochs as lwdgh.py's docstring and the Makefile run them: Tables 1 and 4, 300 (our assumption:
 # the paper gives none); Table 5, 20 (the paper's).
 LWDGH_EPOCHS, LWDGH_ABLATION_EPOCHS = 300, 20
+def lwdgh_rank(method: str) -> int:
+    """A row's place among paper 004's methods (Table 6's variants after them)."""
+    return LWDGH_METHOD_ORDER.index(method) if method in LWDGH_METHOD_ORDER else len(LWDGH_METHOD_ORDER)
+
+
+LWDGH_TRANSITION, LWDGH_SCHEDULE = 0.33, "cosine"  # lwdgh.py's defaults: Table 6's best row, the other tables'
+BACKBONES = {"conv4": "Convnet4", "resnet12": "ResNet-12"}
+
+
+def transition_name(transition: float, schedule: str) -> str:
+    """Table 6's row of an LWDGH + EE run: "MAML + LWDGH + EE" at the defaults, else with its E and schedule."""
+    if (transition, schedule) == (LWDGH_TRANSITION, LWDGH_SCHEDULE):
+        return "MAML + LWDGH + EE"
+    return f"MAML + LWDGH + EE, E {transition:.0%} {schedule}"
 
 
 def cml_method(config: dict) -> str:
@@ -598,7 +633,8 @@ def lwdgh_method(config: dict) -> str:
         return "MAML + LWDGH"
     if float(config.get("p_min", 0.0)) >= 1:
         return "MAML"
-    return "MAML + LWDGH + EE"
+    return transition_name(float(config.get("transition", LWDGH_TRANSITION)),
+                           str(config.get("schedule", LWDGH_SCHEDULE)))
 
 
 @dataclass
@@ -610,6 +646,7 @@ class PaperTable:
     numbers: dict[tuple[str, int], Reported]
     gci: dict[str, float] | None = None
     model: str = ENSEMBLE  # which of our meta-test numbers the paper's are comparable with
+    labels: dict[str, str] | None = None  # a row's name in this table where it is not the method's name
 
 
 @dataclass
@@ -622,10 +659,14 @@ class Family:
     table_title: Callable[[tuple], str]
     method: Callable[[dict], str]
     order: list[str]
-    paper: dict[tuple, PaperTable]
+    paper: dict[tuple, list[PaperTable]]  # a table key's tables (paper 004's Tables 5 and 6 share runs)
     extra_column: str | None  # a metrics.csv column averaged over epochs, shown beside each accuracy
     best_single: bool  # also show the best single checkpoint's meta-test accuracy (result.json's test_acc_best)
     figure: Callable[[tuple, dict[tuple[str, int], Group], Path], list[Path]]
+
+    def rank(self, method: str) -> int:
+        """Where a method's row goes: by `order`, the methods it does not name last."""
+        return self.order.index(method) if method in self.order else len(self.order)
 
 
 def method_section(family: Family, groups: list[Group], only_found: bool, figure_dir: Path,
@@ -646,41 +687,53 @@ def method_section(family: Family, groups: list[Group], only_found: bool, figure
            source + "Accuracy (%) of the top-5 ensemble on the meta-test tasks ± 95% CI.", ""]
     paper_order = list(family.paper)
     for table in sorted(tables, key=lambda t: (paper_order.index(t) if t in paper_order else len(paper_order), str(t))):
-        paper = family.paper.get(table)
-        expected = paper is not None and not only_found
         mine = {(m, s): g for (t, m, s), g in chosen.items() if t == table}
-        rows = _ordered({m for m, _ in mine}, paper.rows if expected else [])
-        rows = sorted(rows, key=lambda r: family.order.index(r) if r in family.order else len(family.order))
-        shots = sorted(set(s for _, s in mine) | set(paper.shots if expected else []))
-        models = [ENSEMBLE, BEST] if family.best_single else [ENSEMBLE]
-        model_names = {ENSEMBLE: " ensemble", BEST: " best single"} if family.best_single else {ENSEMBLE: ""}
-        header = ["Method", "source"]
-        for s in shots:
-            header += [f"{s}-shot{model_names[model]}" for model in models]
-            header += [f"{s}-shot GCI"] if family.extra_column else []
-        lines = []
-        for method in rows:
-            if paper:
-                reported = []
-                for s in shots:
-                    value = paper.numbers.get((method, s))
-                    reported += [value.text() if value and model == paper.model else NONE for model in models]
-                    if family.extra_column:
-                        gci = paper.gci.get(method) if paper.gci and (method, s) in paper.numbers else None
-                        reported.append(f"{gci:.4f}" if gci is not None else NONE)
-                lines.append([method, "paper"] + reported)
-            ours = []
-            for s in shots:
-                group = mine.get((method, s))
-                ours += [accuracy_text(group, model=model) for model in models]
-                if family.extra_column:
-                    ours.append(mean_column_text(group, family.extra_column) if group else NONE)
-            lines.append(["" if paper else method, "ours"] + ours)
-        out += [f"### {family.table_title(table)}" + (f" ({paper.title})" if paper else ""), "",
-                markdown_table(header, lines), ""]
+        found = {m for m, _ in mine}
+        papers = family.paper.get(table) or [None]
+        claimed = {row for paper in papers if paper for row in paper.rows}
+        for i, paper in enumerate(papers):
+            expected = paper is not None and not only_found
+            rows = [r for r in paper.rows if expected or r in found] if paper else []
+            rows += sorted(found - claimed, key=family.rank) if i == 0 else []  # runs no paper row names: 1st table
+            if not rows:
+                continue
+            out += method_table(family, table, paper, expected, rows, mine)
         for path in family.figure(table, mine, figure_dir):
             out += [f"![{path.stem}]({link_dir}/{path.name})", ""]
     return "\n".join(out), shown
+
+
+def method_table(family: Family, table: tuple, paper: PaperTable | None, expected: bool, rows: list[str],
+                 mine: dict[tuple[str, int], Group]) -> list[str]:
+    """One table: a "paper" row above ours for each method the paper has, a column per shots (and model)."""
+    shots = sorted({s for m, s in mine if m in rows} | set(paper.shots if expected else []))
+    models = [ENSEMBLE, BEST] if family.best_single else [ENSEMBLE]
+    model_names = {ENSEMBLE: " ensemble", BEST: " best single"} if family.best_single else {ENSEMBLE: ""}
+    header = ["Method", "source"]
+    for s in shots:
+        header += [f"{s}-shot{model_names[model]}" for model in models]
+        header += [f"{s}-shot GCI"] if family.extra_column else []
+    lines = []
+    for method in rows:
+        label = (paper.labels or {}).get(method, method) if paper else method
+        if paper:
+            reported = []
+            for s in shots:
+                value = paper.numbers.get((method, s))
+                reported += [value.text() if value and model == paper.model else NONE for model in models]
+                if family.extra_column:
+                    gci = paper.gci.get(method) if paper.gci and (method, s) in paper.numbers else None
+                    reported.append(f"{gci:.4f}" if gci is not None else NONE)
+            lines.append([label, "paper"] + reported)
+        ours = []
+        for s in shots:
+            group = mine.get((method, s))
+            ours += [accuracy_text(group, model=model) for model in models]
+            if family.extra_column:
+                ours.append(mean_column_text(group, family.extra_column) if group else NONE)
+        lines.append(["" if paper else label, "ours"] + ours)
+    return [f"### {family.table_title(table)}" + (f" ({paper.title})" if paper else ""), "",
+            markdown_table(header, lines), ""]
 
 
 def _cml_figure(table: tuple, cells: dict[tuple[str, int], Group], figure_dir: Path) -> list[Path]:
@@ -711,33 +764,188 @@ def _cml_figure(table: tuple, cells: dict[tuple[str, int], Group], figure_dir: P
 
 
 def _lwdgh_figure(table: tuple, cells: dict[tuple[str, int], Group], figure_dir: Path) -> list[Path]:
-    """Per LWDGH table: validation accuracy (top row) and GCI (bottom row) per epoch, a column per shots."""
-    dataset, ways, epochs = table
+    """Per LWDGH table: validation accuracy, GCI and training loss (paper 004's Figure 4) per epoch, a column per
+    shots; each run's per-task query loss against its GCI (Figure 2); MAML's and LWDGH's predictions (Figure 5)."""
+    dataset, ways, epochs, backbone = table
     shots = sorted({s for _, s in cells})
     if not shots:
         return []
-    fig, axes = panel_grid(2, len(shots))
+    fig, axes = panel_grid(3, len(shots))
     for j, s in enumerate(shots):
-        val, gci = axes[0][j], axes[1][j]
-        methods = sorted((m for m, shot in cells if shot == s),
-                         key=lambda m: LWDGH_METHOD_ORDER.index(m) if m in LWDGH_METHOD_ORDER
-                         else len(LWDGH_METHOD_ORDER))
+        val, gci, loss = axes[0][j], axes[1][j], axes[2][j]
+        methods = sorted((m for m, shot in cells if shot == s), key=lwdgh_rank)
         for i, method in enumerate(methods):
             group = cells[(method, s)]
             color = LINE_COLORS[i % len(LINE_COLORS)]
             for k, run in enumerate(group.runs):
                 plot_validation(val, run, legend_label(method, run, len(group.runs) > 1), color, seed_style(k))
                 gci.plot(run.column("epoch"), run.column(LWDGH_GCI), seed_style(k), color=color, label=method)
+                loss.plot(run.column("epoch"), run.column("train_loss"), seed_style(k), color=color, label=method)
         val.set_title(f"meta-validation, {s}-shot", fontsize=9)
         val.set_ylabel("accuracy (%)")
         gci.set_title(f"GCI (w.r.t. the mean gradient), {s}-shot", fontsize=9)
         gci.set_ylabel("GCI, epoch mean")
-        for ax in (val, gci):
+        loss.set_title(f"training query loss (paper 004, Figure 4), {s}-shot", fontsize=9)
+        loss.set_ylabel("loss, epoch mean")
+        for ax in (val, gci, loss):
             ax.set_xlabel("epoch")
             ax.legend(fontsize=LEGEND_SIZE)
-    fig.suptitle(f"LWDGH, {dataset_name(dataset)} {ways}-way, {epochs} epochs", fontsize=SUPTITLE_SIZE)
-    return [save_figure(fig, figure_dir / f"lwdgh_{dataset}_{ways}w_{epochs}ep.png")]
+    name = f"{dataset}_{ways}w_{epochs}ep" + ("" if backbone == "conv4" else f"_{backbone}")
+    fig.suptitle(f"LWDGH, {dataset_name(dataset)} {ways}-way, {BACKBONES.get(backbone, backbone)}, {epochs} epochs",
+                 fontsize=SUPTITLE_SIZE)
+    paths = [save_figure(fig, figure_dir / f"lwdgh_{name}.png")]
+    return paths + _loss_against_gci(cells, name, figure_dir) + _predictions(cells, name, figure_dir)
 
+
+def read_tasks(run: Run) -> list[dict[str, float]]:
+    """The run's tasks.csv (common.run: per-task numbers of the first meta-iterations of every epoch), or []."""
+    path = run.path / "tasks.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{key: to_float(value) for key, value in row.items()} for row in csv.DictReader(f)]
+
+
+def _loss_against_gci(cells: dict[tuple[str, int], Group], name: str, figure_dir: Path) -> list[Path]:
+    """Paper 004's Figure 2 for every cell's first run: the tasks logged in its first and in its last epoch, query
+    loss against GCI (Eq. 3: the task's gradient against the batch's mean gradient, whole θ), each epoch with its
+    least-squares line."""
+    ordered = sorted(cells.items(), key=lambda cell: (cell[0][1], lwdgh_rank(cell[0][0])))  # by shots, then method
+    panels = [(method, s, rows) for (method, s), group in ordered if (rows := read_tasks(group.runs[0]))]
+    if not panels:
+        return []
+    fig, axes = panel_grid(1, len(panels))
+    for ax, (method, s, rows) in zip(axes[0], panels):
+        for epoch, color in zip(sorted({rows[0]["epoch"], rows[-1]["epoch"]}), LINE_COLORS):
+            x = np.array([r["gci"] for r in rows if r["epoch"] == epoch])
+            y = np.array([r["loss"] for r in rows if r["epoch"] == epoch])
+            ax.scatter(x, y, s=8, color=color, alpha=0.6, label=f"epoch {epoch:.0f}: {len(x)} tasks")
+            if len(x) > 1 and np.ptp(x) > 0 and np.ptp(y) > 0:
+                slope, intercept = np.polyfit(x, y, 1)
+                ends = np.array([x.min(), x.max()])
+                ax.plot(ends, slope * ends + intercept, color=color,
+                        label=f"least squares: slope {slope:.3g}, r = {np.corrcoef(x, y)[0, 1]:.2f}")
+        ax.set_title(f"{method}, {s}-shot", fontsize=9)
+        ax.set_xlabel("GCI of the task (Eq. 3, whole θ)")
+        ax.set_ylabel("query loss of the task")
+        ax.legend(fontsize=LEGEND_SIZE)
+    fig.suptitle("Loss against GCI (paper 004, Figure 2)", fontsize=SUPTITLE_SIZE)
+    return [save_figure(fig, figure_dir / f"lwdgh_loss_gci_{name}.png", integer_x=False)]
+
+
+EXAMPLE_SCAN = 50  # Figure 5: the first 50 meta-test tasks are searched for those where MAML errs most against LWDGH
+EXAMPLE_TASKS = 2  # ... and the 2 with the most such queries are drawn (the paper draws 2)
+EXAMPLE_QUERIES = 10  # at most 10 query images per task
+
+
+def predict_test_tasks(run: Run, count: int) -> dict:
+    """The best single checkpoint of `run` (result.json's first ensemble epoch) adapted to the first `count` of the
+    run's meta-test tasks, as common.finish builds them: query images (uint8), labels, predictions, class names."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import importlib
+
+    import torch
+
+    import common
+    module = importlib.import_module(str(run.config["program"]))
+    fields = {f.name for f in dataclasses.fields(module.Args)}
+    config = {**common.ADDED_LATER, **run.config}
+    args = module.Args(**{k: v for k, v in config.items() if k in fields})
+    device = common.pick_device("auto")
+    args = common.for_device(args, device)
+    try:
+        split = common.load_split(args.dataset, "test", args.data_root, cache_dir=args.cache_dir or None,
+                                  bbox_crop=args.bbox_crop, seed=args.eval_seed, verbose=False,
+                                  synthetic_shape=common.synthetic_shape(args.synthetic_shape)).to(device)
+    except common.DataError as e:
+        raise SystemExit(f"{e} (the run's --data-root {args.data_root})")
+    tasks = common.EvalTasks(split, args.ways, args.shots, args.test_queries or args.queries, args.test_tasks,
+                             seed=args.eval_seed)
+    tasks.index = tasks.index[:count]
+    algorithm = module.make_algorithm(args, split.image_shape, device)
+    path = run.path / f"epoch{int(run.result['ensemble_epochs'][0]):04d}.pt"
+    ckpt = common.load_checkpoint(path, args)
+    common.restore_params(algorithm.params, ckpt["params"], path)
+    state = common._to(ckpt["state"], device)
+    predict = algorithm.test_predict or algorithm.predict
+    predictions = torch.cat([predict(algorithm.params, state, batch, args).argmax(-1).cpu()
+                             for batch in tasks.batches(args.eval_batch)])  # (tasks, ways*queries)
+    query = tasks.index[:, :, args.shots:].flatten(1)  # (tasks, ways*queries) image indices
+    classes = torch.searchsorted(split.start.cpu(), query, right=True) - 1  # each image's class in the split
+    return {"images": split.images.cpu()[query], "labels": torch.arange(args.ways).repeat_interleave(
+                query.shape[1] // args.ways).expand_as(query), "predictions": predictions, "classes": classes,
+            "task_classes": classes.view(len(query), args.ways, -1)[:, :, 0], "names": split.class_names,
+            "epoch": int(run.result["ensemble_epochs"][0])}
+
+
+def _predictions(cells: dict[tuple[str, int], Group], name: str, figure_dir: Path) -> list[Path]:
+    """Paper 004's Figure 5: meta-test tasks where MAML errs and MAML + LWDGH + EE does not, both models'
+    predictions under each query image, the wrong ones in red. Needs both runs' checkpoints and test data."""
+    found = [s for s in sorted({s for _, s in cells}) if all(
+        (m, s) in cells and cells[(m, s)].runs[0].tested for m in LWDGH_PAIR)]
+    if not found:
+        return []
+    s = found[0]
+    runs = [cells[(m, s)].runs[0] for m in LWDGH_PAIR]
+    try:
+        maml, ours = (predict_test_tasks(run, EXAMPLE_SCAN) for run in runs)
+    except (SystemExit, OSError) as e:  # no data here, a deleted checkpoint (common's messages): the report goes on
+        print(f"warning: paper 004's Figure 5 for {name} not drawn: {str(e).splitlines()[0]}", file=sys.stderr)
+        return []
+    if not torch_equal(maml["classes"], ours["classes"]):
+        print(f"warning: paper 004's Figure 5 for {name} not drawn: the two runs' meta-test tasks differ",
+              file=sys.stderr)
+        return []
+    wrong = {k: (run["predictions"] != run["labels"])[:, :EXAMPLE_QUERIES] for k, run in (("maml", maml),
+                                                                                         ("ours", ours))}
+    score = (wrong["maml"].sum(1) - wrong["ours"].sum(1)).tolist()
+    chosen = sorted(range(len(score)), key=lambda t: (-score[t], t))[:EXAMPLE_TASKS]
+    queries = wrong["maml"].shape[1]
+    fig, axes = plt.subplots(2 * len(chosen), queries, figsize=(1.3 * queries, 1.6 * 2 * len(chosen)), squeeze=False)
+    for i, t in enumerate(chosen):
+        for j, (label, run) in enumerate(zip(LWDGH_PAIR, (maml, ours))):
+            for q in range(queries):
+                ax = axes[2 * i + j][q]
+                image = run["images"][t, q].permute(1, 2, 0).numpy()
+                ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                predicted = run["names"][int(run["task_classes"][t, run["predictions"][t, q]])]
+                bad = bool(wrong["maml" if j == 0 else "ours"][t, q])
+                ax.set_xlabel(predicted[:14], fontsize=6, color="red" if bad else "black")
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("red" if bad else "lightgrey")
+                    spine.set_linewidth(2 if bad else 0.5)
+            axes[2 * i + j][0].set_ylabel(f"task {t + 1}\n{label}", fontsize=7)
+    fig.suptitle(f"Meta-test predictions, {s}-shot, best single checkpoints (epochs {maml['epoch']} and "
+                 f"{ours['epoch']}); wrong ones red (paper 004, Figure 5)", fontsize=SUPTITLE_SIZE)
+    return [save_figure(fig, figure_dir / f"lwdgh_predictions_{name}.png", integer_x=False)]
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
+
+
+LWDGH_PAIR = ["MAML", "MAML + LWDGH + EE"]  # the rows of Tables 1 to 4: MAML and the full method
+PAPER_004_TABLES = {  # (dataset, ways, epochs, backbone) -> the paper's tables of those runs
+    ("miniimagenet", PAPER_WAYS, LWDGH_EPOCHS, "conv4"): [
+        PaperTable("paper 004, Table 1, the MAML rows", LWDGH_PAIR, [1, 5], PAPER_004_TABLE1)],
+    ("tieredimagenet", PAPER_WAYS, LWDGH_EPOCHS, "conv4"): [
+        PaperTable("paper 004, Table 2, the Convnet4 rows; ours with fmu2's 64 filters", LWDGH_PAIR, [1, 5],
+                   PAPER_004_TABLE2_CONV4)],
+    ("tieredimagenet", PAPER_WAYS, LWDGH_EPOCHS, "resnet12"): [
+        PaperTable("paper 004, Table 2, the Resnet12 row", LWDGH_PAIR, [1], PAPER_004_TABLE2_RESNET12)],
+    ("miniimagenet", PAPER_WAYS, LWDGH_EPOCHS, "resnet12"): [
+        PaperTable("paper 004, Table 3, the MAML rows", LWDGH_PAIR, [1], PAPER_004_TABLE3)],
+    ("cub", PAPER_WAYS, LWDGH_EPOCHS, "conv4"): [
+        PaperTable("paper 004, Table 4", LWDGH_PAIR, [1, 5], PAPER_004_TABLE4)],
+    ("miniimagenet", PAPER_WAYS, LWDGH_ABLATION_EPOCHS, "conv4"): [
+        PaperTable("paper 004, Table 5, the ablation", LWDGH_METHOD_ORDER, [1], PAPER_004_TABLE5, PAPER_004_TABLE5_GCI),
+        PaperTable("paper 004, Table 6, the transition epoch", [transition_name(*row) for row in PAPER_004_TABLE6], [1],
+                   {(transition_name(*row), 1): value for row, value in PAPER_004_TABLE6.items()},
+                   labels={transition_name(LWDGH_TRANSITION, LWDGH_SCHEDULE): "MAML + LWDGH + EE, E 33% cosine"})],
+}
 
 FAMILIES = [
     Family(program="cml", heading="Paper 003: Cooperative Meta-Learning (CML)",
@@ -746,21 +954,14 @@ FAMILIES = [
            table_key=lambda c: (str(c["dataset"]), int(c["ways"])),
            table_title=lambda t: f"{dataset_name(t[0])} {t[1]}-way",
            method=cml_method, order=CML_METHOD_ORDER,
-           paper={("miniimagenet", PAPER_WAYS): PaperTable("paper 003", ["MAML + CML", "MAML++ + CML"], [1, 5],
-                                                           PAPER_003_MINIIMAGENET, model=BEST)},
+           paper={("miniimagenet", PAPER_WAYS): [PaperTable("paper 003", ["MAML + CML", "MAML++ + CML"], [1, 5],
+                                                            PAPER_003_MINIIMAGENET, model=BEST)]},
            extra_column=None, best_single=True, figure=_cml_figure),
     Family(program="lwdgh", heading="Paper 004: layer-wise dynamic gradient harmonisation (LWDGH)", source=PAPER_004
-           + ", Tables 1, 4 and 5; GCI = the mean over epochs of metrics.csv's gci_mean",
-           table_key=lambda c: (str(c["dataset"]), int(c["ways"]), int(c["epochs"])),
-           table_title=lambda t: f"{dataset_name(t[0])} {t[1]}-way, {t[2]} epochs",
-           method=lwdgh_method, order=LWDGH_METHOD_ORDER,
-           paper={("miniimagenet", PAPER_WAYS, LWDGH_EPOCHS): PaperTable(
-                      "paper 004, Table 1, the MAML rows", ["MAML", "MAML + LWDGH + EE"], [1, 5], PAPER_004_TABLE1),
-                  ("cub", PAPER_WAYS, LWDGH_EPOCHS): PaperTable(
-                      "paper 004, Table 4", ["MAML", "MAML + LWDGH + EE"], [1, 5], PAPER_004_TABLE4),
-                  ("miniimagenet", PAPER_WAYS, LWDGH_ABLATION_EPOCHS): PaperTable(
-                      "paper 004, Table 5, the ablation", LWDGH_METHOD_ORDER, [1], PAPER_004_TABLE5,
-                      PAPER_004_TABLE5_GCI)},
+           + ", Tables 1 to 6; GCI = the mean over epochs of metrics.csv's gci_mean",
+           table_key=lambda c: (str(c["dataset"]), int(c["ways"]), int(c["epochs"]), str(c.get("backbone", "conv4"))),
+           table_title=lambda t: f"{dataset_name(t[0])} {t[1]}-way, {BACKBONES.get(t[3], t[3])}, {t[2]} epochs",
+           method=lwdgh_method, order=LWDGH_METHOD_ORDER, paper=PAPER_004_TABLES,
            extra_column=LWDGH_GCI, best_single=False, figure=_lwdgh_figure),
 ]
 
