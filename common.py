@@ -1280,7 +1280,7 @@ CHECKPOINT_FORMAT = "metalearn-gs checkpoint v1"
 CHECKPOINT_KEYS = ("program", "algorithm", "args", "params", "state", "optimizer", "sampler", "torch_rng", "loop")
 LAST = "last.pt"  # the newest state of the run, for --resume
 TASK_LOG = 25  # StepResult.per_task of the first 25 meta-iterations of every epoch go to tasks.csv (paper 004's
-# Figure 2 plots 100 tasks, 25 batches of its 4): a sample of every epoch, small enough to ride in the checkpoint
+# Figure 2 plots 100 tasks, 25 batches of its 4)
 LOCK = ".lock"  # held by the one process writing a run directory
 ADDED_LATER = {"backbone": "conv4", "resnet_width": 64}  # result flags newer than some runs: the value those ran with
 RESUME_FREE = ("resume", "quiet", "device", "vmap", "out", "data_root", "cache_dir", "download", "eval_batch",
@@ -1309,6 +1309,26 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
         f.write(text.getvalue().encode())
     write_run_file(path, write)
+
+
+def append_csv(path: Path, rows: list[dict], size: int) -> int:
+    """Append rows (with a header if size is 0) to the first `size` bytes of path, the end of the rows the last
+    checkpoint counts: what a killed process appended after it goes. Returns the new size for the next checkpoint.
+    Appending keeps the cost per epoch constant: a file rewritten every epoch grows with the run."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    if size == 0:
+        writer.writeheader()
+    writer.writerows(rows)
+    try:
+        with open(path, "r+b" if size else "wb") as f:
+            f.truncate(size)
+            f.seek(size)
+            f.write(text.getvalue().encode())
+            return f.tell()
+    except OSError as e:
+        raise SystemExit(f"error: could not write {path} ({e}): free some space or fix the permissions, then "
+                         f"continue with --resume {path.parent}")
 
 
 def load_checkpoint(path: Path, args: Args | None = None) -> dict:
@@ -1517,7 +1537,7 @@ def _run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch
 
     Each meta-iteration: algorithm.meta_gradient on a fresh task batch, then one outer Adam step on its
     gradients (skipped, and counted, when the loss or a gradient is not finite); its `state` is carried
-    on, its `metrics` averaged over the epoch, its `per_task` numbers of the first TASK_LOG kept (tasks.csv).
+    on, its `metrics` averaged over the epoch, its `per_task` numbers of the first TASK_LOG appended to tasks.csv.
     After each epoch: algorithm.predict on the fixed validation tasks, a checkpoint, a metrics.csv row. At
     the end: the top-`ensemble` checkpoints' meta-test.
     """
@@ -1637,7 +1657,9 @@ def _run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch
                     "epoch": epoch + 1, "train_loss": means.pop("train_loss", math.nan),
                     "train_acc": means.pop("train_acc", math.nan), "val_acc": val_acc, "val_ci": val_ci,
                     "skipped_steps": loop["skipped"], "seconds": loop["seconds"] + time.time() - started, **means})
-                loop.update(epoch=epoch + 1, iteration=0, sums={}, skipped=0, seconds=0.0)
+                if loop.get("tasks"):  # this epoch's per-task rows, appended before the checkpoint that counts them
+                    loop["tasks_size"] = append_csv(run_dir / "tasks.csv", loop["tasks"], loop.get("tasks_size", 0))
+                loop.update(epoch=epoch + 1, iteration=0, sums={}, skipped=0, seconds=0.0, tasks=[])
                 # Keep the best `ensemble` checkpoints by validation accuracy; ties: the later epoch first, as the
                 # MAML++ reference's ranking (np.argsort(val_acc)[::-1], experiment_builder.py) orders them.
                 ranked = sorted(loop["top"] + [[val_acc, epoch + 1]], key=lambda t: (-t[0], -t[1]))
@@ -1648,8 +1670,6 @@ def _run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch
                 for _, old in evicted:
                     (run_dir / f"epoch{old:04d}.pt").unlink(missing_ok=True)
                 write_csv(run_dir / "metrics.csv", loop["history"])
-                if loop.get("tasks"):
-                    write_csv(run_dir / "tasks.csv", loop["tasks"])
                 if writer is not None:  # the same numbers as metrics.csv's row, one TensorBoard tag per column
                     for key, value in loop["history"][-1].items():
                         if key != "epoch":
@@ -1666,8 +1686,6 @@ def _run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch
         save(run_dir / LAST)  # also a diverged run: --resume then reports it again instead of training on
         if loop["history"]:  # again: a kill between the last epoch's checkpoint and its metrics.csv loses no row
             write_csv(run_dir / "metrics.csv", loop["history"])
-        if loop.get("tasks"):
-            write_csv(run_dir / "tasks.csv", loop["tasks"])
         if stop:  # during the last validation or checkpoint: saved above
             progress.message(f"interrupted: saved {run_dir / LAST}; meta-test it with --resume {run_dir}")
             raise SystemExit(128 + stop[0])

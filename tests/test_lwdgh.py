@@ -258,6 +258,29 @@ def test_each_tasks_loss_and_gci_are_reported_and_add_up_to_the_logged_ones():
     assert step.metrics["gci_mean"] == pytest.approx(float(step.per_task["gci"].sum()), rel=1e-12)
 
 
+class Crash(BaseException):
+    """Stands for kill -9."""
+
+
+def test_a_kill_after_tasks_csv_grew_but_before_its_checkpoint_repeats_no_row(tmp_path, monkeypatch):
+    """tasks.csv is appended once per epoch; a process killed between the append and the checkpoint that counts
+    it leaves rows that the resumed run's next append cuts off: it ends with the uninterrupted run's file."""
+    common.main(lwdgh.Args, lwdgh.make_algorithm, TINY + ["--out", str(tmp_path / "ref")])
+    original, appended = common.append_csv, []
+    def append_csv(path, rows, size):
+        appended.append(original(path, rows, size))
+        if len(appended) == 2:  # epoch 2's rows are in the file, its checkpoint not yet written
+            raise Crash()
+        return appended[-1]
+    monkeypatch.setattr(common, "append_csv", append_csv)
+    with pytest.raises(Crash):
+        common.main(lwdgh.Args, lwdgh.make_algorithm, TINY + ["--out", str(tmp_path / "run")])
+    monkeypatch.undo()
+    assert len(task_rows(tmp_path / "run")) == 2 * len(task_rows(tmp_path / "ref")) // 3  # epochs 1 and 2
+    common.main(lwdgh.Args, lwdgh.make_algorithm, ["--resume", str(tmp_path / "run"), "--quiet"])
+    assert (tmp_path / "run" / "tasks.csv").read_bytes() == (tmp_path / "ref" / "tasks.csv").read_bytes()
+
+
 def test_tasks_csv_holds_the_first_meta_iterations_of_every_epoch(tmp_path, monkeypatch):
     """common.run keeps StepResult.per_task of the first TASK_LOG meta-iterations per epoch (paper 004's Figure 2)."""
     monkeypatch.setattr(common, "TASK_LOG", 2)
