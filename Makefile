@@ -137,19 +137,54 @@ figures-miniimagenet-lr1.0: setup
 	$(call pair,mamlpp,figures,miniimagenet__5w5s__t5__lr1.0,$(MINI_T5) --shots 5 --inner-lr 1.0 $(PP_MINI))
 	$(call pair,mamlpp,figures,miniimagenet__5w5s__t1__lr1.0,$(MINI_T1) --shots 5 --inner-lr 1.0 $(PP_MINI))
 
-# Paper 003 (CML, arXiv 2406.04639), MiniImagenet 5-way: the commands of cml.py's docstring (MAML: the
-# reference's settings; MAML++: mamlpp_gs.py's defaults, task batch 2).
-CML_DIR = $(RUNS)/cml/cml_
-CML_MAML = --dataset miniimagenet --base maml --tasks 4 --inner-steps 1 --inner-lr 0.5 --filters 64 --epochs 300 \
-	--iters-per-epoch 100
-CML_MAMLPP = --dataset miniimagenet --base mamlpp --tasks 2 --epochs 250 --clip-grad 10
-CML = cml-maml-1s cml-maml-5s cml-mamlpp-1s cml-mamlpp-5s
+# Paper 003 (CML, arXiv 2406.04639), 5-way 1- and 5-shot: each base alone (--gamma 0) and with the co-learner, on
+# the image data sets the paper names (MiniImagenet, Omniglot, CIFAR-FS, FC100, VGG Flower). The commands of
+# cml.py's docstring: MAML and BOIL with the reference's settings (task batch 4, one inner step of 0.5, 64
+# filters, 300 x 100 meta-iterations), MAML++ with mamlpp_gs.py's defaults and task batch 2.
+CML_DIR = $(RUNS)/cml/
+CML_REF = --tasks 4 --inner-steps 1 --inner-lr 0.5 --filters 64 --epochs 300 --iters-per-epoch 100
+CML_MAMLPP = --tasks 2 --epochs 250 --clip-grad 10
+# $(call cml,<base>,<dataset>,<shots>,<flags>): the base alone and the base + CML, each once per seed.
+cml = $(call seeds,cml.py,$(CML_DIR)$(1)__$(2)__5w$(3)s,--base $(1) --dataset $(2) --shots $(3) --gamma 0 $(4)) && \
+	$(call seeds,cml.py,$(CML_DIR)cml_$(1)__$(2)__5w$(3)s,--base $(1) --dataset $(2) --shots $(3) $(4))
+CML = cml-miniimagenet cml-omniglot cml-cifarfs cml-fc100 cml-vggflower
 .PHONY: reproduce-cml $(CML)
 reproduce-cml: $(CML)
-cml-maml-1s: setup ; $(call seeds,cml.py,$(CML_DIR)maml__miniimagenet__5w1s__t4,--shots 1 $(CML_MAML))
-cml-maml-5s: setup ; $(call seeds,cml.py,$(CML_DIR)maml__miniimagenet__5w5s__t4,--shots 5 $(CML_MAML))
-cml-mamlpp-1s: setup ; $(call seeds,cml.py,$(CML_DIR)mamlpp__miniimagenet__5w1s__t2,--shots 1 $(CML_MAMLPP))
-cml-mamlpp-5s: setup ; $(call seeds,cml.py,$(CML_DIR)mamlpp__miniimagenet__5w5s__t2,--shots 5 $(CML_MAMLPP))
+cml-miniimagenet: setup
+	$(call cml,maml,miniimagenet,1,$(CML_REF))
+	$(call cml,maml,miniimagenet,5,$(CML_REF))
+	$(call cml,mamlpp,miniimagenet,1,$(CML_MAMLPP))
+	$(call cml,mamlpp,miniimagenet,5,$(CML_MAMLPP))
+	$(call cml,boil,miniimagenet,1,$(CML_REF))
+	$(call cml,boil,miniimagenet,5,$(CML_REF))
+cml-omniglot: setup
+	$(call cml,maml,omniglot,1,$(CML_REF))
+	$(call cml,maml,omniglot,5,$(CML_REF))
+	$(call cml,mamlpp,omniglot,1,$(CML_MAMLPP))
+	$(call cml,mamlpp,omniglot,5,$(CML_MAMLPP))
+	$(call cml,boil,omniglot,1,$(CML_REF))
+	$(call cml,boil,omniglot,5,$(CML_REF))
+cml-cifarfs: setup
+	$(call cml,maml,cifarfs,1,$(CML_REF))
+	$(call cml,maml,cifarfs,5,$(CML_REF))
+	$(call cml,mamlpp,cifarfs,1,$(CML_MAMLPP))
+	$(call cml,mamlpp,cifarfs,5,$(CML_MAMLPP))
+	$(call cml,boil,cifarfs,1,$(CML_REF))
+	$(call cml,boil,cifarfs,5,$(CML_REF))
+cml-fc100: setup
+	$(call cml,maml,fc100,1,$(CML_REF))
+	$(call cml,maml,fc100,5,$(CML_REF))
+	$(call cml,mamlpp,fc100,1,$(CML_MAMLPP))
+	$(call cml,mamlpp,fc100,5,$(CML_MAMLPP))
+	$(call cml,boil,fc100,1,$(CML_REF))
+	$(call cml,boil,fc100,5,$(CML_REF))
+cml-vggflower: setup
+	$(call cml,maml,vggflower,1,$(CML_REF))
+	$(call cml,maml,vggflower,5,$(CML_REF))
+	$(call cml,mamlpp,vggflower,1,$(CML_MAMLPP))
+	$(call cml,mamlpp,vggflower,5,$(CML_MAMLPP))
+	$(call cml,boil,vggflower,1,$(CML_REF))
+	$(call cml,boil,vggflower,5,$(CML_REF))
 
 # Paper 004 (LWDGH): the commands of lwdgh.py's docstring, MAML (--p-min 1 --p-max 1: always explore, plain
 # MAML with the GCI logged), LWDGH alone (--no-ee) and LWDGH+EE. 5-way, 300 epochs of 200 meta-iterations (fmu2's

@@ -1,8 +1,7 @@
-"""Cooperative Meta-Learning (CML) on MAML or MAML++.
+"""Cooperative Meta-Learning (CML) on MAML, MAML++ or BOIL.
 
-Paper: "Cooperative Meta-Learning with Gradient Augmentation", arXiv 2406.04639 (reference code
-JJongyn/CML). A co-learner head, trained by the outer loop only, reads the feature map of the adapted
-extractor; its query loss adds gradient to the extractor's initialisation.
+Paper: "Cooperative Meta-Learning with Gradient Augmentation", arXiv 2406.04639 (code JJongyn/CML): a co-learner
+head, trained by the outer loop only, reads the adapted extractor's features; its loss adds gradient to θ's init.
 
 Names (per task t of the batch, K inner steps, θ = Conv4 incl. its head, the only backbone here; φ = the co-learner):
     θ_{t,K}  = the base method's inner loop from θ, without gradient sharing         `inner_loop`
@@ -10,34 +9,33 @@ Names (per task t of the batch, K inner steps, θ = Conv4 incl. its head, the on
     L_t^meta = CE(head_{θ_{t,K}}(pool(z_t)), y_q)       the base method's query loss    `meta_gradient`
     L_t^co   = CE(φ(z_t), y_q), φ = --colearner-blocks conv blocks, max-pool, linear    `colearner_forward`
     L        = (1/T) Σ_t L_t^meta + γ (1/T) Σ_t L_t^co, γ = --gamma                   `meta_gradient`
-Outer step: Adam on (θ, φ) [and MAML++'s LSLR / per-step BN] with ∇L. φ is never adapted in the inner loop,
-nor used at evaluation: `predict` is the base method's, on the meta-learner's parameters only.
+Outer step: Adam on (θ, φ) [and MAML++'s LSLR / per-step BN] with ∇L; φ is never adapted, nor used by `predict`.
+BOIL (J. Oh et al., arXiv 2008.08882): the maml base with θ's head frozen in the inner loop (its authors' main.py:
+--classifier-step-size 0, the body at --extractor-step-size 0.5); `--gamma 0` is BOIL. Sharp-MAML (Abbas et al.,
+ICML 2022) stays out: its SAM ascent steps change the optimisers of both loops (common.run's Adam), not a base.
 
 Decisions (where the paper is silent):
-- The base is a copy of mamlpp_gs.py --no-gs (loop, init, MSL, first-order epochs, clamp, cosine lr,
-  prediction), which with fixed rates [α]·K and one BN per layer (the maml base) is maml_gs.py --no-gs step
-  for step. At γ = 0 the meta-gradient equals maml_gs.py's / mamlpp_gs.py's bitwise (tested). MAML++'s MSL
-  applies to L^meta only (L^co at θ_{t,K}); its clamp to the summed network gradient, not φ's.
-- z_t once per query pass, read by both heads (`both_heads`); with MAML++ per-step BN, the last BN row.
-- φ: common.conv_block's blocks, --filters channels, a linear layer of the head's input size; Xavier, zero biases.
-- BatchNorm as the base's: the outer loop's only (mamlpp: per-step rows); the reference (torchmeta's
-  MetaBatchNorm2d) adapts BN's scale and shift in the inner loop too, as --adapt-bn does.
-- Unlike the reference (JJongyn/CML): one Adam for the run (train_cml.py makes new ones every 100-iteration
-  epoch); φ initialised like θ (there: PyTorch's default); it meta-tests the single best validation model on
-  10,000 tasks (compare test_acc_best). --colearner-blocks 2 is its Conv(2); the paper finds Conv(0) best at 1-shot.
-- Logged (`metrics`): loss_meta (MSL-weighted while MSL is on), loss_co (train_loss = loss_meta + γ loss_co);
-  grad_cos, grad_norm_ratio = ‖g_co‖/‖g_meta‖ of g_meta = ∇L^meta, g_co = ∇L^co w.r.t. θ's conv and BN tensors:
-  a second backward, so from every --grad-stats-every-th meta-iteration of an epoch (`state` counts them).
+- The base is a copy of mamlpp_gs.py --no-gs (loop, init, MSL, first-order epochs, clamp, cosine lr, prediction),
+  which with fixed rates [α]·K and one BN per layer (the maml base) is maml_gs.py --no-gs step for step. At γ = 0
+  the meta-gradient equals maml_gs.py's / mamlpp_gs.py's bitwise (tested). MAML++'s MSL applies to L^meta only
+  (L^co at θ_{t,K}); its clamp to the summed network gradient, not φ's. z_t once per query pass, read by both heads
+  (`both_heads`; MAML++ per-step BN: the last row). φ: Conv4 blocks of --filters, a linear layer; Xavier, zero biases.
+- BatchNorm: the outer loop's (mamlpp: per-step rows); the reference's and BOIL's adapt it inner too: --adapt-bn.
+- Unlike the reference (JJongyn/CML): one Adam for the run (train_cml.py: new ones every epoch); φ initialised like θ
+  (there: PyTorch's default); it meta-tests the best validation model (our test_acc_best). --colearner-blocks 2 is
+  its Conv(2); the paper finds Conv(0) best at 1-shot.
+- Logged (`metrics`): loss_meta (MSL-weighted), loss_co; from every --grad-stats-every-th meta-iteration (a second
+  backward) grad_cos, grad_norm_ratio ‖g_co‖/‖g_meta‖ of ∇L^meta, ∇L^co w.r.t. θ's conv and BN tensors.
 
-How it runs: `common.run` steps Adam with the gradients of `meta_gradient` on every batch of tasks (metrics
-averaged per epoch; MAML++: each epoch's lr from `cosine_lr`) and evaluates `predict` on fixed tasks.
+How it runs: `common.run` steps Adam with `meta_gradient`'s gradients on every batch of tasks (MAML++: each epoch's lr
+from `cosine_lr`), averages its metrics per epoch and evaluates `predict` on fixed tasks.
 
-Reproduces arXiv 2406.04639's MiniImagenet 5-way rows (headline: MAML++ +CML 5-shot, 70.08%), 1- and 5-shot:
-MAML+CML with the reference's run_cml.sh / train_cml.py settings (task batch 4, one inner step of 0.5, 64
-filters, 300 × 100 meta-iterations), MAML++ +CML with mamlpp_gs.py's defaults and task batch 2 (ours):
-    python cml.py --dataset miniimagenet --base maml --shots 1 --tasks 4 --inner-steps 1 --inner-lr 0.5 --filters 64
+Reproduces arXiv 2406.04639's 5-way 1-/5-shot rows (headline: MAML++ +CML, MiniImagenet 5-shot, 70.08%) on
+MiniImagenet, Omniglot, CIFAR-FS, FC100 and VGG Flower, each base alone (--gamma 0) and with CML: MAML and BOIL as
+run_cml.sh (task batch 4, one inner step of 0.5, 64 filters, 300 × 100 meta-iterations), MAML++ with mamlpp_gs.py's
+defaults, task batch 2; e.g. (`make reproduce-cml` runs all)
+    python cml.py --dataset cifarfs --base boil --shots 1 --tasks 4 --inner-steps 1 --inner-lr 0.5 --filters 64
     python cml.py --dataset miniimagenet --base mamlpp --shots 5 --tasks 2 --epochs 250 --clip-grad 10
-`make reproduce-cml` runs every row (the MAML rows also with --epochs 300 --iters-per-epoch 100).
 """
 from __future__ import annotations
 
@@ -55,8 +53,8 @@ import common
 
 @dataclass
 class Args(common.Args):
-    base: Literal["maml", "mamlpp"] = "maml"
-    """base method whose inner loop adapts θ: maml (maml_gs.py --no-gs) or mamlpp (mamlpp_gs.py --no-gs)"""
+    base: Literal["maml", "mamlpp", "boil"] = "maml"
+    """base method whose inner loop adapts θ: maml (maml_gs.py --no-gs), mamlpp (mamlpp_gs.py --no-gs), boil"""
     gamma: float = 1.0
     """weight γ of the co-learner's query loss in the outer loss"""
     colearner_blocks: int = 2
@@ -68,7 +66,7 @@ class Args(common.Args):
     inner_lr: float = 0.1
     """inner-loop learning rate α (MAML++: the initial value of every LSLR rate)"""
     first_order: bool = False
-    """maml base: first-order approximation: no gradient through the inner-loop gradients"""
+    """maml, boil bases: first-order approximation: no gradient through the inner-loop gradients"""
     lslr: bool = True
     """mamlpp base: learn an inner learning rate per adapted tensor per step (LSLR)"""
     per_step_bn: bool = True
@@ -149,9 +147,11 @@ def per_step_bn(args: Args) -> bool:  # the maml base: one BN tensor per layer
 
 
 def split_params(params: dict[str, torch.Tensor], args: Args):
-    """params -> (adapted θ, BN not adapted, LSLR rates, φ without its prefix); fixed rates: [inner_lr] * K."""
+    """params -> (adapted θ, θ's rest: BN unless adapted, BOIL's head; LSLR rates or [inner_lr] * K; φ unprefixed)."""
     net = {name: p for name, p in params.items() if not name.startswith((COLEARNER, LSLR))}
     theta, bn = common.split_adapted(net, args.adapt_bn and not per_step_bn(args))  # per-step BN: never adapted
+    if args.base == "boil":  # the body only: the head joins the tensors the inner loop leaves alone
+        bn.update({name: theta.pop(name) for name in list(theta) if not name.startswith(EXTRACTOR)})
     lslr = {name: params.get(LSLR + name, [args.inner_lr] * args.inner_steps) for name in theta}
     phi = {name.removeprefix(COLEARNER): p for name, p in params.items() if name.startswith(COLEARNER)}
     return theta, bn, lslr, phi
@@ -175,12 +175,12 @@ def inner_loop(theta: dict[str, torch.Tensor], bn: dict[str, torch.Tensor], lslr
                y_s: torch.Tensor, args: Args, create_graph: bool) -> list[dict[str, torch.Tensor]]:
     """Adapt θ to every task of the batch: K inner steps of the base method, without gradient sharing.
 
-    bn: the BN tensors not adapted, (K, C) per-step or (C,) ({} with --adapt-bn); lslr: each adapted tensor's
-    rates, (K,) or a list of K floats when fixed (the maml base: [α] * K, maml_gs.py's step); x_s (tasks,
-    ways*shots, C, H, W), y_s (tasks, ways*shots). Returns the trajectory [θ_{t,0}, ..., θ_{t,K}] (MSL needs
-    every step), each a dict of (tasks, ...) tensors, θ_{t,j} (j ≥ 1) with the BN rows of step j (its query's
-    too). --recompute: torch.utils.checkpoint keeps only the inputs of steps 1..K-1 and recomputes each step
-    in the backward pass; step K stays stored.
+    bn: θ's tensors not adapted (BN: (K, C) per-step or (C,), none with --adapt-bn; BOIL: also the head); lslr: each
+    adapted tensor's rates, (K,) or K floats when fixed (the maml base: [α] * K, maml_gs.py's step); x_s (tasks,
+    ways*shots, C, H, W), y_s (tasks, ways*shots). Returns the trajectory [θ_{t,0}, ..., θ_{t,K}] (MSL needs every
+    step), each a dict of (tasks, ...) tensors, θ_{t,j} (j ≥ 1) with the BN rows of step j (its query's too).
+    --recompute: torch.utils.checkpoint keeps only the inputs of steps 1..K-1 and recomputes each step in the
+    backward pass; step K stays stored.
     """
     weights = {name: p.expand(x_s.shape[0], *p.shape) for name, p in {**theta, **bn}.items()}  # (tasks, ...)
     fast, frozen = {name: weights[name] for name in theta}, {name: weights[name] for name in bn}  # θ_{t,0} = θ
@@ -241,7 +241,7 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
                   args: Args) -> common.StepResult:
     """One meta-iteration: the base's adaptation and query loss, plus γ · the co-learner's query loss."""
     theta, bn, lslr, phi = split_params(params, args)
-    create_graph = not args.first_order if args.base == "maml" else epoch >= args.first_order_epochs
+    create_graph = epoch >= args.first_order_epochs if args.base == "mamlpp" else not args.first_order
     trajectory = inner_loop(theta, bn, lslr, tasks.x_s, tasks.y_s, args, create_graph)
     # The base's loss: MSL Σ_j w_j (1/T) Σ_t L_t^meta(θ_{t,j}) with BN row j − 1, or the final step's alone
     weights = msl_weights(epoch, args) or [0.0] * (args.inner_steps - 1) + [1.0]
@@ -276,8 +276,8 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
                               for g in (g_meta, g_co))
         metrics.update(grad_cos=F.cosine_similarity(flat_meta, flat_co, dim=0).item(),
                        grad_norm_ratio=(flat_co.norm() / flat_meta.norm()).item())
-    loss = (loss_meta + args.gamma * loss_co).detach()
-    return common.StepResult(loss, acc, grads, {"epoch": epoch, "steps": steps + 1}, metrics)
+    return common.StepResult((loss_meta + args.gamma * loss_co).detach(), acc, grads,
+                             {"epoch": epoch, "steps": steps + 1}, metrics)
 
 
 def predict(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, args: Args) -> torch.Tensor:

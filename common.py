@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from PIL import Image
-from torchvision.datasets import Omniglot
+from torchvision.datasets import CIFAR100, Flowers102, Omniglot
 from torchvision.datasets.utils import calculate_md5, download_file_from_google_drive, download_url
 
 # ---- Files ----
@@ -71,7 +71,7 @@ def atomic_write(path: Path, write: Callable[[typing.BinaryIO], None]) -> None:
 
 # ---- Data ----
 
-DATASETS = ("omniglot", "miniimagenet", "tieredimagenet", "cub", "synthetic")
+DATASETS = ("omniglot", "miniimagenet", "tieredimagenet", "cub", "cifarfs", "fc100", "vggflower", "synthetic")
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 1
 CACHE_APP_DIR = "metalearn-gs"  # subfolder of $XDG_CACHE_HOME (or ~/.cache) for read-only data roots
@@ -137,6 +137,28 @@ CUB_MD5 = "97eceeb196236b17998738112f37df78"
 CUB_URLS = ("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1",
             "http://www.vision.caltech.edu/visipedia-data/CUB-200-2011/CUB_200_2011.tgz")
 
+# CIFAR-FS (Bertinetto et al. 2019) and FC100 (Oreshkin et al. 2018): CIFAR-100's 600 images per class (its train
+# and test sets) split by class / by superclass, 32x32, as torchmeta's assets cifar100/cifar-fs/{val,test}.json and
+# cifar100/fc100/{val,test}.json (tristandeleu/pytorch-meta: the copy JJongyn/CML runs); every other class trains.
+CIFAR_DIRS = ("cifar100", "")  # torchvision's CIFAR100 root, holding cifar-100-python/
+CIFAR_SIZE = 32
+CIFAR_FS_CLASSES = {
+    "val": ("beaver", "otter", "flatfish", "shark", "lamp", "television", "beetle", "butterfly", "sea", "camel",
+            "cattle", "crab", "crocodile", "maple_tree", "motorcycle", "tractor"),
+    "test": ("whale", "poppy", "rose", "sweet_pepper", "telephone", "bed", "table", "wardrobe", "leopard", "plain",
+             "chimpanzee", "fox", "snail", "worm", "baby", "man", "woman", "bicycle", "pickup_truck", "rocket")}
+FC100_SUPERCLASSES = {"val": ("large_carnivores", "large_omnivores_and_herbivores", "non-insect_invertebrates",
+                              "small_mammals"), "test": ("aquatic_mammals", "insects", "medium_mammals", "people")}
+CIFAR_CLASSES = {"cifarfs": {"train": 64, "val": 16, "test": 20}, "fc100": {"train": 60, "val": 20, "test": 20}}
+# VGG Flower (Oxford 102 Flowers), Meta-Dataset's class split (Triantafillou et al. 2020), as the torchmeta
+# vgg_flower.py of CML's code base and learn2learn's vgg_flowers.py: imagelabels.mat's 1-based ids; the other 71
+# train. 32x32 as that vgg_flower.py resizes them (CML's maml/utils.py: a 2x2 Conv4 head input, wh_size 2).
+FLOWERS_DIRS = ("vggflower", "")  # torchvision's Flowers102 root, holding flowers-102/
+FLOWERS_BASE, FLOWERS_FILES = "flowers-102", ("jpg", "imagelabels.mat", "setid.mat")  # torchvision's layout
+FLOWERS_SIZE = 32
+FLOWERS_CLASSES = {"val": (10, 16, 17, 23, 26, 47, 53, 56, 57, 62, 82, 83, 86, 97, 102),
+                   "test": (5, 9, 15, 19, 35, 40, 41, 42, 45, 46, 65, 85, 89, 94, 96, 98)}
+
 SYNTHETIC_GRID = 4  # prototypes are random GRIDxGRID fields upsampled to HxW: smooth, distinct per class
 SYNTHETIC_DEFORM = 0.25  # amplitude of a per-image smooth deformation of the prototype (same construction)
 SYNTHETIC_NOISE_STD = 0.1  # per-pixel noise
@@ -171,7 +193,7 @@ class Split:
 
 
 class _Source(NamedTuple):
-    variant: str  # "omniglot", "omniglot-small", "miniimagenet", "tieredimagenet", "cub"
+    variant: str  # "omniglot", "omniglot-small", "miniimagenet", "tieredimagenet", "cub", "cifarfs", ...
     directory: Path  # where the data lives; its cache goes here unless read-only
     shape: tuple[int, int, int]  # (C, H, W) of the converted images
     build: Callable[[], tuple[np.ndarray, list[int], list[str]]]  # -> (N, H, W, C) uint8, counts, names
@@ -195,7 +217,8 @@ def load_split(dataset: str, split: str, data_root: str | Path = "data", *, down
         return _synthetic(split, synthetic_shape, synthetic_classes, synthetic_per_class, seed)
     root = Path(data_root).expanduser()
     locate = {"omniglot": _locate_omniglot, "miniimagenet": _locate_mini, "tieredimagenet": _locate_tiered,
-              "cub": _locate_cub}[dataset]
+              "cub": _locate_cub, "cifarfs": _locate_cifar, "fc100": _locate_cifar, "vggflower": _locate_flowers}
+    locate = functools.partial(locate[dataset], variant=dataset) if dataset in CIFAR_CLASSES else locate[dataset]
     try:
         source = locate(root, split, download, bbox_crop)
     except PermissionError as e:  # a data folder that cannot be listed or entered
@@ -221,7 +244,7 @@ def load_split(dataset: str, split: str, data_root: str | Path = "data", *, down
             print(f"cached {tuple(images.shape)} to {written}" if written else
                   f"warning: no writable cache folder among {[str(d) for d in dirs]}; converting again next time")
     channels = images.shape[1]
-    imagenet = dataset in ("miniimagenet", "tieredimagenet", "cub")
+    imagenet = dataset not in ("omniglot", "synthetic")  # natural RGB images: ImageNet's channel statistics
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else ((0.0,) * channels, (1.0,) * channels)
     return Split(f"{source.variant}/{split}", images, torch.cumsum(count, 0) - count, count, names, mean, std)
 
@@ -694,6 +717,92 @@ def _build_cub(source: Path, prefix: str, split: str, bbox_crop: bool):
     return _decode_groups(source, prefix + "images/", groups, IMAGE_SIZE, boxes)
 
 
+def _members(table: dict[str, tuple], split: str, every: list) -> list:
+    """The val or test members a split table lists, or for train every member it lists in neither (in order)."""
+    if split != "train":
+        return list(table[split])
+    return [m for m in every if m not in table["val"] and m not in table["test"]]
+
+
+def _checked(dataset: type, folder: Path, **kw):
+    """A torchvision dataset object on folder (its md5 check passed), or the reason it is not, as a DataError."""
+    try:
+        return dataset(str(folder), **kw)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted" (an md5 that does not match)
+        raise DataError(f"{folder}: torchvision's {dataset.__name__} check failed ({e}): a file is damaged or "
+                        f"incomplete; delete it and run again with --download (see {DOCS})") from e
+    except ImportError as e:  # Flowers102 reads its .mat files with scipy
+        raise DataError(f"torchvision's {dataset.__name__} needs {e.name}: pip install -r requirements.txt") from e
+    except OSError as e:  # a download that failed (URLError, HTTPError) or a file that cannot be read
+        raise DataError(f"could not get {dataset.__name__} into {folder} ({e}); see {DOCS}") from e
+
+
+def _locate_cifar(root: Path, split: str, download: bool, _bbox: bool, variant: str = "cifarfs") -> _Source:
+    looked_for = []
+    folder = _find(root, CIFAR_DIRS, [f"{CIFAR100.base_folder}/{n}" for n, _ in CIFAR100.train_list
+                                      + CIFAR100.test_list] + [f"{CIFAR100.base_folder}/{CIFAR100.meta['filename']}"],
+                   looked_for)
+    if folder is None:
+        if not download:
+            raise _missing(variant, split, root, looked_for)
+        folder = root / CIFAR_DIRS[0]
+        _checked(CIFAR100, folder, download=True)  # torchvision's URL and md5
+    return _Source(variant, folder, (3, CIFAR_SIZE, CIFAR_SIZE), lambda: _build_cifar(folder, variant, split))
+
+
+def _build_cifar(folder: Path, variant: str, split: str):
+    """CIFAR-100's train and test sets, checked by torchvision, grouped by the split's classes in label order."""
+    parts = [_checked(CIFAR100, folder, train=train) for train in (True, False)]
+    images, labels = np.concatenate([p.data for p in parts]), np.concatenate([p.targets for p in parts])
+    names = parts[0].classes
+    if variant == "fc100":  # superclasses: torchvision keeps only the fine labels, its pickles have both
+        try:
+            with open(folder / CIFAR100.base_folder / CIFAR100.train_list[0][0], "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            with open(folder / CIFAR100.base_folder / CIFAR100.meta["filename"], "rb") as f:
+                coarse_names = pickle.load(f, encoding="latin1")["coarse_label_names"]
+        except (OSError, pickle.UnpicklingError, KeyError) as e:
+            raise _damaged(folder / CIFAR100.base_folder, e) from e
+        superclass = dict(zip(entry["fine_labels"], entry["coarse_labels"]))
+        wanted = set(_members(FC100_SUPERCLASSES, split, coarse_names))
+        classes = [c for c in range(len(names)) if coarse_names[superclass[c]] in wanted]
+    else:
+        missing = sorted(set(_members(CIFAR_FS_CLASSES, split, names)) - set(names))
+        if missing:
+            raise DataError(f"{folder}: CIFAR-100 without the classes {missing}: not CIFAR-100 (see {DOCS})")
+        classes = sorted(names.index(n) for n in _members(CIFAR_FS_CLASSES, split, names))
+    if len(classes) != CIFAR_CLASSES[variant][split]:
+        raise DataError(f"{folder}: {len(classes)} {variant} {split} classes, expected {CIFAR_CLASSES[variant][split]}")
+    groups = [images[labels == c] for c in classes]
+    return np.concatenate(groups), [len(g) for g in groups], [names[c] for c in classes]
+
+
+def _locate_flowers(root: Path, split: str, download: bool, _bbox: bool) -> _Source:
+    looked_for = []
+    folder = _find(root, FLOWERS_DIRS, [f"{FLOWERS_BASE}/{name}" for name in FLOWERS_FILES], looked_for)
+    if folder is None:
+        if not download:
+            raise _missing("vggflower", split, root, looked_for)
+        folder = root / FLOWERS_DIRS[0]
+        _checked(Flowers102, folder, download=True)  # torchvision's URLs and md5s
+    return _Source("vggflower", folder, (3, FLOWERS_SIZE, FLOWERS_SIZE), lambda: _build_flowers(folder, split))
+
+
+def _build_flowers(folder: Path, split: str):
+    """The split's classes of Oxford 102 Flowers, after torchvision's md5 check of its label files."""
+    _checked(Flowers102, folder)
+    from scipy.io import loadmat  # torchvision's Flowers102 reads its .mat files so too
+    path = folder / FLOWERS_BASE / FLOWERS_FILES[1]
+    try:
+        labels = loadmat(path, squeeze_me=True)["labels"].tolist()  # label of image_{i:05d}.jpg, i from 1
+    except (OSError, ValueError, KeyError) as e:
+        raise _damaged(path, e) from e
+    ids = _members(FLOWERS_CLASSES, split, list(range(1, len(Flowers102.classes) + 1)))
+    groups = [(f"{c:03d}.{Flowers102.classes[c - 1]}",
+               [f"image_{i:05d}.jpg" for i, label in enumerate(labels, start=1) if label == c]) for c in ids]
+    return _decode_groups(folder / FLOWERS_BASE, f"{FLOWERS_FILES[0]}/", groups, FLOWERS_SIZE)
+
+
 def _synthetic(split: str, shape: tuple[int, int, int], classes: tuple[int, int, int], per_class: int,
                seed: int) -> Split:
     """Learnable toy data: image = smooth class prototype + smooth per-image deformation + pixel noise."""
@@ -1029,8 +1138,9 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Args:
-    dataset: Literal["omniglot", "miniimagenet", "tieredimagenet", "cub", "synthetic"] = "omniglot"
-    """dataset: omniglot, miniimagenet, tieredimagenet, cub or synthetic"""
+    dataset: Literal["omniglot", "miniimagenet", "tieredimagenet", "cub", "cifarfs", "fc100", "vggflower",
+                     "synthetic"] = "omniglot"
+    """dataset: omniglot, miniimagenet, tieredimagenet, cub, cifarfs, fc100, vggflower or synthetic"""
     data_root: str = "data"
     """folder that holds the datasets (see docs/datasets.md for the layout looked for)"""
     download: bool = False

@@ -5,6 +5,7 @@ files can build the same layouts; each returns what a correct loader must find.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.datasets import CIFAR100, Flowers102
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `import common`
 
@@ -110,6 +112,63 @@ def write_tiered(folder: Path, python2: bool = False) -> dict[str, dict[str, np.
                          key("label_general_str"): [key("n99999999")]}, f)
         expected[split] = {wnid(split, c): images[c::n] for c in range(n)}
     return expected
+
+
+# CIFAR-100's superclasses and their fine classes (the real data's, both sorted as CIFAR-100 numbers them).
+CIFAR_SUPERCLASSES = {
+    "aquatic_mammals": "beaver dolphin otter seal whale", "fish": "aquarium_fish flatfish ray shark trout",
+    "flowers": "orchid poppy rose sunflower tulip", "food_containers": "bottle bowl can cup plate",
+    "fruit_and_vegetables": "apple mushroom orange pear sweet_pepper",
+    "household_electrical_devices": "clock keyboard lamp telephone television",
+    "household_furniture": "bed chair couch table wardrobe", "insects": "bee beetle butterfly caterpillar cockroach",
+    "large_carnivores": "bear leopard lion tiger wolf",
+    "large_man-made_outdoor_things": "bridge castle house road skyscraper",
+    "large_natural_outdoor_scenes": "cloud forest mountain plain sea",
+    "large_omnivores_and_herbivores": "camel cattle chimpanzee elephant kangaroo",
+    "medium_mammals": "fox porcupine possum raccoon skunk",
+    "non-insect_invertebrates": "crab lobster snail spider worm",
+    "people": "baby boy girl man woman", "reptiles": "crocodile dinosaur lizard snake turtle",
+    "small_mammals": "hamster mouse rabbit shrew squirrel",
+    "trees": "maple_tree oak_tree palm_tree pine_tree willow_tree",
+    "vehicles_1": "bicycle bus motorcycle pickup_truck train", "vehicles_2": "lawn_mower rocket streetcar tank tractor"}
+CIFAR_PER_CLASS = {"train": 3, "test": 2}  # per class in each file (the real data: 500 and 100)
+
+
+def write_cifar100(root: Path) -> dict[str, str]:
+    """torchvision's CIFAR100 layout, root/cifar-100-python/{train,test,meta}: latin-1 pickles of flat CHW uint8
+    rows with fine and coarse labels (pixel 0 of each image = its fine label). Returns each file's md5."""
+    fine = sorted(c for classes in CIFAR_SUPERCLASSES.values() for c in classes.split())
+    coarse = sorted(CIFAR_SUPERCLASSES)
+    coarse_of = {c: coarse.index(s) for s, classes in CIFAR_SUPERCLASSES.items() for c in classes.split()}
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in CIFAR_PER_CLASS.items():
+        labels = [c for c in range(len(fine)) for _ in range(n)][::-1]  # not grouped by class: reversed
+        data = rng.integers(0, 256, (len(labels), 3 * 32 * 32), dtype=np.uint8)
+        data[:, 0] = labels
+        entry = {"filenames": [f"{i}.png" for i in range(len(labels))], "batch_label": name, "fine_labels": labels,
+                 "coarse_labels": [coarse_of[fine[c]] for c in labels], "data": data}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": fine, "coarse_label_names": coarse}, f)
+    return {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in ("train", "test", "meta")}
+
+
+def write_flowers102(root: Path, per_class: int = 2) -> dict[str, str]:
+    """torchvision's Flowers102 layout, root/flowers-102/{jpg/image_%05d.jpg, imagelabels.mat, setid.mat}: 102
+    classes (1-based labels, images interleaved by class), a flat colour per class. Returns the .mat files' md5s."""
+    from scipy.io import savemat
+    folder = root / "flowers-102"
+    (folder / "jpg").mkdir(parents=True)
+    labels = [c for _ in range(per_class) for c in range(1, 103)]
+    for i, c in enumerate(labels, start=1):
+        (folder / "jpg" / f"image_{i:05d}.jpg").write_bytes(flat_jpeg(c, (20, 24)))
+    ids = np.arange(1, len(labels) + 1)
+    savemat(folder / "imagelabels.mat", {"labels": np.array(labels)[None]})
+    savemat(folder / "setid.mat", {"trnid": ids[0::3][None], "valid": ids[1::3][None], "tstid": ids[2::3][None]})
+    return {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in ("imagelabels.mat", "setid.mat")}
 
 
 def write_mini_folders(folder: Path) -> None:
@@ -217,3 +276,22 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     (tmp_path / "cache").mkdir()
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def cifar(tmp_path, monkeypatch) -> Path:
+    """CIFAR-100 in torchvision's layout under tmp_path/cifar100; torchvision's md5s set to the fixture's."""
+    md5 = write_cifar100(tmp_path / "cifar100")
+    monkeypatch.setattr(CIFAR100, "train_list", [["train", md5["train"]]])
+    monkeypatch.setattr(CIFAR100, "test_list", [["test", md5["test"]]])
+    monkeypatch.setattr(CIFAR100, "meta", {**CIFAR100.meta, "md5": md5["meta"]})
+    return tmp_path
+
+
+@pytest.fixture
+def flowers(tmp_path, monkeypatch) -> Path:
+    """Oxford 102 Flowers in torchvision's layout under tmp_path/vggflower; torchvision's md5s the fixture's."""
+    md5 = write_flowers102(tmp_path / "vggflower")
+    for key, name in (("label", "imagelabels.mat"), ("setid", "setid.mat")):
+        monkeypatch.setitem(Flowers102._file_dict, key, (name, md5[name]))
+    return tmp_path

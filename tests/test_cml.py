@@ -1,6 +1,7 @@
 """cml.py: γ = 0 is the base method (maml_gs.py / mamlpp_gs.py, of which cml.py holds its own copy); φ is never
 adapted; finite differences; an independent loop; the CLI."""
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -97,11 +98,12 @@ def test_colearner_is_never_adapted():
     assert all(torch.equal(p, before[n]) for n, p in phi.items())
 
 
-def reference_loss(params, tasks):
-    """Independent: per task, K plain gradient steps on θ but its BatchNorm tensors (the outer loop's alone), then
-    L^meta + γ L^co on the query set."""
-    theta = {n: p for n, p in params.items() if not n.startswith((cml.COLEARNER, "bn"))}
-    bn = {n: p for n, p in params.items() if n.startswith("bn")}
+def reference_loss(params, tasks, gamma=GAMMA, boil=False):
+    """Independent: per task, K plain gradient steps on θ but its BatchNorm tensors (the outer loop's alone) and,
+    for BOIL, but its head, then L^meta + γ L^co on the query set."""
+    frozen = ("bn", "head") if boil else ("bn",)
+    theta = {n: p for n, p in params.items() if not n.startswith((cml.COLEARNER, *frozen))}
+    bn = {n: p for n, p in params.items() if n.startswith(frozen)}
     phi = {n.removeprefix(cml.COLEARNER): p for n, p in params.items() if n.startswith(cml.COLEARNER)}
     total = 0.0
     for t in range(TASKS):
@@ -121,27 +123,51 @@ def reference_loss(params, tasks):
             z = F.relu(F.batch_norm(F.conv2d(z, phi[f"conv{i}.weight"], phi[f"conv{i}.bias"], padding=1), None, None,
                                     phi[f"bn{i}.weight"], phi[f"bn{i}.bias"], training=True))
         co = F.linear(F.max_pool2d(z, 2).flatten(1), phi["head.weight"], phi["head.bias"])
-        total = total + F.cross_entropy(meta, tasks.y_q[t]) + GAMMA * F.cross_entropy(co, tasks.y_q[t])
+        total = total + F.cross_entropy(meta, tasks.y_q[t]) + gamma * F.cross_entropy(co, tasks.y_q[t])
     return total / TASKS
 
 
-def test_matches_an_independent_loop():
+@pytest.mark.parametrize("base", ["maml", "boil"])
+def test_matches_an_independent_loop(base):
     params, tasks = tiny_params(), tiny_tasks()
-    ours = cml_step(params, tasks)
-    loss = reference_loss(params, tasks)
+    ours = cml_step(params, tasks, base=base)
+    loss = reference_loss(params, tasks, boil=base == "boil")
     expected = torch.autograd.grad(loss, list(params.values()))
     assert ours.loss.item() == pytest.approx(loss.item(), rel=1e-12)
     for (name, _), g in zip(params.items(), expected):
         torch.testing.assert_close(ours.grads[name], g, rtol=1e-9, atol=1e-11, msg=name)
 
 
+def test_gamma_zero_is_plain_boil():
+    """BOIL = cml.py --base boil --gamma 0: the meta-gradient of an independent per-task BOIL loop (body-only inner
+    steps), φ's zero; the head is the same tensor before and after the inner loop."""
+    params, tasks = tiny_params(), tiny_tasks()
+    ours = cml_step(params, tasks, gamma=0.0, base="boil")
+    loss = reference_loss(params, tasks, gamma=0.0, boil=True)
+    expected = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True,
+                                                    materialize_grads=True)))
+    assert ours.loss.item() == pytest.approx(loss.item(), rel=1e-12)
+    for name, g in expected.items():
+        torch.testing.assert_close(ours.grads[name], g, rtol=1e-9, atol=1e-11, msg=name)
+    assert all(not ours.grads[n].any() for n in params if n.startswith(cml.COLEARNER))
+    args = tiny_args(base="boil")
+    theta, frozen, lslr, _ = cml.split_params(params, args)
+    assert set(theta) == {n for n in params if n.startswith("conv")} and {"head.weight", "head.bias"} <= set(frozen)
+    adapted = cml.inner_loop(theta, frozen, lslr, tasks.x_s, tasks.y_s, args, create_graph=False)[-1]
+    assert torch.equal(adapted["head.weight"][0], params["head.weight"])  # the head: θ's own, every task
+    assert not torch.equal(adapted["conv0.weight"][0], params["conv0.weight"])  # the body moved
+    maml = cml_step(params, tasks, gamma=0.0)
+    assert not torch.allclose(maml.grads["conv0.weight"], ours.grads["conv0.weight"])  # BOIL is not MAML
+
+
 MAMLPP = dict(base="mamlpp", per_step_bn=True, msl_epochs=3, clip_grad=0.0)  # MSL on at epoch 0
 
 
-@pytest.mark.parametrize("base", ["maml", "mamlpp"])
+@pytest.mark.parametrize("base", ["maml", "mamlpp", "boil"])
 @pytest.mark.parametrize("part", ["theta", "colearner"])
 def test_finite_differences(part, base):
-    params, tasks, kw = tiny_params(mamlpp=base == "mamlpp"), tiny_tasks(), MAMLPP if base == "mamlpp" else {}
+    params, tasks = tiny_params(mamlpp=base == "mamlpp"), tiny_tasks()
+    kw = MAMLPP if base == "mamlpp" else dict(base=base)
     grads = cml_step(params, tasks, **kw).grads
     # Direction seed 5: from these weights, seed 3's θ direction meets a max-pool switch in the inner loop within
     # 1e-6 (the adapted weights, hence the loss, jump there; the independent reference_loss jumps the same way).
@@ -264,10 +290,11 @@ def metrics(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("base", ["maml", "mamlpp"])
+@pytest.mark.parametrize("base", ["maml", "mamlpp", "boil"])
 def test_cli_synthetic(tmp_path, base):
     result = common.main(cml.Args, cml.make_algorithm, TINY + ["--base", base, "--out", str(tmp_path / "run")])
     assert result["status"] == "finished" and 0 <= result["test_acc_ensemble"] <= 1
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["algorithm"] == f"cml_{base}"
     rows = metrics(tmp_path / "run")
     assert len(rows) == 3 and all(float(rows[-1][name]) == float(rows[-1][name]) for name in STATS)  # not NaN
     saved = common.load_checkpoint(tmp_path / "run" / "last.pt")["params"]
@@ -288,3 +315,16 @@ def test_cli_omniglot_small(tmp_path, shared_data):
             "--out", str(tmp_path / "run")]
     result = common.main(cml.Args, cml.make_algorithm, argv)
     assert result["status"] == "finished" and 0 <= result["test_acc_ensemble"] <= 1
+
+
+@pytest.mark.parametrize("dataset, base", [("cifarfs", "boil"), ("fc100", "maml"), ("vggflower", "boil")])
+def test_cli_on_the_papers_other_data_sets(tmp_path, cifar, flowers, dataset, base):
+    """CML's other image data sets (fixtures in torchvision's layouts): 32x32 runs train and meta-test."""
+    argv = ["--dataset", dataset, "--data-root", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--base", base,
+            "--filters", "4", "--tasks", "2", "--ways", "3", "--shots", "1", "--queries", "1", "--inner-steps", "1",
+            "--epochs", "1", "--iters-per-epoch", "2", "--val-tasks", "2", "--test-tasks", "2", "--ensemble", "1",
+            "--quiet", "--out", str(tmp_path / "run")]
+    result = common.main(cml.Args, cml.make_algorithm, argv)
+    assert result["status"] == "finished" and 0 <= result["test_acc_ensemble"] <= 1
+    saved = common.load_checkpoint(tmp_path / "run" / "last.pt")["params"]
+    assert saved["head.weight"].shape == (3, 4 * 2 * 2)  # 32x32 through four pools: 2x2, as CML's wh_size 2

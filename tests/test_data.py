@@ -6,18 +6,20 @@ import pickle
 import shutil
 import tarfile
 import tempfile
+import urllib.error
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torchvision.datasets import Omniglot
+from torchvision.datasets import CIFAR100, Flowers102, Omniglot
 
 import common
 from common import DataError, EvalTasks, TaskSampler, load_split
-from conftest import (MINI_FIXTURE_CLASSES, MINI_FIXTURE_PER_CLASS, TIERED_FIXTURE_CLASSES, class_color, coded_split,
-                      cub_class, write_cub, write_mini_csv, write_mini_folders, write_mini_pickle, write_omniglot,
+from conftest import (CIFAR_PER_CLASS, CIFAR_SUPERCLASSES, MINI_FIXTURE_CLASSES, MINI_FIXTURE_PER_CLASS,
+                      TIERED_FIXTURE_CLASSES, class_color, coded_split, cub_class, write_cifar100, write_cub,
+                      write_flowers102, write_mini_csv, write_mini_folders, write_mini_pickle, write_omniglot,
                       write_omniglot_small, write_tiered)
 
 
@@ -149,6 +151,75 @@ def test_tiered_faults_are_data_errors(tmp_path, cache, monkeypatch):
     with pytest.raises(DataError, match="6 train classes, expected 351"):  # the content check of a download
         common.load_split("tieredimagenet", "train", tmp_path / "dl", download=True, cache_dir=cache, verbose=False)
     assert not (tmp_path / "dl" / common.TIERED_ARCHIVE).exists()
+
+
+# ---- CIFAR-FS, FC100, VGG Flower (torchvision's layouts and checks) ----
+
+def test_cifarfs_and_fc100_split_cifar100_by_class_and_by_superclass(cifar, cache):
+    fine = sorted(c for classes in CIFAR_SUPERCLASSES.values() for c in classes.split())
+    superclass = {c: s for s, classes in CIFAR_SUPERCLASSES.items() for c in classes.split()}
+    per_class = sum(CIFAR_PER_CLASS.values())  # train and test files together, as the real 600
+    for dataset, classes in common.CIFAR_CLASSES.items():
+        splits = load_all(dataset, cifar, cache)
+        check_splits(splits, (3, 32, 32), classes)
+        assert set().union(*(s.class_names for s in splits.values())) == set(fine)  # all 100, each once
+        for name, split in splits.items():
+            assert split.class_names == sorted(split.class_names)  # CIFAR-100's label order
+            assert split.count.tolist() == [per_class] * split.classes and split.mean == common.IMAGENET_MEAN
+            for c, class_name in enumerate(split.class_names):  # pixel 0 of each image: its fine label
+                block = split.images[split.start[c]:split.start[c] + split.count[c]]
+                assert (block[:, 0, 0, 0] == fine.index(class_name)).all()
+        test = (common.CIFAR_FS_CLASSES["test"] if dataset == "cifarfs" else
+                [c for c in fine if superclass[c] in common.FC100_SUPERCLASSES["test"]])
+        assert splits["test"].class_names == sorted(test)
+    fc100 = load_all("fc100", cifar, cache)
+    assert len({superclass[c] for c in fc100["train"].class_names}) == 12  # whole superclasses, none shared
+    assert not {superclass[c] for c in fc100["train"].class_names} & {superclass[c] for c in fc100["val"].class_names}
+
+
+def test_cifar_faults_are_data_errors(tmp_path, cifar, cache, monkeypatch):
+    with pytest.raises(DataError, match="cifar100/cifar-100-python/train"):
+        load("cifarfs", tmp_path / "none", cache)
+    monkeypatch.setattr(CIFAR100, "train_list", [["train", "0" * 32]])  # the real md5s: the fixture fails them
+    with pytest.raises(DataError, match="torchvision's CIFAR100 check failed"):
+        load("fc100", cifar, cache)
+    def download(self):  # no network: what torchvision's download raises
+        raise urllib.error.URLError("no route to host")
+    monkeypatch.setattr(CIFAR100, "download", download)
+    with pytest.raises(DataError, match="could not get CIFAR100 into .*no route to host"):
+        common.load_split("cifarfs", "train", tmp_path / "dl", download=True, cache_dir=cache, verbose=False)
+    monkeypatch.setattr(CIFAR100, "download", lambda self: write_cifar100(Path(self.root)))  # the fixture's md5s
+    monkeypatch.setattr(CIFAR100, "train_list", [["train", write_cifar100(tmp_path / "again")["train"]]])
+    split = common.load_split("fc100", "val", tmp_path / "dl2", download=True, cache_dir=cache, verbose=False)
+    assert split.classes == 20 and (tmp_path / "dl2" / "cifar100" / "cifar-100-python" / "meta").is_file()
+
+
+def test_vggflower_is_meta_datasets_class_split_at_32px(flowers, cache):
+    splits = load_all("vggflower", flowers, cache)
+    check_splits(splits, (3, 32, 32), {"train": 71, "val": 15, "test": 16})
+    ids = {name: [int(n[:3]) for n in split.class_names] for name, split in splits.items()}
+    assert ids["val"] == list(common.FLOWERS_CLASSES["val"]) and ids["test"] == list(common.FLOWERS_CLASSES["test"])
+    assert sorted(ids["train"] + ids["val"] + ids["test"]) == list(range(1, 103))
+    assert splits["test"].class_names[0] == "005.english marigold"  # torchvision's names
+    for name, split in splits.items():
+        assert split.count.tolist() == [2] * split.classes
+        for c, class_id in enumerate(ids[name]):  # a flat JPEG colour per class survives the 32x32 resize
+            block = split.images[split.start[c]:split.start[c] + split.count[c]].int()
+            assert (block - torch.from_numpy(class_color(class_id)).int().view(1, 3, 1, 1)).abs().max() <= 8
+
+
+def test_vggflower_faults_are_data_errors(tmp_path, flowers, cache, monkeypatch):
+    with pytest.raises(DataError, match="vggflower/flowers-102/imagelabels.mat"):
+        load("vggflower", tmp_path / "none", cache)
+    (flowers / "vggflower" / "flowers-102" / "jpg" / "image_00007.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match="image_00007.jpg"):
+        load_all("vggflower", flowers, cache)
+    (flowers / "vggflower" / "flowers-102" / "jpg" / "image_00007.jpg").unlink()
+    with pytest.raises(DataError, match="missing, e.g. jpg/image_00007.jpg"):
+        load_all("vggflower", flowers, cache)
+    monkeypatch.setitem(Flowers102._file_dict, "label", ("imagelabels.mat", "0" * 32))
+    with pytest.raises(DataError, match="torchvision's Flowers102 check failed"):
+        load("vggflower", flowers, cache)
 
 
 # ---- CUB ----

@@ -126,13 +126,23 @@ def assert_documented(program: str, runs: list[str]) -> None:
 
 def test_cml_runs_the_commands_of_its_docstring():
     runs = planned_runs("reproduce-cml", DATA="/data", DEVICE="cuda", RUNNER="srun")
-    assert len(runs) == 4
+    datasets = ("miniimagenet", "omniglot", "cifarfs", "fc100", "vggflower")
+    assert len(runs) == len(datasets) * 3 * 2 * 2  # × bases maml, mamlpp, boil × 1/5-shot × alone/+CML
     assert_documented("cml.py", runs)
+    seen = set()
     for command in runs:
-        base, shots, tasks = flag(command, "--base"), flag(command, "--shots"), flag(command, "--tasks")
-        assert command.startswith("srun ") and "--dataset miniimagenet" in command
-        assert out_dir(command) == f"runs/cml/cml_{base}__miniimagenet__5w{shots}s__t{tasks}__1"
-    assert len(planned_runs("reproduce-cml", SEEDS="1 2 3")) == 4 * 3
+        base, shots, dataset = flag(command, "--base"), flag(command, "--shots"), flag(command, "--dataset")
+        alone = flag(command, "--gamma") == "0"
+        assert command.startswith("srun ") and base in ("maml", "mamlpp", "boil") and dataset in datasets
+        assert out_dir(command) == f"runs/cml/{'' if alone else 'cml_'}{base}__{dataset}__5w{shots}s__1"
+        assert flag(command, "--tasks") == ("2" if base == "mamlpp" else "4")  # run_cml.sh's 4; MAML++: ours, 2
+        if base != "mamlpp":  # the reference's run_cml.sh: one inner step of 0.5, 64 filters, 300 × 100
+            assert (flag(command, "--inner-steps"), flag(command, "--inner-lr"), flag(command, "--filters")) == (
+                "1", "0.5", "64") and (flag(command, "--epochs"), flag(command, "--iters-per-epoch")) == ("300", "100")
+        seen.add((base, dataset, shots, alone))
+    assert len(seen) == len(runs)
+    assert len(planned_runs("reproduce-cml", SEEDS="1 2 3")) == len(runs) * 3
+    assert len(planned_runs("cml-vggflower")) == 12
 
 
 LWDGH_VARIANTS = {"maml": "--p-min 1 --p-max 1", "lwdgh": "--no-ee", "lwdgh_ee": None}
@@ -177,19 +187,19 @@ def test_lwdgh_runs_the_commands_of_its_docstring():
 
 def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tmp_path):
     """With RUNS in tmp_path and PY=echo, make really runs the targets (with -j): what each run would do."""
-    finished = tmp_path / "cml" / "cml_maml__miniimagenet__5w1s__t4__1"
-    interrupted = tmp_path / "cml" / "cml_maml__miniimagenet__5w5s__t4__1"
+    finished = tmp_path / "cml" / "cml_maml__miniimagenet__5w1s__1"
+    interrupted = tmp_path / "cml" / "cml_maml__miniimagenet__5w5s__1"
     for run_dir, name in ((finished, "result.json"), (interrupted, "config.json")):
         run_dir.mkdir(parents=True)
         (run_dir / name).write_text("{}")
-    assert len(planned_runs("reproduce-cml", RUNS=str(tmp_path))) == 3  # the finished one is not run
-    done = subprocess.run(["make", "-s", "-j", "3", "-o", "setup", "reproduce-cml", f"RUNS={tmp_path}",
-                           "PY=echo python"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert len(planned_runs("cml-miniimagenet", RUNS=str(tmp_path))) == 11  # the finished one is not run
+    done = subprocess.run(["make", "-s", "-j", "3", "-o", "setup", "cml-miniimagenet", "cml-vggflower",
+                           f"RUNS={tmp_path}", "PY=echo python"], cwd=REPO, capture_output=True, text=True, check=True)
     lines = sorted(line for line in done.stdout.splitlines() if not line.startswith("finished, skipped: "))
     assert f"finished, skipped: {finished}" in done.stdout
-    assert len(lines) == 3 and not any(str(finished) in line for line in lines)
+    assert len(lines) == 11 + 12 and not any(str(finished) in line for line in lines)
     assert f"python cml.py --resume {interrupted} --device auto" in lines
-    assert sum(line.startswith("python cml.py --shots") and "--base mamlpp" in line for line in lines) == 2
+    assert sum(line.startswith("python cml.py --base mamlpp") for line in lines) == 2 * 2 * 2
     # A finished Table 1 run is skipped by reproduce-figures too (the same run directory).
     table1 = tmp_path / "table1" / "maml_og__cub__5w5s__t5__1"
     table1.mkdir(parents=True)

@@ -18,7 +18,8 @@ The report, results/<name>.md, has one section per paper:
   (dataset, ways, inner lr) a grid of meta-validation curves, rows shots/task batch, columns methods, OG
   and GS with their 95% CI shaded and the legend "MaxVal A Ep B, Test C±D" (Figures 4, 6, 8, 10), and the
   same grid of σ(m), σ(λ) of the GS runs (Figures 5, 7, 9, 11).
-- Paper 003 (CML): accuracy per base method and shots, of the top-5 ensemble and of the best single
+- Paper 003 (CML): one table per data set (MiniImagenet, Omniglot, CIFAR-FS, FC100, VGG Flower), rows the
+  bases MAML, MAML++ and BOIL, each alone and with CML; accuracy per shots, of the top-5 ensemble and of the best single
   checkpoint (the reference code's protocol, beside which the paper's headline number stands); loss curves
   (L_meta, L_co), cos(g_meta, g_co) and the validation curve of each run.
 - Paper 004 (LWDGH): Tables 1 (MiniImagenet), 2 (tieredImageNet, one table per backbone), 3 (ResNet-12),
@@ -403,7 +404,8 @@ GS_TASK_ORDER = (5, 1)  # the paper's rows: task batch 5, then 1
 PAPER_DATASETS = ("cub", "miniimagenet")
 PAPER = "paper"  # the dataset family of PAPER_DATASETS
 DATASET_NAMES = {"cub": "CUB", "miniimagenet": "MiniImagenet", "tieredimagenet": "tieredImageNet",
-                 "omniglot": "Omniglot", "synthetic": "Synthetic"}
+                 "omniglot": "Omniglot", "cifarfs": "CIFAR-FS", "fc100": "FC100", "vggflower": "VGG Flower",
+                 "synthetic": "Synthetic"}
 DEFAULT_INNER_LR = 0.1
 PAPER_WAYS = 5
 # The paper's grid: (ways, shots, inner lr, PAPER) -> where the paper shows it.
@@ -596,8 +598,10 @@ def _plot_sigma_panel(ax: plt.Axes, pair: Pair, title: str) -> None:
 
 # ---- Papers 003 (CML) and 004 (LWDGH): rows = methods, columns = shots --------------------------------
 
-CML_BASES = {"maml": "MAML", "mamlpp": "MAML++"}
-CML_METHOD_ORDER = ["MAML", "MAML + CML", "MAML++", "MAML++ + CML"]
+CML_BASES = {"maml": "MAML", "mamlpp": "MAML++", "boil": "BOIL"}
+CML_METHOD_ORDER = ["MAML", "MAML + CML", "MAML++", "MAML++ + CML", "BOIL", "BOIL + CML"]
+# Paper 003's image data sets (the Makefile's reproduce-cml rows); only the MiniImagenet headline is in our copy.
+CML_DATASETS = ("miniimagenet", "omniglot", "cifarfs", "fc100", "vggflower")
 LWDGH_METHOD_ORDER = ["MAML", "MAML + LWDGH", "MAML + LWDGH + EE"]
 CML_LOSSES = ("loss_meta", "loss_co", "train_loss")
 LWDGH_GCI = "gci_mean"  # paper 004 Table 5's GCI: Eq. 3 w.r.t. the plain mean gradient, summed over tasks
@@ -954,8 +958,10 @@ FAMILIES = [
            table_key=lambda c: (str(c["dataset"]), int(c["ways"])),
            table_title=lambda t: f"{dataset_name(t[0])} {t[1]}-way",
            method=cml_method, order=CML_METHOD_ORDER,
-           paper={("miniimagenet", PAPER_WAYS): [PaperTable("paper 003", ["MAML + CML", "MAML++ + CML"], [1, 5],
-                                                            PAPER_003_MINIIMAGENET, model=BEST)]},
+           paper={(dataset, PAPER_WAYS): [PaperTable(
+               "paper 003" if dataset == "miniimagenet" else "paper 003's rows; our copy gives no numbers",
+               CML_METHOD_ORDER, [1, 5], PAPER_003_MINIIMAGENET if dataset == "miniimagenet" else {}, model=BEST)]
+               for dataset in CML_DATASETS},
            extra_column=None, best_single=True, figure=_cml_figure),
     Family(program="lwdgh", heading="Paper 004: layer-wise dynamic gradient harmonisation (LWDGH)", source=PAPER_004
            + ", Tables 1 to 6; GCI = the mean over epochs of metrics.csv's gci_mean",
