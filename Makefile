@@ -246,6 +246,59 @@ lwdgh-table6: lwdgh-ee-20ep
 	$(call seeds,lwdgh.py,$(LW_DIR)table6_lwdgh_ee_e50fixed__miniimagenet__5w1s,$(T6) --transition 0.5 --schedule fixed)
 	$(call seeds,lwdgh.py,$(LW_DIR)table6_lwdgh_ee_e50cosine__miniimagenet__5w1s,$(T6) --transition 0.5 --schedule cosine)
 
+# Full Omniglot (torchvision's layout under DATA, e.g. DATA=../shared/data/omniglot-full), the MAML++ reference's
+# released configs (AntreasAntoniou/HowToTrainYourMAMLPytorch, experiment_config/omniglot_maml++-omniglot_
+# <shots>_8_0.1_64_<ways>_<seed>.json): task batch 8, 5 inner steps at 0.1, 64 filters, max-pooling, second
+# order, 1 target image per class, 100 epochs x 500 meta-iterations, top-5 ensemble on 600 tasks; MAML++'s own
+# settings (MSL for 10 epochs, cosine outer lr to 1e-5) in its rows. MAML, Meta-SGD and MAML++, OG and GS, 5- and
+# 20-way, 1- and 5-shot. Our split is Vinyals' (1,028 / 172 / 423 characters x 4 rotations); the reference draws
+# its own (70.9 / 3.1 / 26.1% of the characters).
+OMNI = --dataset omniglot --tasks 8 --inner-steps 5 --inner-lr 0.1 --filters 64 --queries 1 --epochs 100 \
+	--iters-per-epoch 500 --val-tasks 600 --test-tasks 600
+OMNI_MAMLPP = $(OMNI) --msl-epochs 10 --min-outer-lr 0.00001
+OMNIGLOT = omniglot-maml omniglot-metasgd omniglot-mamlpp
+.PHONY: reproduce-omniglot $(OMNIGLOT) omniglot-check
+reproduce-omniglot: $(OMNIGLOT)
+omniglot-maml: setup
+	$(call pair,maml,omniglot,omniglot__5w1s__t8,$(OMNI) --ways 5 --shots 1)
+	$(call pair,maml,omniglot,omniglot__5w5s__t8,$(OMNI) --ways 5 --shots 5)
+	$(call pair,maml,omniglot,omniglot__20w1s__t8,$(OMNI) --ways 20 --shots 1)
+	$(call pair,maml,omniglot,omniglot__20w5s__t8,$(OMNI) --ways 20 --shots 5)
+omniglot-metasgd: setup
+	$(call pair,metasgd,omniglot,omniglot__5w1s__t8,$(OMNI) --ways 5 --shots 1)
+	$(call pair,metasgd,omniglot,omniglot__5w5s__t8,$(OMNI) --ways 5 --shots 5)
+	$(call pair,metasgd,omniglot,omniglot__20w1s__t8,$(OMNI) --ways 20 --shots 1)
+	$(call pair,metasgd,omniglot,omniglot__20w5s__t8,$(OMNI) --ways 20 --shots 5)
+omniglot-mamlpp: setup
+	$(call pair,mamlpp,omniglot,omniglot__5w1s__t8,$(OMNI_MAMLPP) --ways 5 --shots 1)
+	$(call pair,mamlpp,omniglot,omniglot__5w5s__t8,$(OMNI_MAMLPP) --ways 5 --shots 5)
+	$(call pair,mamlpp,omniglot,omniglot__20w1s__t8,$(OMNI_MAMLPP) --ways 20 --shots 1)
+	$(call pair,mamlpp,omniglot,omniglot__20w5s__t8,$(OMNI_MAMLPP) --ways 20 --shots 5)
+
+# The CPU check and the gradient-sharing study, sized for the 2-core development machine (results/omniglot.md):
+# each single-threaded, so that the two run side by side (make -j 2 omniglot-study). The check: MAML (--no-gs),
+# 5-way 1-shot, the protocol above cut to CHECK_EPOCHS (18) x 250 meta-iterations. The study: MAML OG and GS, task
+# batch 5 and 1 (five times the meta-iterations: the same tasks seen), STUDY_SEEDS seeds, each pair on the same
+# tasks; smaller than the check per run (32 filters, 3 inner steps, 5 queries) so that the seeds fit.
+CHECK_EPOCHS ?= 18
+CHECK = --dataset omniglot --ways 5 --shots 1 --no-gs --tasks 8 --inner-steps 5 --inner-lr 0.1 --filters 64 \
+	--queries 1 --epochs $(CHECK_EPOCHS) --iters-per-epoch 250 --val-tasks 200 --test-tasks 600 --cache-dir .cache --quiet
+STUDY_SEEDS ?= 1 2 3 4 5
+STUDY = --dataset omniglot --ways 5 --shots 1 --queries 5 --filters 32 --inner-steps 3 --inner-lr 0.1 --epochs 15 \
+	--val-tasks 200 --test-tasks 600 --cache-dir .cache --quiet
+.PHONY: omniglot-study gs-study gs-study-t5 gs-study-t1 omniglot-report
+omniglot-check: setup
+	export OMP_NUM_THREADS=1; $(call run,maml_gs.py,$(CHECK) --seed 1,$(RUNS)/omniglot-check/maml__omniglot__5w1s__t8__1)
+gs-study: setup
+	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory SEEDS="$(STUDY_SEEDS)" gs-study-t5 gs-study-t1
+gs-study-t5: setup ; $(call pair,maml,gs-study,omniglot__5w1s__t5,$(STUDY) --tasks 5 --iters-per-epoch 30)
+gs-study-t1: setup ; $(call pair,maml,gs-study,omniglot__5w1s__t1,$(STUDY) --tasks 1 --iters-per-epoch 150)
+omniglot-study: omniglot-check gs-study
+	$(MAKE) --no-print-directory omniglot-report
+omniglot-report: setup
+	$(PY) tools/omniglot_report.py --check $(RUNS)/omniglot-check/maml__omniglot__5w1s__t8__1 \
+		--study $(RUNS)/gs-study --out results
+
 # Paper 002's Table 1 grid scaled down to Omniglot (the omniglot-small subsets where the full zips are absent),
 # 5-way 1-shot, to check the paper's qualitative claims in about 30 minutes on 2 CPU cores: every method ×
 # task batch {5, 1} × OG/GS at inner lr 0.1, and MAML at 10× (1.0). Conv4-32, 3 inner steps, 5 queries per
