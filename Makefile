@@ -325,7 +325,7 @@ reproduce-quick: setup
 
 # The report: every run under RUNS but the quick grid and the demo, in the papers' layout beside the
 # papers' numbers, as results/report.md and its figures in results/report/.
-REPORT_EXCLUDE ?= quick demo
+REPORT_EXCLUDE ?= quick demo gs-study omniglot-check
 .PHONY: report
 report: setup
 	$(PY) tools/report.py --runs $(RUNS) --out results --name report --exclude $(REPORT_EXCLUDE)

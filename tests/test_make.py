@@ -185,6 +185,44 @@ def test_lwdgh_runs_the_commands_of_its_docstring():
     assert len(planned_runs("lwdgh-table5", "lwdgh-table6")) == 3 + 5
 
 
+def test_full_omniglot_runs_the_mamlpp_reference_configs():
+    """reproduce-omniglot: experiment_config/omniglot_maml++-omniglot_<shots>_8_0.1_64_<ways>_<seed>.json of the
+    MAML++ reference (task batch 8, 5 steps at 0.1, 64 filters, 1 target per class, 100 x 500, 600 test tasks)."""
+    runs = planned_runs("reproduce-omniglot", DATA="/data/omniglot-full")
+    assert len(runs) == 3 * 2 * 2 * 2  # methods × OG/GS × 5/20-way × 1/5-shot
+    seen = set()
+    for command in runs:
+        program = command.split()[1]
+        assert program in ("maml_gs.py", "metasgd_gs.py", "mamlpp_gs.py") and "--data-root /data/omniglot-full" in command
+        assert [flag(command, f) for f in ("--dataset", "--tasks", "--inner-steps", "--inner-lr", "--filters",
+                                           "--queries", "--epochs", "--iters-per-epoch", "--test-tasks")] == [
+            "omniglot", "8", "5", "0.1", "64", "1", "100", "500", "600"]
+        assert ("--msl-epochs 10" in command) == (program == "mamlpp_gs.py")  # the reference's MSL epochs
+        side = "gs" if " --gs " in command else "og"
+        ways, shots = flag(command, "--ways"), flag(command, "--shots")
+        assert out_dir(command) == f"runs/omniglot/{program[:-6]}_{side}__omniglot__{ways}w{shots}s__t8__1"
+        seen.add((program, side, ways, shots))
+    assert len(seen) == len(runs)
+
+
+def test_omniglot_study_is_the_check_and_the_paired_seeds_then_the_report(tmp_path):
+    runs = str(tmp_path / "runs")  # not the repository's runs/, which may hold this study's own runs
+    check = planned_runs("omniglot-check", DATA="/d", RUNS=runs)
+    assert len(check) == 1 and "--no-gs" in check[0] and flag(check[0], "--tasks") == "8"
+    assert int(flag(check[0], "--epochs")) * int(flag(check[0], "--iters-per-epoch")) == 18 * 250
+    study = planned_runs("gs-study", DATA="/d", RUNS=runs)
+    assert len(study) == 2 * 2 * 5  # OG/GS × task batch 5/1 × seeds 1-5
+    iterations = {}
+    for command in study:
+        tasks, seed = flag(command, "--tasks"), flag(command, "--seed")
+        iterations[tasks] = int(flag(command, "--epochs")) * int(flag(command, "--iters-per-epoch"))
+        side = "gs" if " --gs" in command else "og"
+        assert out_dir(command) == f"{runs}/gs-study/maml_{side}__omniglot__5w1s__t{tasks}__{seed}"
+        assert "--cache-dir" in command  # never a cache beside the shared data
+    assert iterations["1"] == 5 * iterations["5"]  # task batch 1: five times the meta-iterations
+    assert len(planned_runs("gs-study", STUDY_SEEDS="1 2 3", RUNS=runs)) == 12
+
+
 def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tmp_path):
     """With RUNS in tmp_path and PY=echo, make really runs the targets (with -j): what each run would do."""
     finished = tmp_path / "cml" / "cml_maml__miniimagenet__5w1s__1"

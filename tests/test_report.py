@@ -145,6 +145,9 @@ def runs(real_runs: Path) -> Path:
     write_run(run_dir, config, [0.60, 0.66, 0.69], {"test_acc_ensemble": 0.6950, "test_ci_ensemble": 0.0160},
               {"loss_meta": [1.2, 0.9, 0.8], "loss_co": [1.4, 1.0, 0.9], "grad_cos": [0.1, 0.2, 0.2],
                "grad_norm_ratio": [1.1, 1.0, 1.0]})
+    # reproduce-omniglot, MAML 5-way 1-shot, task batch 8: beside Finn et al.'s published number.
+    write_gs(root, "maml", "omniglot", 1, 8, False, 1, 100, 40, (0.9712, 0.0040), folder="omniglot")
+    write_gs(root, "maml", "omniglot", 1, 8, True, 1, 100, 20, (0.9730, 0.0038), folder="omniglot")
     # Runs a report over `runs` must not read.
     write_gs(root, "maml", "omniglot", 1, 5, True, 1, 5, 2, (0.9, 0.01), folder="quick")
     return root
@@ -271,7 +274,7 @@ def test_other_runs_and_every_run_directory_listed(written, runs):
     others = lines_after(text, "## Other runs")
     assert sum("smoke2" in line for line in others[:others.index("## Run directories")]) == 2  # OG and GS
     listed = lines_after(text, "## Run directories")
-    assert sum(line.startswith(f"| {runs}") for line in listed) == 2 + 2 + 2 + 6 + 2 + 2 + 2 + 3 + 2 + 1  # not quick/
+    assert sum(line.startswith(f"| {runs}") for line in listed) == 2 + 2 + 2 + 6 + 2 + 2 + 2 + 3 + 2 + 1 + 2  # not quick/
     assert "/quick/" not in text
 
 
@@ -345,3 +348,17 @@ def test_lwdgh_figures_from_real_runs(tmp_path):
     table = lines_after(text, "### Synthetic 3-way, ResNet-12, 2 epochs")
     assert table[4] == row("MAML + LWDGH + EE", "ours", f"{100 * resnet['test_acc_ensemble']:.2f} ± "
                            f"{100 * resnet['test_ci_ensemble']:.2f}", table[4].split(" | ")[-1].rstrip(" |"))
+
+
+def test_full_omniglot_beside_the_published_numbers(written):
+    """reproduce-omniglot's tables: a "published" row above ours (Finn et al.'s MAML; MAML++'s and Meta-SGD's not
+    transcribed), every method at task batch 8, "not yet run" where no run is."""
+    text, _ = written
+    table = lines_after(text, "### 5-way 1-shot, inner lr 0.1, Omniglot (reproduce-omniglot; published: Finn et al.")
+    assert table[2] == row("METHOD/TASKS", "source", "OMNIGLOT ORIGINAL", "OMNIGLOT GRADSHARE", "OMNIGLOT SPEED-UP")
+    assert table[4:6] == [row("MAML/8", "published", "98.7 ± 0.4", "—", "—"),
+                          row("", "ours", "97.12 ± 0.40", "97.30 ± 0.38", "100% (OG ep 40, GS ep 20)")]
+    assert table[6:8] == [row("META-SGD/8", "published", "not transcribed", "—", "—"),
+                          row("", "ours", "not yet run", "not yet run", "—")]
+    table = lines_after(text, "### 20-way 5-shot, inner lr 0.1, Omniglot (reproduce-omniglot")
+    assert table[4] == row("MAML/8", "published", "98.9 ± 0.2", "—", "—")

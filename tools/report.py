@@ -419,6 +419,17 @@ GS_PAPER_TABLES = {
                                                    "the paper's numbers only in the figures' legends",
 }
 TABLE1 = (PAPER_WAYS, 5, DEFAULT_INNER_LR, PAPER)
+# Full Omniglot (`make reproduce-omniglot`: the MAML++ reference's configs, task batch 8), beside the published
+# numbers: Finn et al. 2017 (arXiv 1703.03400), Table 1, MAML. MAML++ (arXiv 1810.09502, Tables 1-2) and Meta-SGD
+# (arXiv 1707.09835, Table 1) are not transcribed: neither paper is in this project's copy, and none is guessed.
+OMNIGLOT, OMNIGLOT_TASKS = "omniglot", 8
+PUBLISHED_OMNIGLOT: dict[tuple[str, int, int], Reported] = {
+    ("MAML", 5, 1): _r1(98.7, 0.4), ("MAML", 5, 5): _r1(99.9, 0.1), ("MAML", 20, 1): _r1(95.8, 0.3),
+    ("MAML", 20, 5): _r1(98.9, 0.2)}
+NOT_TRANSCRIBED = "not transcribed"
+OMNIGLOT_TABLES = {(ways, shots, DEFAULT_INNER_LR, OMNIGLOT): "reproduce-omniglot; published: Finn et al. 2017, "
+                   "Table 1 (MAML, without gradient sharing); MAML++'s and Meta-SGD's not transcribed"
+                   for ways in (5, 20) for shots in (1, 5)}
 GS_FIGURES = {("cub", DEFAULT_INNER_LR): (4, 5), ("miniimagenet", DEFAULT_INNER_LR): (6, 7),
               ("cub", 10 * DEFAULT_INNER_LR): (8, 9), ("miniimagenet", 10 * DEFAULT_INNER_LR): (10, 11)}
 
@@ -482,7 +493,7 @@ def gs_section(cells: dict[tuple, list[Pair]], only_found: bool, figure_dir: Pat
     chosen = {cell: pairs[0] for cell, pairs in cells.items()}
     for pair in chosen.values():
         shown.update(id(g) for g in pair.groups())
-    tables = {cell[:4] for cell in chosen} | (set() if only_found else set(GS_PAPER_TABLES))
+    tables = {cell[:4] for cell in chosen} | (set() if only_found else set(GS_PAPER_TABLES) | set(OMNIGLOT_TABLES))
     if not tables:
         return "", shown
     source = f"The paper's numbers: {PAPER_002}, Table 1. " if TABLE1 in tables else ""
@@ -493,17 +504,20 @@ def gs_section(cells: dict[tuple, list[Pair]], only_found: bool, figure_dir: Pat
     for table in sorted(tables, key=lambda t: (t[3] != PAPER, t[3], t[0], t[2], -t[1])):
         ways, shots, lr, family = table
         in_table = {cell: pair for cell, pair in chosen.items() if cell[:4] == table}
-        expected = table in GS_PAPER_TABLES and not only_found
-        datasets = _ordered({c[6] for c in in_table}, PAPER_DATASETS if expected else ())
+        omniglot = table in OMNIGLOT_TABLES and not only_found  # --only-found: the runs alone, no published row
+        expected = (table in GS_PAPER_TABLES or omniglot) and not only_found
+        datasets = _ordered({c[6] for c in in_table}, ([OMNIGLOT] if omniglot else PAPER_DATASETS) if expected else ())
+        tasks_order = (OMNIGLOT_TASKS,) if omniglot else GS_TASK_ORDER
         rows = _ordered({(c[4], c[5]) for c in in_table},
-                        [(m, t) for m in GS_METHOD_ORDER for t in GS_TASK_ORDER] if expected else ())
+                        [(m, t) for m in GS_METHOD_ORDER for t in tasks_order] if expected else ())
         rows = sorted(rows, key=lambda r: (GS_METHOD_ORDER.index(r[0]) if r[0] in GS_METHOD_ORDER
                                            else len(GS_METHOD_ORDER),
                                            -r[1]))
-        paper = table == TABLE1
+        paper = table == TABLE1 or omniglot
         title = f"### {ways}-way {shots}-shot, inner lr {lr_text(lr)}" + (
             "" if family == PAPER else f", {dataset_name(family)}")
-        out += [title + (f" ({GS_PAPER_TABLES[table]})" if table in GS_PAPER_TABLES else ""), ""]
+        where = GS_PAPER_TABLES.get(table) or (OMNIGLOT_TABLES[table] if omniglot else None)
+        out += [title + (f" ({where})" if where else ""), ""]
         header = ["METHOD/TASKS"] + (["source"] if paper else [])
         for d in datasets:
             name = dataset_name(d).upper()
@@ -511,7 +525,13 @@ def gs_section(cells: dict[tuple, list[Pair]], only_found: bool, figure_dir: Pat
         lines = []
         for method, tasks in rows:
             label = f"{method.upper()}/{tasks}"
-            if paper:
+            if paper and omniglot:  # a published number without gradient sharing, where transcribed
+                value = PUBLISHED_OMNIGLOT.get((method, ways, shots)) if tasks == OMNIGLOT_TASKS else None
+                cells_paper = []
+                for d in datasets:
+                    cells_paper += [value.text() if value and d == OMNIGLOT else NOT_TRANSCRIBED, NONE, NONE]
+                lines.append([label, "published"] + cells_paper)
+            elif paper:
                 reported = [PAPER_002_TABLE1.get((method, tasks, d)) for d in datasets]
                 cells_paper = []
                 for value in reported:
