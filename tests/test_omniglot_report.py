@@ -41,6 +41,8 @@ def test_paired_differences_intervals_and_verdicts(tmp_path):
     assert t5.split(" | ")[5].rstrip(" |") == "80.00, 81.00, +1.00 ± 0.00"
     assert "- GS higher early (task batch 5): +16.50 ± 6.35 points: supported (the interval excludes 0)" in text
     assert "(task batch 1): +0.00 ± 0.00 points: not supported: the interval includes 0" in text
+    # Task batch 1's best epochs are all the last (3 of 3): censored, said; task batch 5's (5 and 2 of 6) are not.
+    assert sum("the best epoch is censored" in line for line in lines) == 1
     assert (tmp_path / "gs_study.png").read_bytes().startswith(PNG_MAGIC)
 
 
