@@ -75,8 +75,11 @@ def check_section(path: Path, figure_dir: Path) -> list[str]:
              f"Run: `{path}` ({run.status}), {iterations:,} meta-iterations ({c['epochs']} epochs of "
              f"{c['iters_per_epoch']}) in {hours:.2f} h of training on {c.get('machine', 'not recorded')}, "
              f"commit {c.get('commit', 'not recorded')}; the papers train {PAPER_ITERATIONS}.",
-             f"Protocol: task batch {c['tasks']}, {c['inner_steps']} inner steps at {c['inner_lr']}, "
-             f"{c['filters']} filters, queries per class: {c['queries']}, second order, Vinyals' split.", "",
+             f"Protocol: the MAML++ reference's Omniglot configs, cut (chosen over Finn et al.'s in a brief "
+             f"comparison, docs/reproducing.md): task batch {c['tasks']}, {c['inner_steps']} inner steps at "
+             f"{c['inner_lr']}, {c['filters']} filters, queries per class: {c['queries']}, second order, "
+             "Vinyals' split.",
+             "",
              "| | meta-test accuracy (%) |", "| --- | --- |"]
     if r.get("test_acc_ensemble") is not None:
         lines += [f"| ours, top-5 ensemble, {r['test_tasks']} tasks | {PERCENT * r['test_acc_ensemble']:.2f} ± "
@@ -105,8 +108,8 @@ def study_section(root: Path, figure_dir: Path) -> list[str]:
               f"per class; each pair shares its seed, hence its initial θ, its training tasks and (--eval-seed) "
               f"its {c['val_tasks']} validation and {c['test_tasks']} test tasks. Differences GS − OG in "
               f"percentage points, mean over seeds ± the half-width of the 95% t-interval (paired).", "",
-              "| task batch | seeds | epochs × iterations | early mean val acc: OG, GS, GS − OG | best val epoch: OG, GS,"
-              " GS − OG | test acc: OG, GS, GS − OG |", "| --- | --- | --- | --- | --- | --- |"]
+              "| task batch | seeds | epochs × iterations | early mean val acc: OG, GS, GS − OG | "
+              "best val epoch: OG, GS, GS − OG | test acc: OG, GS, GS − OG |", "| --- | --- | --- | --- | --- | --- |"]
     summary, best = {}, {}
     fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 3.6), squeeze=False)
     for ax, (tasks, seeds) in zip(axes[0], sorted(pairs.items(), reverse=True)):
