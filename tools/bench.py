@@ -19,8 +19,9 @@ Each candidate runs in its own process; all are alive at once. The first meta-it
 the peak memory above the process's start: allocated (tensors: glibc's mallinfo2 sampled every millisecond,
 or CUDA's max allocated) and held (taken from the system: the resident memory, or CUDA's max reserved).
 Then the candidates take turns: each of --repeats rounds times one meta-iteration of every candidate, in an
-order rotated by the round; a candidate's time is its median. Taking turns spreads a shared host's drift
-over all candidates alike.
+order rotated by the round; a candidate's time is its median. A ratio "vs" a peer is the median over the
+rounds of the two's times in the same round: a shared host drifts over minutes, and a round's pair sees
+the same drift.
 """
 from __future__ import annotations
 
@@ -231,20 +232,23 @@ def configuration_table(configuration: str, device: torch.device, repeats: int) 
         process.stdin.close()
         process.wait()
     median = {label: statistics.median(values) for label, values in times.items()}
-    as_users = median.get("higher (as users run it)", median.get("higher"))
+    as_users = next((p for p in ("higher (as users run it)", "higher") if p in times), None)
 
-    def ratio(peer: str, label: str) -> str:  # the peer's time over the label's, the peer with the same allocator
-        peer = next((p for p in labels if p.startswith(peer) and ("(MALLOC)" in p) == ("(MALLOC)" in label)), None)
-        return f"{median[peer] / median[label]:.2f}×" if peer else "—"
+    def paired(peer: str | None, label: str) -> str:  # the median over rounds of the peer's time over the label's
+        return f"{statistics.median(p / t for p, t in zip(times[peer], times[label])):.2f}×" if peer else "—"
+
+    def ratio(peer: str, label: str) -> str:  # against the peer with the same allocator setting
+        return paired(next((p for p in labels if p.startswith(peer) and ("(MALLOC)" in p) == ("(MALLOC)" in label)),
+                           None), label)
     mib = 2 ** 20
     lines = [f"### {SHAPES[shape][1]}×{SHAPES[shape][2]}, {shots}-shot ({device.type}, median of {repeats})", "",
              "| candidate | s / meta-iteration | vs plain loop | vs higher | vs higher as users run it | "
              "allocated MiB | held MiB |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label in labels:
-        vs_users = f"{as_users / median[label]:.2f}×" if as_users else "—"
         lines.append(f"| {label} | {median[label]:.3f} | {ratio(REFERENCE, label)} | {ratio('higher', label)} | "
-                     f"{vs_users} | {memory[label]['allocated'] / mib:.0f} | {memory[label]['held'] / mib:.0f} |")
-    return lines + ["", "vs: the peer's median time over the candidate's, with the same allocator setting.", ""]
+                     f"{paired(as_users, label)} | {memory[label]['allocated'] / mib:.0f} | {memory[label]['held'] / mib:.0f} |")
+    return lines + ["", "vs: the median over the rounds of the peer's time over the candidate's in the same round, "
+                    "the peer with the same allocator setting.", ""]
 
 
 def main() -> None:
