@@ -12,7 +12,7 @@ Names (per task t of the batch, K inner steps, θ = Conv4 incl. its head, the on
 Outer step: Adam on (θ, φ) [and MAML++'s LSLR / per-step BN] with ∇L; φ is never adapted, nor used by `predict`.
 BOIL (J. Oh et al., arXiv 2008.08882): the maml base with θ's head frozen in the inner loop (its authors' main.py:
 --classifier-step-size 0, the body at --extractor-step-size 0.5); `--gamma 0` is BOIL. Sharp-MAML (Abbas et al.,
-ICML 2022) stays out: its SAM ascent steps change the optimisers of both loops (common.run's Adam), not a base.
+ICML 2022) stays out: its SAM ascent steps change the optimisers of both loops (main's Adam), not a base.
 
 Decisions (where the paper is silent):
 - The base is a copy of mamlpp_gs.py --no-gs (loop, init, MSL, first-order epochs, clamp, cosine lr, prediction),
@@ -27,8 +27,10 @@ Decisions (where the paper is silent):
 - Logged (`metrics`): loss_meta (MSL-weighted), loss_co; from every --grad-stats-every-th meta-iteration (a second
   backward) grad_cos, grad_norm_ratio ‖g_co‖/‖g_meta‖ of ∇L^meta, ∇L^co w.r.t. θ's conv and BN tensors.
 
-How it runs: `common.run` steps Adam with `meta_gradient`'s gradients on every batch of tasks (MAML++: each epoch's lr
-from `cosine_lr`), averages its metrics per epoch and evaluates `predict` on fixed tasks.
+How it runs: `main`, at the end of this file, shows meta-training in order: the outer Adam on θ and φ (MAML++:
+each epoch's cosine learning rate), the epochs of meta-iterations (`meta_gradient` on a fresh task batch, then
+the Adam step), meta-validation with `predict` (θ alone) after every epoch, and the meta-test of the 5 best
+checkpoints' ensemble. common.py holds the plumbing only: data, the network, the run directory, checkpoints, logs.
 
 Reproduces arXiv 2406.04639's 5-way 1-/5-shot rows (headline: MAML++ +CML, MiniImagenet 5-shot, 70.08%) on
 MiniImagenet, Omniglot, CIFAR-FS, FC100 and VGG Flower, each base alone (--gamma 0) and with CML: MAML and BOIL as
@@ -129,8 +131,9 @@ def colearner_init(net: dict[str, torch.Tensor], generator: torch.Generator, blo
     return {COLEARNER + name: p for name, p in phi.items()}
 
 
-def init_params(args: Args, image_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
-    """θ from the seed; mamlpp: BN rows as its BN, LSLR rates --inner-lr; φ from its own seed."""
+def init_params(args: Args, image_shape: tuple[int, int, int], device: torch.device) -> dict[str, torch.Tensor]:
+    """The meta-parameters, leaves on `device`: θ from the seed; mamlpp: BN rows as its BN, LSLR rates --inner-lr;
+    φ from its own seed."""
     params = common.conv4_init(image_shape, args.ways, args.filters, generator=torch.Generator().manual_seed(args.seed))
     if per_step_bn(args):  # K copies of conv4_init's BN scale 1 and shift 0, in place of the (C,) tensors
         params.update({name: p.expand(args.inner_steps, *p.shape).clone() for name, p in params.items()
@@ -139,7 +142,13 @@ def init_params(args: Args, image_shape: tuple[int, int, int]) -> dict[str, torc
         adapted, _ = common.split_adapted(params, args.adapt_bn and not per_step_bn(args))
         params.update({LSLR + name: torch.full((args.inner_steps,), args.inner_lr) for name in adapted})
     generator = torch.Generator().manual_seed(args.seed + COLEARNER_SEED_OFFSET)
-    return {**params, **colearner_init(params, generator, args.colearner_blocks)}
+    params.update(colearner_init(params, generator, args.colearner_blocks))
+    return {name: p.to(device).requires_grad_() for name, p in params.items()}
+
+
+def init_state(args: Args) -> dict:
+    """What one meta-iteration hands the next (`state`): the epoch and its meta-iterations so far."""
+    return {"epoch": 0, "steps": 0}
 
 
 def per_step_bn(args: Args) -> bool:  # the maml base: one BN tensor per layer
@@ -147,52 +156,57 @@ def per_step_bn(args: Args) -> bool:  # the maml base: one BN tensor per layer
 
 
 def split_params(params: dict[str, torch.Tensor], args: Args):
-    """params -> (adapted θ, θ's rest: BN unless adapted, BOIL's head; LSLR rates or [inner_lr] * K; φ unprefixed)."""
+    """params -> (θ's adapted tensors, θ's frozen ones: BN unless adapted, BOIL's head; LSLR rates or [inner_lr] * K;
+    φ unprefixed)."""
     net = {name: p for name, p in params.items() if not name.startswith((COLEARNER, LSLR))}
-    theta, bn = common.split_adapted(net, args.adapt_bn and not per_step_bn(args))  # per-step BN: never adapted
+    theta, frozen = common.split_adapted(net, args.adapt_bn and not per_step_bn(args))  # per-step BN: never adapted
     if args.base == "boil":  # the body only: the head joins the tensors the inner loop leaves alone
-        bn.update({name: theta.pop(name) for name in list(theta) if not name.startswith(EXTRACTOR)})
+        frozen.update({name: theta.pop(name) for name in list(theta) if not name.startswith(EXTRACTOR)})
     lslr = {name: params.get(LSLR + name, [args.inner_lr] * args.inner_steps) for name in theta}
     phi = {name.removeprefix(COLEARNER): p for name, p in params.items() if name.startswith(COLEARNER)}
-    return theta, bn, lslr, phi
+    return theta, frozen, lslr, phi
 
 
-def bn_rows(frozen: dict[str, torch.Tensor], step: int, args: Args) -> dict[str, torch.Tensor]:
-    """The BN tensors of inner step `step` (from 0) and of the query forward after it, (tasks, C) each: row
-    `step` of each per-step BN tensor, or the BN tensors the inner loop leaves alone."""
-    return {name: w[:, step] if per_step_bn(args) else w for name, w in frozen.items()}
+def frozen_at(frozen: dict[str, torch.Tensor], k: int, args: Args) -> dict[str, torch.Tensor]:
+    """The frozen tensors of inner step k (from 0) and of the query forward after it, (tasks, ...) each: row k of
+    each per-step BN tensor, or the frozen tensors as they are."""
+    return {name: w[:, k] if per_step_bn(args) else w for name, w in frozen.items()}
 
 
-def inner_step(fast: dict[str, torch.Tensor], k: int, rows: dict[str, torch.Tensor], lslr: dict,
-               x_s: torch.Tensor, y_s: torch.Tensor, args: Args, create_graph: bool) -> dict[str, torch.Tensor]:
-    """Inner step k+1 for every task of the batch (k counts from 0 and indexes the rates and BN rows)."""
-    grads = common.support_grads(common.conv4_forward, fast, x_s, y_s, create_graph=create_graph,
-                                 use_vmap=args.vmap == "on", frozen=rows)  # ∇L_t(θ_{t,k}) with BN row k
+def inner_step(k: int, fast: dict[str, torch.Tensor], frozen_k: dict[str, torch.Tensor], lslr: dict,
+               tasks: common.Tasks, args: Args, create_graph: bool) -> dict[str, torch.Tensor]:
+    """Inner step k+1 for every task of the batch (k counts from 0 and indexes the rates and BN rows).
+
+    fast: θ_{t,k}, frozen_k: frozen_at(frozen, k), (tasks, ...) each. Returns θ_{t,k+1}."""
+    grads = common.support_grads(common.conv4_forward, fast, tasks.x_s, tasks.y_s, create_graph=create_graph,
+                                 use_vmap=args.vmap == "on", frozen=frozen_k)  # ∇L_t(θ_{t,k}) with BN row k
     return {name: w - lslr[name][k] * grads[name] for name, w in fast.items()}  # LSLR: a rate per tensor, step
 
 
-def inner_loop(theta: dict[str, torch.Tensor], bn: dict[str, torch.Tensor], lslr: dict, x_s: torch.Tensor,
-               y_s: torch.Tensor, args: Args, create_graph: bool) -> list[dict[str, torch.Tensor]]:
-    """Adapt θ to every task of the batch: K inner steps of the base method, without gradient sharing.
+def inner_loop(theta: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], lslr: dict, tasks: common.Tasks,
+               args: Args, create_graph: bool) -> list[dict[str, torch.Tensor]]:
+    """Adapt θ to every task of the batch: K inner steps of the base method on its support set, without sharing.
 
-    bn: θ's tensors not adapted (BN: (K, C) per-step or (C,), none with --adapt-bn; BOIL: also the head); lslr: each
-    adapted tensor's rates, (K,) or K floats when fixed (the maml base: [α] * K, maml_gs.py's step); x_s (tasks,
-    ways*shots, C, H, W), y_s (tasks, ways*shots). Returns the trajectory [θ_{t,0}, ..., θ_{t,K}] (MSL needs every
-    step), each a dict of (tasks, ...) tensors, θ_{t,j} (j ≥ 1) with the BN rows of step j (its query's too).
+    The tensors as split_params splits them: frozen, θ's tensors not adapted (BN: (K, C) per-step or (C,), none with
+    --adapt-bn; BOIL: also the head); lslr, each adapted tensor's rates, (K,) or K floats when fixed (the maml base:
+    [α] * K, maml_gs.py's step); tasks.x_s (tasks, ways*shots, C, H, W), tasks.y_s (tasks, ways*shots). Returns the
+    trajectory [θ_{t,0}, ..., θ_{t,K}] (MSL needs every step), each a dict of (tasks, ...) tensors, θ_{t,j} (j ≥ 1)
+    with the BN rows of step j (its query's too).
     --recompute: torch.utils.checkpoint keeps only the inputs of steps 1..K-1 and recomputes each step in the
     backward pass; step K stays stored.
     """
-    weights = {name: p.expand(x_s.shape[0], *p.shape) for name, p in {**theta, **bn}.items()}  # (tasks, ...)
-    fast, frozen = {name: weights[name] for name in theta}, {name: weights[name] for name in bn}  # θ_{t,0} = θ
+    count = tasks.x_s.shape[0]
+    fast = {name: p.expand(count, *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
+    frozen = {name: p.expand(count, *p.shape) for name, p in frozen.items()}
     trajectory = [fast]
     for k in range(args.inner_steps):
-        rows = bn_rows(frozen, k, args)
-        step_args = (fast, k, rows, lslr, x_s, y_s, args, create_graph)
+        frozen_k = frozen_at(frozen, k, args)
+        step_args = (k, fast, frozen_k, lslr, tasks, args, create_graph)
         if args.recompute and k < args.inner_steps - 1:
             fast = torch.utils.checkpoint.checkpoint(inner_step, *step_args, use_reentrant=False)
         else:
             fast = inner_step(*step_args)
-        trajectory.append({**fast, **rows})
+        trajectory.append({**fast, **frozen_k})
     return trajectory
 
 
@@ -240,9 +254,9 @@ def both_heads(phi: dict[str, torch.Tensor]):  # (net, x) -> the meta-learner's 
 def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, epoch: int,
                   args: Args) -> common.StepResult:
     """One meta-iteration: the base's adaptation and query loss, plus γ · the co-learner's query loss."""
-    theta, bn, lslr, phi = split_params(params, args)
+    theta, frozen, lslr, phi = split_params(params, args)
     create_graph = epoch >= args.first_order_epochs if args.base == "mamlpp" else not args.first_order
-    trajectory = inner_loop(theta, bn, lslr, tasks.x_s, tasks.y_s, args, create_graph)
+    trajectory = inner_loop(theta, frozen, lslr, tasks, args, create_graph)
     # The base's loss: MSL Σ_j w_j (1/T) Σ_t L_t^meta(θ_{t,j}) with BN row j − 1, or the final step's alone
     weights = msl_weights(epoch, args) or [0.0] * (args.inner_steps - 1) + [1.0]
     loss_meta = 0.0
@@ -267,34 +281,55 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
     else:  # one backward: the same sum, half the work
         grads = dict(zip(names, torch.autograd.grad(loss_meta + args.gamma * loss_co, values)))
     if args.clip_grad > 0:  # as mamlpp_gs.py: the network's meta-gradients only, not the LSLR rates (nor φ)
-        grads = {name: g.clamp(-args.clip_grad, args.clip_grad) if g is not None and (name in theta or name in bn)
+        grads = {name: g.clamp(-args.clip_grad, args.clip_grad) if g is not None and (name in theta or name in frozen)
                  else g for name, g in grads.items()}
-    metrics = {"loss_meta": loss_meta.item(), "loss_co": loss_co.item(), **({"lslr_mean": torch.stack(
-        [p.detach() for p in lslr.values()]).mean().item()} if args.base == "mamlpp" and args.lslr else {})}
+    metrics = {"loss_meta": loss_meta.detach(), "loss_co": loss_co.detach()}  # tensors: read once per epoch
+    if args.base == "mamlpp" and args.lslr:
+        metrics["lslr_mean"] = torch.stack([p.detach() for p in lslr.values()]).mean()
     if apart:  # gradient agreement on the extractor (conv and BN tensors of θ), flattened: cosine and norm ratio
         flat_meta, flat_co = (torch.cat([g[i].flatten() for i, name in enumerate(names) if name.startswith(EXTRACTOR)])
                               for g in (g_meta, g_co))
-        metrics.update(grad_cos=F.cosine_similarity(flat_meta, flat_co, dim=0).item(),
-                       grad_norm_ratio=(flat_co.norm() / flat_meta.norm()).item())
+        metrics.update(grad_cos=F.cosine_similarity(flat_meta, flat_co, dim=0),
+                       grad_norm_ratio=flat_co.norm() / flat_meta.norm())
     return common.StepResult((loss_meta + args.gamma * loss_co).detach(), acc, grads,
                              {"epoch": epoch, "steps": steps + 1}, metrics)
 
 
 def predict(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, args: Args) -> torch.Tensor:
     """The base method's prediction, by the meta-learner only (no φ): query logits (tasks, ways*queries, ways)."""
-    theta, bn, lslr, _ = split_params({name: p.detach().requires_grad_() for name, p in params.items()}, args)
+    theta, frozen, lslr, _ = split_params({n: p.detach().requires_grad_() for n, p in params.items()}, args)
     with torch.enable_grad():
-        trajectory = inner_loop(theta, bn, lslr, tasks.x_s, tasks.y_s, args, create_graph=False)
+        trajectory = inner_loop(theta, frozen, lslr, tasks, args, create_graph=False)
     with torch.no_grad():
         return common.forward_tasks(common.conv4_forward, trajectory[-1], tasks.x_q, args.vmap == "on")
 
 
-def make_algorithm(args: Args, image_shape: tuple[int, int, int], device: torch.device) -> common.Algorithm:
-    """The meta-parameters on `device`; no meta-iteration of epoch 0 yet; MAML++'s cosine outer lr if on."""
-    params = {name: p.to(device).requires_grad_() for name, p in init_params(args, image_shape).items()}
-    return common.Algorithm(f"cml_{args.base}", params, {"epoch": 0, "steps": 0}, meta_gradient, predict,
-                            outer_lr=cosine_lr if args.base == "mamlpp" and args.cosine else None)
+def main(argv: list[str] | None = None) -> dict:
+    """Meta-train with the outer Adam on θ and φ, meta-validate after every epoch (θ only), meta-test the top-5
+    ensemble. common.Run is the plumbing: run directory, checkpoints, signals, logs. Returns result.json's dict."""
+    args = common.parse_args(Args, argv, __doc__.splitlines()[0])  # --resume: the run's own arguments
+    with common.Run(args, f"cml_{args.base}") as run:  # SIGINT/SIGTERM: save at the next step
+        args = run.args  # --vmap auto decided for the device
+        data = run.load_data()  # training task sampler, fixed validation and test tasks, on the device
+        params = init_params(args, data.image_shape, run.device)  # what the outer Adam learns: θ, φ (, LSLR)
+        state = init_state(args)  # meta-iterations of the epoch so far: the gradient statistics' pace
+        adam = torch.optim.Adam(params.values(), lr=args.outer_lr)
+        run.restore(params, state, adam, data.sampler)  # the run directory; --resume: all four from last.pt
+        for epoch in run.epochs():
+            if args.base == "mamlpp" and args.cosine:  # MAML++'s CA: this epoch's outer learning rate
+                for group in adam.param_groups:
+                    group["lr"] = cosine_lr(epoch, args)
+            for tasks in run.iterations(data.sampler):  # --iters-per-epoch batches of --tasks tasks
+                # MAML++'s MSL weights and DA by epoch; every --grad-stats-every-th: g_meta, g_co apart
+                result = meta_gradient(params, state, tasks, epoch, args)
+                if run.accept(result):  # finite (else skipped and counted: a diverging run stops)
+                    for name, p in params.items():
+                        p.grad = result.grads[name]
+                    adam.step()
+                    state.update(result.state)
+            run.validate(lambda tasks: predict(params, state, tasks, args), data.val)  # keeps the best checkpoints
+        return run.meta_test(lambda params, state, tasks: predict(params, state, tasks, args), data.test)
 
 
 if __name__ == "__main__":
-    common.main(Args, make_algorithm, description=__doc__.splitlines()[0])
+    main()

@@ -1318,43 +1318,24 @@ def given_flags(cls: type, argv: list[str] | None = None) -> set[str]:
 
 
 def parse_args(cls: type, argv: list[str] | None = None, description: str | None = None):
-    """Build an argparse parser from a dataclass of arguments, parse argv, validate with cls.check()."""
+    """The command line as a `cls` (an algorithm file's Args), checked by cls.check(); with --resume, the resumed
+    run's own arguments (resumed_args)."""
     parser = _parser(cls, description)
     args = cls(**vars(parser.parse_args(argv)))
     problems = args.check()
     if problems:
         parser.error("\n  ".join(problems))
-    return args
+    return resumed_args(args, given_flags(cls, argv)) if args.resume else args
 
-
-# ---- The algorithm interface: what an algorithm file hands to the shared loop ----
 
 class StepResult(NamedTuple):
+    """What an algorithm file's meta_gradient returns for one meta-iteration: tensors only (no host reads)."""
     loss: torch.Tensor  # () outer (query) loss of this meta-iteration, detached
     accuracy: torch.Tensor  # () query accuracy
     grads: dict[str, torch.Tensor | None]  # meta-gradient per meta-parameter; None: no gradient this step
     state: dict  # what the algorithm carries to the next meta-iteration (e.g. ĝ); kept only if the step was finite
-    metrics: dict[str, torch.Tensor | float] = {}  # this step's own numbers: run() logs their epoch means
-    per_task: dict[str, torch.Tensor] = {}  # (tasks,) numbers of each task: run() logs some to tasks.csv
-
-
-@dataclass
-class Algorithm:
-    """An algorithm file's contribution to `run`: its meta-parameters, its state and its pure functions."""
-    name: str
-    """name used in run directories and checkpoints, e.g. maml_gs"""
-    params: dict[str, torch.Tensor]
-    """meta-parameters: leaf tensors that the outer Adam updates (θ and the method's own, e.g. m, λ)"""
-    state: dict
-    """what the algorithm carries across meta-iterations, checkpointed with the run (e.g. the stored ĝ)"""
-    meta_gradient: Callable[[dict, dict, Tasks, int, Args], StepResult]
-    """(params, state, tasks, epoch, args) -> StepResult: one meta-iteration's loss and meta-gradient"""
-    predict: Callable[[dict, dict, Tasks, Args], torch.Tensor]
-    """(params, state, tasks, args) -> adapted query logits (tasks, ways*queries, ways); never changes state"""
-    outer_lr: Callable[[int, Args], float] | None = None
-    """(epoch, args) -> the outer Adam's learning rate in that epoch (MAML++'s cosine annealing); None: --outer-lr"""
-    test_predict: Callable[[dict, dict, Tasks, Args], torch.Tensor] | None = None
-    """predict for the meta-test where it differs from meta-validation's (LWDGH's --test-inner-steps); None: predict"""
+    metrics: dict[str, torch.Tensor] = {}  # this step's own numbers, () tensors: Run logs their epoch means
+    per_task: dict[str, torch.Tensor] = {}  # (tasks,) numbers of each task: Run logs some to tasks.csv
 
 
 # ---- Evaluation ----
@@ -1368,17 +1349,17 @@ def mean_ci(values: torch.Tensor) -> tuple[float, float]:
     return float(values.mean()), float(Z95 * values.std() / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
-def evaluate(predict: Callable, members: list[tuple[dict, dict]], tasks: EvalTasks,
-             args: Args) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-task query accuracies (num_tasks,) of the ensemble of members [(params, state), ...] and of members[0].
+def evaluate(predicts: list[Callable[[Tasks], torch.Tensor]], tasks: EvalTasks,
+             batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-task query accuracies (num_tasks,) of the ensemble of `predicts` and of predicts[0] alone.
 
-    Each member adapts on the support set of every task with its own parameters and state; the
-    members' query logits are averaged, then argmax (the top-5 ensemble of MAML++, paper 002 A.3).
-    The first member's own accuracy comes from the same pass (the best single model at meta-test).
+    Each predict (one model: tasks -> query logits) adapts on the support set of every task; the models'
+    query logits are averaged, then argmax (the top-5 ensemble of MAML++, arXiv 2312.08398 appendix A.3).
+    The first model's own accuracy comes from the same pass (the best single model at meta-test).
     """
     ensemble, first = [], []
-    for batch_tasks in tasks.batches(args.eval_batch):
-        logits = [predict(params, state, batch_tasks, args) for params, state in members]
+    for batch_tasks in tasks.batches(batch_size):
+        logits = [predict(batch_tasks) for predict in predicts]
         ensemble.append(accuracy(sum(logits) / len(logits), batch_tasks.y_q).cpu())
         first.append(accuracy(logits[0], batch_tasks.y_q).cpu())
     return torch.cat(ensemble), torch.cat(first)
@@ -1605,15 +1586,6 @@ def restore_params(params: dict[str, torch.Tensor], saved: dict, path: Path) -> 
         have.data.copy_(got)
 
 
-def main(args_cls: type, make_algorithm: Callable[[Args, tuple[int, int, int], torch.device], Algorithm],
-         argv: list[str] | None = None, description: str | None = None) -> dict:
-    """Command-line entry point of every algorithm file: parse, then run."""
-    args = parse_args(args_cls, argv, description)
-    if args.resume:
-        args = resumed_args(args, given_flags(args_cls, argv))
-    return run(args, make_algorithm)
-
-
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[list[int]]:
     """SIGINT and SIGTERM noted in the list yielded instead of acted on, until the block ends: the run finishes
@@ -1626,183 +1598,6 @@ def deferred_signals() -> Iterator[list[int]]:
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-
-
-def run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.device], Algorithm]) -> dict:
-    """common.run under deferred_signals (see _run); running out of memory is a message, not a traceback."""
-    with deferred_signals() as stop:
-        try:
-            return _run(args, make_algorithm, stop)
-        except RuntimeError as e:  # CUDA: torch.OutOfMemoryError; CPU: "DefaultCPUAllocator: can't allocate memory"
-            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
-                raise
-            raise SystemExit(f"error: out of {pick_device(args.device).type} memory ({str(e).splitlines()[0]}). "
-                             f"Lower --eval-batch (it may change on --resume), or start again with fewer --tasks, "
-                             f"--queries or --filters, or with --recompute where the file offers it")
-
-
-def _run(args: Args, make_algorithm: Callable[[Args, tuple[int, int, int], torch.device], Algorithm],
-         stop: list[int]) -> dict:
-    """Meta-train, meta-validate after every epoch, keep the best checkpoints, meta-test; return result.json's dict.
-
-    Each meta-iteration: algorithm.meta_gradient on a fresh task batch, then one outer Adam step on its
-    gradients (skipped, and counted, when the loss or a gradient is not finite); its `state` is carried
-    on, its `metrics` averaged over the epoch, its `per_task` numbers of the first TASK_LOG appended to tasks.csv.
-    After each epoch: algorithm.predict on the fixed validation tasks, a checkpoint, a metrics.csv row. At
-    the end: the top-`ensemble` checkpoints' meta-test.
-    """
-    device = pick_device(args.device)
-    args = for_device(args, device)
-    torch.manual_seed(args.seed)
-    progress = Progress(args.quiet, args.epochs, args.iters_per_epoch)
-    try:
-        splits = {split: load_split(args.dataset, split, args.data_root, download=args.download,
-                                    cache_dir=args.cache_dir or None, bbox_crop=args.bbox_crop,
-                                    synthetic_shape=synthetic_shape(args.synthetic_shape), seed=args.eval_seed,
-                                    verbose=not args.quiet).to(device) for split in SPLITS}
-        task_shape = (args.ways, args.shots, args.queries)
-        sampler = TaskSampler(splits["train"], *task_shape, args.tasks, seed=args.seed)
-        val_tasks = EvalTasks(splits["val"], *task_shape, args.val_tasks, seed=args.eval_seed)
-        test_tasks = EvalTasks(splits["test"], args.ways, args.shots, args.test_queries or args.queries,
-                               args.test_tasks, seed=args.eval_seed)
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
-    if stop:  # during the data's loading or first conversion (its cache is written atomically): nothing started
-        progress.message("interrupted before training started; nothing was written to a run directory")
-        raise SystemExit(128 + stop[0])
-    try:
-        algorithm = make_algorithm(args, splits["train"].image_shape, device)
-    except ValueError as e:  # e.g. images too small for the Conv4 blocks
-        raise SystemExit(f"error: {e}")
-    params, state = algorithm.params, algorithm.state
-    optimizer = torch.optim.Adam(params.values(), lr=args.outer_lr)
-
-    # Everything the loop needs to continue exactly where it stopped lives in `loop` and the checkpoint.
-    loop = {"epoch": 0, "iteration": 0, "sums": {}, "skipped": 0, "bad_streak": 0, "seconds": 0.0,
-            "history": [], "top": [], "status": "running"}
-    run_dir = Path(args.resume or args.out or run_dir_name(args, algorithm.name)).expanduser()
-    lock = lock_run_dir(run_dir)  # held, with this open file, until the process ends: one writer per run directory
-    for leftover in run_dir.glob("*.tmp"):  # of a process killed while writing here (none can be writing now)
-        leftover.unlink()
-    try:
-        if args.resume and (run_dir / LAST).exists():
-            ckpt = load_checkpoint(run_dir / LAST, args)
-            restore_params(params, ckpt["params"], run_dir / LAST)
-            state = _to(ckpt["state"], device)
-            optimizer.load_state_dict(ckpt["optimizer"])
-            sampler_note = sampler.load_state_dict(ckpt["sampler"])
-            torch.set_rng_state(ckpt["torch_rng"])
-            loop = ckpt["loop"]
-            if sampler_note:  # the numbers will differ from an uninterrupted run's: said even with --quiet, and kept
-                print(f"warning: {sampler_note}", file=sys.stderr)
-                loop.setdefault("notes", []).append(f"resumed at epoch {loop['epoch'] + 1}, iteration "
-                                                    f"{loop['iteration'] + 1}: {sampler_note}")
-            progress.message(f"resuming {run_dir} at epoch {loop['epoch'] + 1}, iteration {loop['iteration'] + 1}")
-            # Leftovers of a kill: checkpoints no longer (or not yet) in the top list (temp files: gone above).
-            keep = {f"epoch{epoch:04d}.pt" for _, epoch in loop["top"]}
-            for path in [p for p in run_dir.glob("epoch*.pt") if p.name not in keep]:
-                path.unlink()
-        else:  # a new run (or a resumed one killed before its first checkpoint: it starts again)
-            if not args.resume and (run_dir / LAST).exists():
-                raise SystemExit(f"error: {run_dir} already holds a run; continue it with --resume {run_dir}")
-            write_json(run_dir / "config.json", {"program": program_name(args), "algorithm": algorithm.name,
-                                                 **dataclasses.asdict(args), "out": str(run_dir), "resume": "",
-                                                 "torch": torch.__version__, **provenance(device)})
-
-        def save(path: Path) -> None:
-            ckpt = {"format": CHECKPOINT_FORMAT, "program": program_name(args), "algorithm": algorithm.name,
-                    "args": dataclasses.asdict(args), "params": {n: p.detach().cpu() for n, p in params.items()},
-                    "state": _to(state, torch.device("cpu")), "optimizer": optimizer.state_dict(),
-                    "sampler": sampler.state_dict(), "torch_rng": torch.get_rng_state(), "loop": loop}
-            write_run_file(path, lambda f: torch.save(ckpt, f))
-
-        writer = tensorboard_writer(run_dir) if args.tensorboard else None
-        try:
-            while loop["epoch"] < args.epochs and loop["status"] == "running":
-                epoch, started = loop["epoch"], time.time()
-                if algorithm.outer_lr is not None:
-                    for group in optimizer.param_groups:
-                        group["lr"] = algorithm.outer_lr(epoch, args)
-                while loop["iteration"] < args.iters_per_epoch:
-                    if stop:
-                        loop["seconds"] += time.time() - started
-                        save(run_dir / LAST)
-                        progress.message(f"interrupted: saved {run_dir / LAST}; continue with --resume {run_dir}")
-                        raise SystemExit(128 + stop[0])
-                    result = algorithm.meta_gradient(params, state, sampler.sample(), epoch, args)
-                    grads = [g for g in result.grads.values() if g is not None]
-                    # g² finite, not only g: Adam squares the gradient, and an overflow there is a divergence too
-                    finite = torch.stack([result.loss.isfinite()] + [g.square().isfinite().all() for g in grads]).all()
-                    if finite.item():
-                        for name, p in params.items():
-                            p.grad = result.grads[name]
-                        optimizer.step()
-                        state = result.state
-                        if result.per_task and loop["iteration"] < TASK_LOG:
-                            columns = {name: value.tolist() for name, value in result.per_task.items()}
-                            loop.setdefault("tasks", []).extend(
-                                {"epoch": epoch + 1, "iteration": loop["iteration"] + 1, "task": t,
-                                 **{name: values[t] for name, values in columns.items()}}
-                                for t in range(len(next(iter(columns.values())))))
-                        numbers = {"train_loss": result.loss, "train_acc": result.accuracy, **result.metrics}
-                        for name, value in numbers.items():  # [sum, count]: a metric may come every n-th step only
-                            total = loop["sums"].setdefault(name, [0.0, 0])
-                            total[0], total[1] = total[0] + float(value), total[1] + 1
-                        loop["bad_streak"] = 0
-                    else:  # a NaN or inf: skip this outer update, count it, stop after too many in a row
-                        loop["skipped"] += 1
-                        loop["bad_streak"] += 1
-                        progress.message(f"epoch {epoch + 1} iteration {loop['iteration'] + 1}: non-finite loss or "
-                                         f"meta-gradient, update skipped ({loop['bad_streak']} in a row)")
-                        if loop["bad_streak"] >= args.max_bad_steps:
-                            loop["status"] = "diverged"
-                            break
-                    loop["iteration"] += 1
-                    progress.step(epoch, loop["iteration"] - 1, result.loss.item())
-                if loop["status"] != "running":
-                    break
-                val_acc, val_ci = mean_ci(evaluate(algorithm.predict, [(params, state)], val_tasks, args)[0])
-                means = {name: total / count for name, (total, count) in loop["sums"].items()}
-                loop["history"].append({  # an epoch whose every update was skipped has no training numbers: NaN
-                    "epoch": epoch + 1, "train_loss": means.pop("train_loss", math.nan),
-                    "train_acc": means.pop("train_acc", math.nan), "val_acc": val_acc, "val_ci": val_ci,
-                    "skipped_steps": loop["skipped"], "seconds": loop["seconds"] + time.time() - started, **means})
-                if loop.get("tasks"):  # this epoch's per-task rows, appended before the checkpoint that counts them
-                    loop["tasks_size"] = append_csv(run_dir / "tasks.csv", loop["tasks"], loop.get("tasks_size", 0))
-                loop.update(epoch=epoch + 1, iteration=0, sums={}, skipped=0, seconds=0.0, tasks=[])
-                # Keep the best `ensemble` checkpoints by validation accuracy; ties: the later epoch first, as the
-                # MAML++ reference's ranking (np.argsort(val_acc)[::-1], experiment_builder.py) orders them.
-                ranked = sorted(loop["top"] + [[val_acc, epoch + 1]], key=lambda t: (-t[0], -t[1]))
-                loop["top"], evicted = ranked[:args.ensemble], ranked[args.ensemble:]
-                if [val_acc, epoch + 1] in loop["top"]:
-                    save(run_dir / f"epoch{epoch + 1:04d}.pt")
-                save(run_dir / LAST)  # written before the evicted files go: a crash in between loses nothing
-                for _, old in evicted:
-                    (run_dir / f"epoch{old:04d}.pt").unlink(missing_ok=True)
-                write_csv(run_dir / "metrics.csv", loop["history"])
-                if writer is not None:  # the same numbers as metrics.csv's row, one TensorBoard tag per column
-                    for key, value in loop["history"][-1].items():
-                        if key != "epoch":
-                            writer.add_scalar(key, value, epoch + 1)
-                    writer.flush()
-                row = loop["history"][-1]
-                progress.message(f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f} "
-                                 f"acc {row['train_acc']:.4f}, val acc {val_acc:.4f} ± {val_ci:.4f}")
-        finally:
-            if writer is not None:
-                writer.close()
-        if loop["status"] == "running":
-            loop["status"] = "finished"
-        save(run_dir / LAST)  # also a diverged run: --resume then reports it again instead of training on
-        if loop["history"]:  # again: a kill between the last epoch's checkpoint and its metrics.csv loses no row
-            write_csv(run_dir / "metrics.csv", loop["history"])
-        if stop:  # during the last validation or checkpoint: saved above
-            progress.message(f"interrupted: saved {run_dir / LAST}; meta-test it with --resume {run_dir}")
-            raise SystemExit(128 + stop[0])
-        result = finish(args, algorithm, run_dir, loop, test_tasks, device, progress, stop)
-        return result
-    finally:
-        lock.close()
 
 
 def lock_run_dir(run_dir: Path) -> typing.IO:
@@ -1821,35 +1616,276 @@ def lock_run_dir(run_dir: Path) -> typing.IO:
     return lock
 
 
-def finish(args: Args, algorithm: Algorithm, run_dir: Path, loop: dict, test_tasks: EvalTasks,
-           device: torch.device, progress: Progress, stop: list[int]) -> dict:
-    """Meta-test the top checkpoints (ensemble and best single model) and write result.json."""
-    history = loop["history"]
-    best = max(history, key=lambda row: (row["val_acc"], -row["epoch"])) if history else None
-    result = {"status": loop["status"], "epochs_run": len(history),
-              "max_val_acc": best["val_acc"] if best else None, "max_val_epoch": best["epoch"] if best else None,
-              "test_acc_ensemble": None, "test_ci_ensemble": None, "test_acc_best": None, "test_ci_best": None,
-              "ensemble_epochs": [epoch for _, epoch in loop["top"]], "test_tasks": len(test_tasks)}
-    if loop.get("notes"):  # what made this run differ from an uninterrupted one (a resume on another device)
-        result["notes"] = loop["notes"]
-    if loop["top"]:
-        members = []
-        for _, epoch in loop["top"]:
-            path = run_dir / f"epoch{epoch:04d}.pt"
-            member = {name: torch.empty_like(p) for name, p in algorithm.params.items()}
-            ckpt = load_checkpoint(path, args)
-            restore_params(member, ckpt["params"], path)
-            members.append((member, _to(ckpt["state"], device)))
-        ensemble, best_single = evaluate(algorithm.test_predict or algorithm.predict, members, test_tasks, args)
-        (acc_ens, ci_ens), (acc_best, ci_best) = mean_ci(ensemble), mean_ci(best_single)
-        result.update(test_acc_ensemble=acc_ens, test_ci_ensemble=ci_ens, test_acc_best=acc_best, test_ci_best=ci_best)
-        progress.message(f"meta-test: ensemble of {len(members)} {acc_ens:.4f} ± {ci_ens:.4f}, "
-                         f"best single {acc_best:.4f} ± {ci_best:.4f}")
-    if stop:  # during the meta-test: no result.json; the run is complete, --resume meta-tests it again
-        progress.message(f"interrupted during the meta-test; its checkpoints are saved: --resume {run_dir}")
-        raise SystemExit(128 + stop[0])
-    if loop["status"] == "diverged":
-        progress.message(f"diverged: {args.max_bad_steps} non-finite meta-iterations in a row; stopped")
-    write_json(run_dir / "result.json", result)
-    progress.message(f"run directory: {run_dir}")
-    return result
+def out_of_memory(error: BaseException | None) -> bool:
+    """CUDA's torch.OutOfMemoryError, or the CPU allocator's "can't allocate memory"."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
+class Data(NamedTuple):
+    sampler: TaskSampler  # training tasks: a fresh batch per meta-iteration
+    val: EvalTasks  # the fixed meta-validation tasks
+    test: EvalTasks  # the fixed meta-test tasks
+    image_shape: tuple[int, int, int]  # (C, H, W)
+
+
+class Run:
+    """The plumbing of one run, called by an algorithm file's `main` in this order, inside `with Run(...) as run`:
+
+        load_data()                            the splits on the device: training sampler, fixed val/test tasks
+        restore(params, state, adam, sampler)  the run directory (locked: one writer), config.json; --resume:
+                                               all four as last.pt left them (state in place)
+        epochs(), iterations(sampler)          the epochs and meta-iterations still to run; a fresh task batch each
+        accept(result)                         a finite step? (the one host read of a meta-iteration); its numbers
+        validate(predict, tasks)               after each epoch: metrics.csv, tasks.csv, the top checkpoints
+        meta_test(predict, tasks)              the top-`--ensemble` checkpoints' ensemble, result.json
+
+    In the block SIGINT and SIGTERM are deferred: the current step finishes, then the run saves last.pt (or
+    writes nothing half-done) and exits with 128 + the signal; running out of memory is a message.
+    """
+
+    def __init__(self, args: Args, name: str):
+        self.device = pick_device(args.device)
+        self.args = for_device(args, self.device)  # --vmap auto decided: on for CUDA, off for a CPU
+        self.name = name  # e.g. maml_gs: in run directory names, config.json and checkpoints
+        torch.manual_seed(args.seed)
+        self.progress = Progress(args.quiet, args.epochs, args.iters_per_epoch)
+        # Everything the loops need to continue exactly where they stopped lives in `loop` and the checkpoint.
+        self.loop = {"epoch": 0, "iteration": 0, "sums": {}, "skipped": 0, "bad_streak": 0, "seconds": 0.0,
+                     "history": [], "top": [], "status": "running"}
+        self.stop: list[int] = []  # signals received, acted on between steps
+        self.dir: Path | None = None
+        self.loss = math.nan  # the last meta-iteration's loss, for the progress line
+        self.started = time.time()  # this session's start of the current epoch
+        self._exit = contextlib.ExitStack()
+
+    def __enter__(self) -> Run:
+        self.stop = self._exit.enter_context(deferred_signals())
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        self._exit.close()  # signal handlers back, TensorBoard closed, the run directory's lock released
+        if out_of_memory(error):
+            raise SystemExit(f"error: out of {self.device.type} memory ({str(error).splitlines()[0]}). "
+                             f"Lower --eval-batch (it may change on --resume), or start again with fewer --tasks, "
+                             f"--queries or --filters, or with --recompute where the file offers it") from None
+
+    def _interrupted(self, what: str) -> None:
+        if self.stop:
+            self.progress.message(what)
+            raise SystemExit(128 + self.stop[0])
+
+    def load_data(self) -> Data:
+        """The three splits of --dataset on the run's device: the training task sampler (--seed) and the fixed
+        validation and test task sets (--eval-seed, the same for every run and method)."""
+        args = self.args
+        try:
+            splits = {split: load_split(args.dataset, split, args.data_root, download=args.download,
+                                        cache_dir=args.cache_dir or None, bbox_crop=args.bbox_crop,
+                                        synthetic_shape=synthetic_shape(args.synthetic_shape), seed=args.eval_seed,
+                                        verbose=not args.quiet).to(self.device) for split in SPLITS}
+            task_shape = (args.ways, args.shots, args.queries)
+            data = Data(TaskSampler(splits["train"], *task_shape, args.tasks, seed=args.seed),
+                        EvalTasks(splits["val"], *task_shape, args.val_tasks, seed=args.eval_seed),
+                        EvalTasks(splits["test"], args.ways, args.shots, args.test_queries or args.queries,
+                                  args.test_tasks, seed=args.eval_seed), splits["train"].image_shape)
+        except DataError as e:
+            raise SystemExit(f"error: {e}")
+        # during the data's loading or first conversion (its cache is written atomically): nothing started
+        self._interrupted("interrupted before training started; nothing was written to a run directory")
+        if min(data.image_shape[1:]) < POOL ** BLOCKS:  # both backbones pool BLOCKS times
+            raise SystemExit(f"error: the backbone's {BLOCKS} poolings need images of at least {POOL ** BLOCKS}"
+                             f"×{POOL ** BLOCKS} pixels; {args.dataset}'s are {data.image_shape}")
+        return data
+
+    def restore(self, params: dict[str, torch.Tensor], state: dict, adam: torch.optim.Optimizer,
+                sampler: TaskSampler) -> None:
+        """Take the run directory (--resume, --out or a new name under runs/) and keep what its checkpoints hold.
+
+        A new run writes config.json (every argument, the machine, the commit). --resume loads last.pt into
+        params, state (a dict, updated in place), adam, sampler, the global RNG and the loops' position.
+        """
+        args = self.args
+        self.params, self.state, self.adam, self.sampler = params, state, adam, sampler
+        self.dir = Path(args.resume or args.out or run_dir_name(args, self.name)).expanduser()
+        self._exit.enter_context(lock_run_dir(self.dir))  # held until the block ends: one writer per directory
+        for leftover in self.dir.glob("*.tmp"):  # of a process killed while writing here (none can be writing now)
+            leftover.unlink()
+        last = self.dir / LAST
+        if args.resume and last.exists():
+            ckpt = load_checkpoint(last, args)
+            restore_params(params, ckpt["params"], last)
+            state.clear()
+            state.update(_to(ckpt["state"], self.device))
+            adam.load_state_dict(ckpt["optimizer"])
+            sampler_note = sampler.load_state_dict(ckpt["sampler"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            self.loop = loop = _to(ckpt["loop"], self.device)
+            if sampler_note:  # the numbers will differ from an uninterrupted run's: said even with --quiet, and kept
+                print(f"warning: {sampler_note}", file=sys.stderr)
+                loop.setdefault("notes", []).append(f"resumed at epoch {loop['epoch'] + 1}, iteration "
+                                                    f"{loop['iteration'] + 1}: {sampler_note}")
+            self.progress.message(f"resuming {self.dir} at epoch {loop['epoch'] + 1}, iteration "
+                                  f"{loop['iteration'] + 1}")
+            # Leftovers of a kill: checkpoints no longer (or not yet) in the top list (temp files: gone above).
+            keep = {f"epoch{epoch:04d}.pt" for _, epoch in loop["top"]}
+            for path in [p for p in self.dir.glob("epoch*.pt") if p.name not in keep]:
+                path.unlink()
+        else:  # a new run (or a resumed one killed before its first checkpoint: it starts again)
+            if not args.resume and last.exists():
+                raise SystemExit(f"error: {self.dir} already holds a run; continue it with --resume {self.dir}")
+            write_json(self.dir / "config.json", {"program": program_name(args), "algorithm": self.name,
+                                                  **dataclasses.asdict(args), "out": str(self.dir), "resume": "",
+                                                  "torch": torch.__version__, **provenance(self.device)})
+        self.writer = tensorboard_writer(self.dir) if args.tensorboard else None
+        if self.writer is not None:
+            self._exit.callback(self.writer.close)
+
+    def save(self, path: Path) -> None:
+        """A self-describing checkpoint of everything restore() fills, written atomically."""
+        cpu = torch.device("cpu")
+        ckpt = {"format": CHECKPOINT_FORMAT, "program": program_name(self.args), "algorithm": self.name,
+                "args": dataclasses.asdict(self.args), "params": {n: p.detach().cpu() for n, p in self.params.items()},
+                "state": _to(self.state, cpu), "optimizer": self.adam.state_dict(),
+                "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(), "loop": _to(self.loop, cpu)}
+        write_run_file(path, lambda f: torch.save(ckpt, f))
+
+    def epochs(self) -> Iterator[int]:
+        """The epochs still to run, from 0. After the last (or a divergence) the run is marked and last.pt saved."""
+        loop = self.loop
+        while loop["epoch"] < self.args.epochs and loop["status"] == "running":
+            self.started = time.time()
+            yield loop["epoch"]
+        if loop["status"] == "running":
+            loop["status"] = "finished"
+        self.save(self.dir / LAST)  # also a diverged run: --resume then reports it again instead of training on
+        if loop["history"]:  # again: a kill between the last epoch's checkpoint and its metrics.csv loses no row
+            write_csv(self.dir / "metrics.csv", loop["history"])
+        # during the last validation or checkpoint: saved above
+        self._interrupted(f"interrupted: saved {self.dir / LAST}; meta-test it with --resume {self.dir}")
+
+    def iterations(self, sampler: TaskSampler) -> Iterator[Tasks]:
+        """This epoch's meta-iterations still to run: a fresh batch of training tasks each. A signal received
+        during the last one: last.pt saved, exit. Ends early when accept() has found the run diverged."""
+        loop = self.loop
+        while loop["iteration"] < self.args.iters_per_epoch:
+            if self.stop:
+                loop["seconds"] += time.time() - self.started
+                self.save(self.dir / LAST)
+                self._interrupted(f"interrupted: saved {self.dir / LAST}; continue with --resume {self.dir}")
+            yield sampler.sample()
+            if loop["status"] != "running":
+                return
+            loop["iteration"] += 1
+            self.progress.step(loop["epoch"], loop["iteration"] - 1, self.loss)
+
+    def accept(self, result: StepResult) -> bool:
+        """Whether this meta-iteration's outer step may be taken: its loss and every meta-gradient finite (g² too,
+        since Adam squares it). Reads the flag and the loss in one device-to-host read, the only one of a
+        meta-iteration: a finite step's numbers are summed on the device, read once per epoch. A non-finite step
+        is skipped and counted; --max-bad-steps of them in a row stop the run as diverged."""
+        grads = [g for g in result.grads.values() if g is not None]
+        finite = torch.stack([result.loss.isfinite()] + [g.square().isfinite().all() for g in grads]).all()
+        finite, self.loss = torch.stack([finite.to(result.loss.dtype), result.loss]).tolist()
+        loop = self.loop
+        if finite:
+            numbers = {"train_loss": result.loss, "train_acc": result.accuracy, **result.metrics}
+            for name, value in numbers.items():  # [sum, count]: a metric may come every n-th step only
+                total = loop["sums"].setdefault(name, [0.0, 0])
+                total[0], total[1] = total[0] + torch.as_tensor(value, device=self.device).double(), total[1] + 1
+            if result.per_task and loop["iteration"] < TASK_LOG:
+                loop.setdefault("task_log", []).append(
+                    [loop["iteration"] + 1, {name: value.detach() for name, value in result.per_task.items()}])
+            loop["bad_streak"] = 0
+            return True
+        loop["skipped"] += 1  # a NaN or inf: skip this outer update, count it, stop after too many in a row
+        loop["bad_streak"] += 1
+        self.progress.message(f"epoch {loop['epoch'] + 1} iteration {loop['iteration'] + 1}: non-finite loss or "
+                              f"meta-gradient, update skipped ({loop['bad_streak']} in a row)")
+        if loop["bad_streak"] >= self.args.max_bad_steps:
+            loop["status"] = "diverged"
+        return False
+
+    def _task_rows(self, epoch: int) -> list[dict]:
+        """The epoch's logged per-task numbers as tasks.csv rows, read from the device at once."""
+        rows, logged = self.loop.pop("tasks", []), self.loop.get("task_log", [])  # "tasks": rows of older versions
+        if logged:
+            names = list(logged[0][1])
+            values = torch.stack([torch.stack([columns[name].to(self.device).double() for name in names])
+                                  for _, columns in logged]).tolist()  # (iterations, names, tasks)
+            rows += [{"epoch": epoch + 1, "iteration": iteration, "task": t, **dict(zip(names, task))}
+                     for (iteration, _), numbers in zip(logged, values) for t, task in enumerate(zip(*numbers))]
+        return rows
+
+    def validate(self, predict: Callable[[Tasks], torch.Tensor], tasks: EvalTasks) -> None:
+        """After an epoch: the accuracy of `predict` (tasks -> query logits) on the fixed validation tasks, the
+        epoch's row in metrics.csv, its per-task rows in tasks.csv, a checkpoint (kept while among the best
+        --ensemble) and last.pt. Nothing when the run diverged in this epoch."""
+        loop, args = self.loop, self.args
+        if loop["status"] != "running":
+            return
+        epoch = loop["epoch"]
+        val_acc, val_ci = mean_ci(evaluate([predict], tasks, args.eval_batch)[0])
+        sums = loop["sums"]  # the one read of the epoch's sums
+        totals = torch.stack([torch.as_tensor(total, dtype=torch.float64, device=self.device)
+                              for total, _ in sums.values()]).tolist() if sums else []
+        means = {name: total / count for (name, (_, count)), total in zip(sums.items(), totals)}
+        loop["history"].append({  # an epoch whose every update was skipped has no training numbers: NaN
+            "epoch": epoch + 1, "train_loss": means.pop("train_loss", math.nan),
+            "train_acc": means.pop("train_acc", math.nan), "val_acc": val_acc, "val_ci": val_ci,
+            "skipped_steps": loop["skipped"], "seconds": loop["seconds"] + time.time() - self.started, **means})
+        if rows := self._task_rows(epoch):  # appended before the checkpoint that counts them
+            loop["tasks_size"] = append_csv(self.dir / "tasks.csv", rows, loop.get("tasks_size", 0))
+        loop.update(epoch=epoch + 1, iteration=0, sums={}, skipped=0, seconds=0.0, task_log=[])
+        # Keep the best `ensemble` checkpoints by validation accuracy; ties: the later epoch first, as the
+        # MAML++ reference's ranking (np.argsort(val_acc)[::-1], experiment_builder.py) orders them.
+        ranked = sorted(loop["top"] + [[val_acc, epoch + 1]], key=lambda t: (-t[0], -t[1]))
+        loop["top"], evicted = ranked[:args.ensemble], ranked[args.ensemble:]
+        if [val_acc, epoch + 1] in loop["top"]:
+            self.save(self.dir / f"epoch{epoch + 1:04d}.pt")
+        self.save(self.dir / LAST)  # written before the evicted files go: a crash in between loses nothing
+        for _, old in evicted:
+            (self.dir / f"epoch{old:04d}.pt").unlink(missing_ok=True)
+        write_csv(self.dir / "metrics.csv", loop["history"])
+        if self.writer is not None:  # the same numbers as metrics.csv's row, one TensorBoard tag per column
+            for key, value in loop["history"][-1].items():
+                if key != "epoch":
+                    self.writer.add_scalar(key, value, epoch + 1)
+            self.writer.flush()
+        row = loop["history"][-1]
+        self.progress.message(f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f} "
+                              f"acc {row['train_acc']:.4f}, val acc {val_acc:.4f} ± {val_ci:.4f}")
+
+    def meta_test(self, predict: Callable[[dict, dict, Tasks], torch.Tensor], tasks: EvalTasks) -> dict:
+        """Meta-test the top checkpoints on the fixed test tasks, each model its own (params, state) in `predict`:
+        their ensemble and the best one alone. Writes result.json and returns its dict."""
+        args, loop = self.args, self.loop
+        history = loop["history"]
+        best = max(history, key=lambda row: (row["val_acc"], -row["epoch"])) if history else None
+        result = {"status": loop["status"], "epochs_run": len(history),
+                  "max_val_acc": best["val_acc"] if best else None, "max_val_epoch": best["epoch"] if best else None,
+                  "test_acc_ensemble": None, "test_ci_ensemble": None, "test_acc_best": None, "test_ci_best": None,
+                  "ensemble_epochs": [epoch for _, epoch in loop["top"]], "test_tasks": len(tasks)}
+        if loop.get("notes"):  # what made this run differ from an uninterrupted one (a resume on another device)
+            result["notes"] = loop["notes"]
+        if loop["top"]:
+            models = []
+            for _, epoch in loop["top"]:
+                path = self.dir / f"epoch{epoch:04d}.pt"
+                params = {name: torch.empty_like(p) for name, p in self.params.items()}
+                ckpt = load_checkpoint(path, args)
+                restore_params(params, ckpt["params"], path)
+                models.append(functools.partial(predict, params, _to(ckpt["state"], self.device)))
+            ensemble, best_single = evaluate(models, tasks, args.eval_batch)
+            (acc_ens, ci_ens), (acc_best, ci_best) = mean_ci(ensemble), mean_ci(best_single)
+            result.update(test_acc_ensemble=acc_ens, test_ci_ensemble=ci_ens, test_acc_best=acc_best,
+                          test_ci_best=ci_best)
+            self.progress.message(f"meta-test: ensemble of {len(models)} {acc_ens:.4f} ± {ci_ens:.4f}, "
+                                  f"best single {acc_best:.4f} ± {ci_best:.4f}")
+        # during the meta-test: no result.json; the run is complete, --resume meta-tests it again
+        self._interrupted(f"interrupted during the meta-test; its checkpoints are saved: --resume {self.dir}")
+        if loop["status"] == "diverged":
+            self.progress.message(f"diverged: {args.max_bad_steps} non-finite meta-iterations in a row; stopped")
+        write_json(self.dir / "result.json", result)
+        self.progress.message(f"run directory: {self.dir}")
+        return result

@@ -23,15 +23,16 @@ Decisions where the paper is silent:
   (explore at the start, exploit from E on); --schedule fixed (Table 6): p_max before E, p_min from E on.
 - The explore/exploit draw comes from a generator seeded with --seed whose state lives in `state`
   (resume is exact); the global RNG is never touched. --no-ee sets p = 0 (always exploit).
-- Logged per epoch (`metrics`, averaged by common.run over the finite meta-iterations): gci_mean / gci_harmonised:
+- Logged per epoch (`metrics`, averaged over the epoch's finite meta-iterations): gci_mean / gci_harmonised:
   Eq. 3 over the whole θ, summed over tasks, w.r.t. ḡ / g_u (gci_mean: Table 5's GCI column; gci_harmonised >=
   gci_mean, Cauchy-Schwarz); explore_fraction; weight_entropy (of w^ℓ over tasks, mean over layers). Per task
-  (`per_task`, tasks.csv: common.run keeps the first meta-iterations of each epoch): L_t and GCI_t (Figure 2).
+  (`per_task`, tasks.csv: the first meta-iterations of each epoch): L_t and GCI_t (Figure 2).
 - --p-min 1 --p-max 1 is plain MAML (GCI logged); --backbone resnet12 is fmu2's ResNet-12 (Tables 2, 3).
 
-How it runs: `common.run` builds θ with `make_algorithm`, steps Adam with the gradients of `meta_gradient`
-on every batch of tasks (carrying its `state`, the explore/exploit generator), evaluates `predict` on fixed
-validation tasks after every epoch and `test_predict` on the test tasks at the end (top-5 ensemble).
+How it runs: `main`, at the end of this file, shows meta-training in order: the outer Adam on θ, the epochs of
+meta-iterations (`meta_gradient` on a fresh task batch: explore or exploit, then the Adam step), meta-validation
+with `predict` after every epoch (the training inner steps), and the meta-test of the 5 best checkpoints'
+ensemble with --test-inner-steps. common.py holds the plumbing only: data, the network, run directory, logs.
 
 Defaults: the paper's (task batch 4, inner lr 0.01, 5 inner steps in training, 10 at meta-test, Adam 1e-3,
 Conv4-32: 32.9k parameters) and, where it is silent, its code base's (fmu2/PyTorch-MAML, public copy
@@ -133,30 +134,30 @@ def harmonise(task_grads: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return harmonised, torch.stack(weights)
 
 
-def inner_step(fast: dict[str, torch.Tensor], x_s: torch.Tensor, y_s: torch.Tensor, args: Args,
-               create_graph: bool, frozen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def inner_step(fast: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], tasks: common.Tasks, args: Args,
+               create_graph: bool) -> dict[str, torch.Tensor]:
     """One plain MAML step θ_{t,k+1} = θ_{t,k} − α ∇L_t(θ_{t,k}) for every task, (tasks, ...) per adapted tensor."""
-    grads = common.support_grads(common.FORWARD[args.backbone], fast, x_s, y_s, create_graph=create_graph,
+    grads = common.support_grads(common.FORWARD[args.backbone], fast, tasks.x_s, tasks.y_s, create_graph=create_graph,
                                  use_vmap=args.vmap == "on", frozen=frozen)  # ∇L_t(θ_{t,k}), (tasks, ...)
     return {name: w - args.inner_lr * grads[name] for name, w in fast.items()}
 
 
-def inner_loop(weights: dict[str, torch.Tensor], x_s: torch.Tensor, y_s: torch.Tensor, args: Args, inner_steps: int,
+def inner_loop(weights: dict[str, torch.Tensor], tasks: common.Tasks, args: Args, inner_steps: int,
                create_graph: bool) -> dict[str, torch.Tensor]:
-    """Adapt every task of the batch: `inner_steps` plain MAML steps from θ_{t,0}, (tasks, ...) per tensor.
+    """Adapt every task of the batch: `inner_steps` plain MAML steps on its support set from θ_{t,0}.
 
-    x_s (tasks, ways*shots, C, H, W), y_s (tasks, ways*shots). Returns θ_{t,K}, (tasks, ...) per tensor; the
-    tensors common.split_adapted leaves alone (BatchNorm's unless --adapt-bn) are θ_{t,0}'s.
+    weights: θ_{t,0}, (tasks, ...) per tensor; tasks.x_s (tasks, ways*shots, C, H, W), tasks.y_s (tasks, ways*shots).
+    Returns θ_{t,K}, (tasks, ...) per tensor; the frozen ones (BatchNorm's unless --adapt-bn) are θ_{t,0}'s.
     --recompute: torch.utils.checkpoint keeps only the inputs of steps 1..K-1 and recomputes each step in
     the backward pass; step K, the first the backward needs, stays stored (the query pass: forward_tasks).
     """
     fast, frozen = common.split_adapted(weights, args.adapt_bn)
     for k in range(inner_steps):
         if args.recompute and k < inner_steps - 1:
-            fast = torch.utils.checkpoint.checkpoint(inner_step, fast, x_s, y_s, args, create_graph, frozen,
+            fast = torch.utils.checkpoint.checkpoint(inner_step, fast, frozen, tasks, args, create_graph,
                                                      use_reentrant=False)
         else:
-            fast = inner_step(fast, x_s, y_s, args, create_graph, frozen)
+            fast = inner_step(fast, frozen, tasks, args, create_graph)
     return {**fast, **frozen}
 
 
@@ -165,7 +166,7 @@ def task_gradients(params: dict[str, torch.Tensor], tasks: common.Tasks, args: A
     num_tasks = tasks.x_s.shape[0]
     # θ_{t,0}: one copy of θ per task, (tasks, ...) leaves, so that the backward keeps the tasks' gradients apart.
     copies = {name: p.detach().expand(num_tasks, *p.shape).clone().requires_grad_() for name, p in params.items()}
-    fast = inner_loop(copies, tasks.x_s, tasks.y_s, args, args.inner_steps, create_graph=not args.first_order)
+    fast = inner_loop(copies, tasks, args, args.inner_steps, create_graph=not args.first_order)
     logits = common.forward_tasks(common.FORWARD[args.backbone], fast, tasks.x_q, args.vmap == "on",
                                   args.recompute)  # (tasks, ways*queries, ways)
     # L_t^query, the mean over task t's queries (tasks,): row t of the gradient of Σ_t L_t w.r.t. the copies is g_t.
@@ -182,13 +183,14 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
     harmonised, weights = harmonise(task_grads)  # g_u^ℓ, w (layers, tasks)
     generator = torch.Generator()
     generator.set_state(state["rng"].cpu())
+    # A number of a CPU generator: host memory on every device, no wait for the device
     explore = torch.rand((), generator=generator).item() < explore_probability(epoch, args)
     # Conflict numbers of this step over the whole θ: Eq. 3 summed over tasks, w.r.t. ḡ and w.r.t. g_u.
     flat = torch.cat([g.flatten(1) for g in task_grads.values()], dim=1)  # (tasks, n)
     task_gci = gci(flat, torch.cat([g.flatten() for g in mean.values()]))  # (tasks,): Figure 2's GCI of each task
-    metrics = {"gci_mean": task_gci.sum().item(), "explore_fraction": float(explore),
-               "gci_harmonised": gci(flat, torch.cat([g.flatten() for g in harmonised.values()])).sum().item(),
-               "weight_entropy": torch.special.entr(weights).sum(1).mean().item()}
+    metrics = {"gci_mean": task_gci.sum(), "explore_fraction": float(explore),  # tensors: read once per epoch
+               "gci_harmonised": gci(flat, torch.cat([g.flatten() for g in harmonised.values()])).sum(),
+               "weight_entropy": torch.special.entr(weights).sum(1).mean()}
     grads = mean if explore else harmonised
     if args.clip_grad > 0:  # as fmu2's train.py: every element of every meta-gradient, before the outer step
         grads = {name: g.clamp(-args.clip_grad, args.clip_grad) for name, g in grads.items()}
@@ -198,23 +200,50 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
 
 def predict(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, args: Args,
             inner_steps: int | None = None) -> torch.Tensor:
-    """Query logits (tasks, ways*queries, ways) after adapting θ to every task (meta-validation: the training
-    --inner-steps, as fmu2's train.py; meta-test: --test-inner-steps, `test_predict`)."""
+    """Query logits (tasks, ways*queries, ways) after adapting θ to every task with `inner_steps` (None: the
+    training --inner-steps, meta-validation's as in fmu2's train.py; `main` gives --test-inner-steps at meta-test)."""
     with torch.enable_grad():
         fast = {name: p.detach().expand(tasks.x_s.shape[0], *p.shape).requires_grad_() for name, p in params.items()}
-        fast = inner_loop(fast, tasks.x_s, tasks.y_s, args, inner_steps or args.inner_steps, create_graph=False)
+        fast = inner_loop(fast, tasks, args, inner_steps or args.inner_steps, create_graph=False)
     with torch.no_grad():
         return common.forward_tasks(common.FORWARD[args.backbone], fast, tasks.x_q, args.vmap == "on")
 
 
-def make_algorithm(args: Args, image_shape: tuple[int, int, int], device: torch.device) -> common.Algorithm:
-    """θ from the seed; the explore/exploit generator seeded with --seed."""
-    theta = common.init_backbone(args, image_shape)
-    params = {name: p.to(device).requires_grad_() for name, p in theta.items()}
-    state = {"rng": torch.Generator().manual_seed(args.seed).get_state()}
-    return common.Algorithm("lwdgh_ee" if args.ee else "lwdgh", params, state, meta_gradient, predict,
-                            test_predict=lambda *a: predict(*a, inner_steps=args.test_inner_steps))
+def init_params(args: Args, image_shape: tuple[int, int, int], device: torch.device) -> dict[str, torch.Tensor]:
+    """The meta-parameters, leaves on `device`: θ (--backbone) from the seed."""
+    return {name: p.to(device).requires_grad_() for name, p in common.init_backbone(args, image_shape).items()}
+
+
+def init_state(args: Args) -> dict:
+    """What one meta-iteration hands the next (`state`): the explore/exploit draws' generator, from --seed."""
+    return {"rng": torch.Generator().manual_seed(args.seed).get_state()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Meta-train with the outer Adam (explore or exploit each meta-iteration), meta-validate after every epoch,
+    meta-test the top-5 ensemble with --test-inner-steps. common.Run is the plumbing: run directory, checkpoints,
+    signals, logs. Returns result.json's dict."""
+    args = common.parse_args(Args, argv, __doc__.splitlines()[0])  # --resume: the run's own arguments
+    with common.Run(args, "lwdgh_ee" if args.ee else "lwdgh") as run:  # SIGINT/SIGTERM: save at the next step
+        args = run.args  # --vmap auto decided for the device
+        data = run.load_data()  # training task sampler, fixed validation and test tasks, on the device
+        params = init_params(args, data.image_shape, run.device)  # what the outer Adam learns: θ
+        state = init_state(args)  # the explore/exploit draws' generator
+        adam = torch.optim.Adam(params.values(), lr=args.outer_lr)
+        run.restore(params, state, adam, data.sampler)  # the run directory; --resume: all four from last.pt
+        for epoch in run.epochs():
+            for tasks in run.iterations(data.sampler):  # --iters-per-epoch batches of --tasks tasks
+                # explores (ḡ) with probability explore_probability(epoch), else exploits (g_u); clamped to ±--clip-grad
+                result = meta_gradient(params, state, tasks, epoch, args)
+                if run.accept(result):  # finite (else skipped and counted: a diverging run stops)
+                    for name, p in params.items():
+                        p.grad = result.grads[name]
+                    adam.step()
+                    state.update(result.state)  # the generator, advanced by one draw
+            run.validate(lambda tasks: predict(params, state, tasks, args), data.val)  # keeps the best checkpoints
+        return run.meta_test(lambda params, state, tasks: predict(params, state, tasks, args, args.test_inner_steps),
+                             data.test)
 
 
 if __name__ == "__main__":
-    common.main(Args, make_algorithm, description=__doc__.splitlines()[0])
+    main()

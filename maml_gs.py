@@ -20,10 +20,10 @@ and shift are meta-learned by the outer loop but not adapted in the inner loop (
 as in MAML's own code (BatchNorm variables outside the adapted weights); --adapt-bn adapts them too.
 The network: Conv4, or fmu2/PyTorch-MAML's ResNet-12 with --backbone resnet12 (common.resnet12_forward).
 
-How it runs: `common.main` parses `Args`; `common.run` builds the meta-parameters with `make_algorithm`, steps
-Adam with the gradients of `meta_gradient` on every batch of tasks (carrying its `state`, the stored ĝ, and
-averaging its `metrics` per epoch), and evaluates `predict` on fixed validation tasks after every epoch and on
-the test tasks at the end (the ensemble of the 5 best checkpoints).
+How it runs: `main`, at the end of this file, shows meta-training in order: the outer Adam on θ (and m, λ),
+the epochs of meta-iterations (`meta_gradient` on a fresh task batch, then the Adam step, the new ĝ kept),
+meta-validation with `predict` after every epoch, and the meta-test of the 5 best checkpoints' ensemble.
+common.py holds the plumbing only: data, the network, the run directory, checkpoints, signals and logs.
 
 Reproduces arXiv 2312.08398, Table 1 (5-way 5-shot), rows MAML/5 and MAML/1 (task batch 5 and 1),
 columns ORIGINAL (--no-gs) and GRADSHARE (--gs); CUB: 150 epochs (task batch 5) or 750 (task batch 1),
@@ -35,6 +35,7 @@ MiniImagenet: 250 or 1250. E.g.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -67,75 +68,89 @@ class Args(common.Args):
 GS_PARAMS = ("m", "lambda")  # meta-learned momentum and gate, one per inner step (K,)
 
 
-def init_params(args: Args, image_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
-    """θ (Conv4) from the seed; with gradient sharing m = λ = 0 (σ = 0.5)."""
+class Sharing(NamedTuple):
+    """Gradient sharing's inputs to one inner loop (None in its place: no sharing)."""
+    m: torch.Tensor  # (K,) σ(m_k) weighs this batch's g_k against the stored ĝ_k (Eq. 3)
+    lam: torch.Tensor  # (K,) σ(λ_k) weighs ĝ_k against each task's own gradient (Eq. 4)
+    ghat: list[dict[str, torch.Tensor]] | None  # the stored ĝ_1..ĝ_K (detached, like θ); None before the first
+    update: bool  # Algorithm 1: ĝ_k from this batch's g_k (Eq. 1-3); Algorithm 2 (False): the stored ĝ_k as it is
+
+
+def init_params(args: Args, image_shape: tuple[int, int, int], device: torch.device) -> dict[str, torch.Tensor]:
+    """The meta-parameters, leaves on `device`: θ (--backbone) from the seed; with sharing m = λ = 0 (σ = 0.5)."""
     params = common.init_backbone(args, image_shape)
     if args.gs:
         params.update({name: torch.zeros(args.inner_steps) for name in GS_PARAMS})
-    return params
+    return {name: p.to(device).requires_grad_() for name, p in params.items()}
 
 
-def split_params(params: dict[str, torch.Tensor]):
-    """params -> (θ, m, λ); m and λ are None for plain MAML."""
-    theta = {name: p for name, p in params.items() if name not in GS_PARAMS}
-    return theta, params.get("m"), params.get("lambda")
+def init_state(args: Args) -> dict:
+    """What one meta-iteration hands the next (`state`): the stored ĝ_1..ĝ_K, none before the first."""
+    return {"ghat": None}
 
 
-def inner_step(fast: dict[str, torch.Tensor], k: int, m: torch.Tensor | None, lam: torch.Tensor | None,
-               ghat: list[dict[str, torch.Tensor]] | None, x_s: torch.Tensor, y_s: torch.Tensor, args: Args,
-               share: bool, create_graph: bool, frozen: dict[str, torch.Tensor]):
+def split_params(params: dict[str, torch.Tensor], args: Args):
+    """params -> (θ's adapted tensors, θ's frozen ones (BatchNorm's unless --adapt-bn), m, λ); m, λ None: --no-gs."""
+    net = {n: p for n, p in params.items() if n not in GS_PARAMS}
+    theta, frozen = common.split_adapted(net, args.adapt_bn)
+    return theta, frozen, params.get("m"), params.get("lambda")
+
+
+def inner_step(k: int, fast: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], tasks: common.Tasks,
+               sharing: Sharing | None, args: Args, create_graph: bool):
     """Inner step k+1 for every task of the batch, Eq. 1-4 (k counts from 0 here and indexes m, λ, ĝ).
 
-    Returns θ_{t,k+1} for every task, (tasks, ...) per adapted tensor, and ĝ_{k+1} (None unless shared).
+    fast: θ_{t,k}, frozen: θ's tensors not adapted, (tasks, ...) each. Returns θ_{t,k+1} and ĝ_{k+1} (None unless
+    sharing.update).
     """
-    grads = common.support_grads(common.FORWARD[args.backbone], fast, x_s, y_s, create_graph=create_graph,
+    grads = common.support_grads(common.FORWARD[args.backbone], fast, tasks.x_s, tasks.y_s, create_graph=create_graph,
                                  use_vmap=args.vmap == "on", frozen=frozen)  # ∇L_t(θ_{t,k}), (tasks, ...)
     delta, ghat_k = grads, None  # without sharing: Δ_{t,k} = ∇L_t
-    if lam is not None and (share or ghat is not None):
-        if share:
+    if sharing is not None and (sharing.update or sharing.ghat is not None):
+        if sharing.update:
             total = {name: g.sum(0) for name, g in grads.items()}  # Σ_t ∇L_t
             norm = torch.sqrt(sum(g.square().sum() for g in total.values()))  # over the whole parameter vector
             ghat_k = {name: g / norm for name, g in total.items()}  # Eq. 1: g_k; Eq. 2: ĝ_k = g_k at first
-            if ghat is not None:
-                momentum = torch.sigmoid(m[k])
-                ghat_k = {name: momentum * g + (1 - momentum) * ghat[k][name] for name, g in ghat_k.items()}  # Eq. 3
-        gate = torch.sigmoid(lam[k])
-        shared = ghat_k if share else ghat[k]  # Algorithm 2 uses the stored running mean, unchanged
+            if sharing.ghat is not None:
+                momentum = torch.sigmoid(sharing.m[k])
+                ghat_k = {name: momentum * g + (1 - momentum) * sharing.ghat[k][name]
+                          for name, g in ghat_k.items()}  # Eq. 3
+        gate = torch.sigmoid(sharing.lam[k])
+        shared = ghat_k if sharing.update else sharing.ghat[k]  # Algorithm 2 uses the stored running mean, unchanged
         delta = {name: gate * shared[name] + (1 - gate) * g for name, g in grads.items()}  # Eq. 4, ĝ broadcast
     return {name: w - args.inner_lr * delta[name] for name, w in fast.items()}, ghat_k
 
 
-def inner_loop(theta: dict[str, torch.Tensor], m: torch.Tensor | None, lam: torch.Tensor | None,
-               ghat: list[dict[str, torch.Tensor]] | None, x_s: torch.Tensor, y_s: torch.Tensor, args: Args,
-               share: bool, create_graph: bool):
-    """Adapt θ to every task of the batch: K inner steps (Algorithm 1 with share=True, Algorithm 2 without).
+def inner_loop(theta: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], tasks: common.Tasks,
+               sharing: Sharing | None, args: Args, create_graph: bool):
+    """Adapt θ to every task of the batch: K inner steps on its support set (Algorithm 1 or 2, as sharing.update).
 
-    x_s (tasks, ways*shots, C, H, W), y_s (tasks, ways*shots); m, lam (K,) or None without sharing; ghat the
-    stored ĝ (K dicts like θ) or None before the first meta-iteration. Returns the adapted weights, each
-    (tasks, ...), and with share=True the new ĝ (still attached to the graph: m gets its gradient there).
-    Only the tensors common.split_adapted names are adapted (and span g_k, ĝ_k): BatchNorm's unless --adapt-bn.
-    --recompute: torch.utils.checkpoint keeps only the inputs of steps 1..K-1 and recomputes each step in
-    the backward pass; step K, the first the backward needs, stays stored (the query pass: forward_tasks).
+    The tensors as split_params splits them; tasks.x_s (tasks, ways*shots, C, H, W), tasks.y_s (tasks, ways*shots).
+    Returns θ_{t,K}, (tasks, ...) per tensor of θ (the frozen ones as θ's), and with sharing.update the new ĝ
+    (still attached to the graph: m gets its gradient there), else None. BatchNorm's tensors are frozen unless
+    --adapt-bn (and then span g_k, ĝ_k too). --recompute: torch.utils.checkpoint keeps only the inputs of steps
+    1..K-1 and recomputes each step in the backward pass; step K, the first the backward needs, stays stored.
     """
-    weights = {name: p.expand(x_s.shape[0], *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
-    fast, frozen = common.split_adapted(weights, args.adapt_bn)
+    count = tasks.x_s.shape[0]
+    fast = {name: p.expand(count, *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
+    frozen = {name: p.expand(count, *p.shape) for name, p in frozen.items()}
     new_ghat = []
     for k in range(args.inner_steps):
-        step_args = (fast, k, m, lam, ghat, x_s, y_s, args, share, create_graph, frozen)
+        step_args = (k, fast, frozen, tasks, sharing, args, create_graph)
         if args.recompute and k < args.inner_steps - 1:
             fast, ghat_k = torch.utils.checkpoint.checkpoint(inner_step, *step_args, use_reentrant=False)
         else:
             fast, ghat_k = inner_step(*step_args)
         new_ghat.append(ghat_k)
-    return {**fast, **frozen}, (new_ghat if share and lam is not None else None)
+    return {**fast, **frozen}, (new_ghat if sharing is not None and sharing.update else None)
 
 
 def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, epoch: int,
                   args: Args) -> common.StepResult:
     """One meta-iteration of Algorithm 1: adapt every task; the query loss (Eq. 5) and its meta-gradient."""
-    theta, m, lam = split_params(params)
-    fast, ghat = inner_loop(theta, m, lam, state["ghat"], tasks.x_s, tasks.y_s, args, share=True,
-                            create_graph=not args.first_order)
+    theta, frozen, m, lam = split_params(params, args)
+    sharing = Sharing(m, lam, state["ghat"], update=True) if lam is not None else None
+    fast, ghat = inner_loop(theta, frozen, tasks, sharing, args, create_graph=not args.first_order)
     # (1/T) Σ_t L_t^query(θ_{t,K}) and its gradient w.r.t. every meta-parameter, through the inner loop
     logits = common.forward_tasks(common.FORWARD[args.backbone], fast, tasks.x_q, args.vmap == "on",
                                   args.recompute)  # (tasks, ways*queries, ways)
@@ -144,27 +159,43 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
     metrics = {}
     if ghat is not None:
         state = {"ghat": [{name: g.detach() for name, g in ghat_k.items()} for ghat_k in ghat]}
-        # The paper's Figures 3, 5, 7, 9, 11: σ(m_k), σ(λ_k), mean over k.
-        metrics.update(sigma_m=torch.sigmoid(m).mean().item(), sigma_lambda=torch.sigmoid(lam).mean().item())
+        # The paper's Figures 3, 5, 7, 9, 11: σ(m_k), σ(λ_k), mean over k (tensors: read once per epoch)
+        metrics.update(sigma_m=torch.sigmoid(m).mean().detach(), sigma_lambda=torch.sigmoid(lam).mean().detach())
     return common.StepResult(loss.detach(), acc, dict(zip(params, grads)), state, metrics)
 
 
 def predict(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, args: Args) -> torch.Tensor:
     """Algorithm 2: adapt with the stored ĝ (never updated), return query logits (tasks, ways*queries, ways)."""
-    detached = {name: p.detach().requires_grad_() for name, p in params.items()}
-    theta, m, lam = split_params(detached)
+    theta, frozen, m, lam = split_params({name: p.detach().requires_grad_() for name, p in params.items()}, args)
+    sharing = Sharing(m, lam, state["ghat"], update=False) if lam is not None else None
     with torch.enable_grad():
-        fast, _ = inner_loop(theta, m, lam, state["ghat"], tasks.x_s, tasks.y_s, args, share=False,
-                             create_graph=False)
+        fast, _ = inner_loop(theta, frozen, tasks, sharing, args, create_graph=False)
     with torch.no_grad():
         return common.forward_tasks(common.FORWARD[args.backbone], fast, tasks.x_q, args.vmap == "on")
 
 
-def make_algorithm(args: Args, image_shape: tuple[int, int, int], device: torch.device) -> common.Algorithm:
-    """The meta-parameters on `device`; no ĝ before the first meta-iteration."""
-    params = {name: p.to(device).requires_grad_() for name, p in init_params(args, image_shape).items()}
-    return common.Algorithm("maml_gs" if args.gs else "maml", params, {"ghat": None}, meta_gradient, predict)
+def main(argv: list[str] | None = None) -> dict:
+    """Meta-train (Algorithm 1) with the outer Adam, meta-validate after every epoch, meta-test the top-5 ensemble
+    (Algorithm 2). common.Run is the plumbing: run directory, checkpoints, signals, logs. Returns result.json's dict."""
+    args = common.parse_args(Args, argv, __doc__.splitlines()[0])  # --resume: the run's own arguments
+    with common.Run(args, "maml_gs" if args.gs else "maml") as run:  # SIGINT/SIGTERM: save at the next step
+        args = run.args  # --vmap auto decided for the device
+        data = run.load_data()  # training task sampler, fixed validation and test tasks, on the device
+        params = init_params(args, data.image_shape, run.device)  # what the outer Adam learns
+        state = init_state(args)  # the stored ĝ_1..ĝ_K, carried from one meta-iteration to the next
+        adam = torch.optim.Adam(params.values(), lr=args.outer_lr)
+        run.restore(params, state, adam, data.sampler)  # the run directory; --resume: all four from last.pt
+        for epoch in run.epochs():
+            for tasks in run.iterations(data.sampler):  # --iters-per-epoch batches of --tasks tasks
+                result = meta_gradient(params, state, tasks, epoch, args)
+                if run.accept(result):  # finite (else skipped and counted: a diverging run stops)
+                    for name, p in params.items():
+                        p.grad = result.grads[name]
+                    adam.step()
+                    state.update(result.state)  # the new ĝ
+            run.validate(lambda tasks: predict(params, state, tasks, args), data.val)  # keeps the best checkpoints
+        return run.meta_test(lambda params, state, tasks: predict(params, state, tasks, args), data.test)
 
 
 if __name__ == "__main__":
-    common.main(Args, make_algorithm, description=__doc__.splitlines()[0])
+    main()

@@ -15,7 +15,7 @@ Gradient sharing at inner step k = 1..K, for the T tasks of a batch (names in `i
 MAML++ (each feature has its flag; in parentheses the code name):
     LSLR   a learned inner learning rate per adapted tensor per step, (K,), init --inner-lr  (`lslr.<name>`)
     BNWB   per-step BatchNorm scale and shift, (K, C) per block: row k serves the support forward of step k+1
-           and the query forward after it (k = 0..K−1, the reference's num_step); outer loop only  (`bn`, `bn_rows`)
+           and the query forward after it (k = 0..K−1, the reference's num_step); outer loop only  (`frozen`, `frozen_at`)
     MSL    L = Σ_j w_j(epoch) (1/T) Σ_t L_t^query(θ_{t,j}) over j = 1..K while epoch < --msl-epochs,
            then the final step j = K only  (`msl_weights`)
     DA     first order while epoch < --first-order-epochs, second order afterwards  (`meta_gradient`)
@@ -41,11 +41,12 @@ the last unused). With --no-per-step-bn the BN scale and shift are single θ ten
 outer loop only like every BN tensor of this project (the reference's MAML configs:
 enable_inner_loop_optimizable_bn_params false); --adapt-bn adapts them in the inner loop as well.
 
-How it runs: `common.main` parses `Args` and calls `common.run`, which builds the meta-parameters with
-`make_algorithm`, then for every meta-iteration calls `meta_gradient` on a batch of tasks and steps Adam with
-its gradients (carrying its `state`, the stored ĝ, and averaging its `metrics` per epoch; each epoch's learning
-rate from `cosine_lr`), and evaluates `predict` on fixed validation tasks after every epoch and on the test
-tasks at the end (the top-5 ensemble). Conv4 only (--backbone): per-step BN rows are Conv4's, as MAML++'s.
+How it runs: `main`, at the end of this file, shows meta-training in order: the outer Adam on all the
+meta-parameters with each epoch's cosine learning rate, the epochs of meta-iterations (`meta_gradient` on a
+fresh task batch with that epoch's MSL weights and derivative order, then the Adam step, the new ĝ kept),
+meta-validation with `predict` after every epoch, and the meta-test of the 5 best checkpoints' ensemble.
+common.py holds the plumbing only: data, the network, the run directory, checkpoints, signals and logs.
+Conv4 only (--backbone): per-step BN rows are Conv4's, as MAML++'s.
 
 Reproduces arXiv 2312.08398, Table 1 (5-way 5-shot), rows MAML++/5 and MAML++/1 (task batch 5 and 1),
 columns ORIGINAL (--no-gs) and GRADSHARE (--gs); CUB: 150 epochs (task batch 5) or 750 (task batch 1),
@@ -57,6 +58,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -112,8 +114,17 @@ BN = common.BN  # Conv4's BatchNorm tensors bn{i}.weight and bn{i}.bias; per-ste
 MSL_FLOOR = 0.03  # MSL: each non-final weight falls to at least MSL_FLOOR / K (the reference's value)
 
 
-def init_params(args: Args, image_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
-    """θ (Conv4) from the seed; BN rows as its BN; LSLR rates --inner-lr; with sharing m = λ = 0 (σ = 0.5)."""
+class Sharing(NamedTuple):
+    """Gradient sharing's inputs to one inner loop (None in its place: no sharing)."""
+    m: torch.Tensor  # (K,) σ(m_k) weighs this batch's g_k against the stored ĝ_k (Eq. 3)
+    lam: torch.Tensor  # (K,) σ(λ_k) weighs ĝ_k against each task's own gradient (Eq. 4)
+    ghat: list[dict[str, torch.Tensor]] | None  # the stored ĝ_1..ĝ_K (detached, like θ); None before the first
+    update: bool  # Algorithm 1: ĝ_k from this batch's g_k (Eq. 1-3); Algorithm 2 (False): the stored ĝ_k as it is
+
+
+def init_params(args: Args, image_shape: tuple[int, int, int], device: torch.device) -> dict[str, torch.Tensor]:
+    """The meta-parameters, leaves on `device`: θ (Conv4) from the seed; BN rows as its BN; LSLR rates --inner-lr;
+    with sharing m = λ = 0 (σ = 0.5)."""
     params = common.conv4_init(image_shape, args.ways, args.filters, generator=torch.Generator().manual_seed(args.seed))
     if args.per_step_bn:  # K copies of conv4_init's BN scale 1 and shift 0, in place of the (C,) tensors
         params.update({name: p.expand(args.inner_steps, *p.shape).clone() for name, p in params.items()
@@ -123,74 +134,80 @@ def init_params(args: Args, image_shape: tuple[int, int, int]) -> dict[str, torc
         params.update({LSLR + name: torch.full((args.inner_steps,), args.inner_lr) for name in adapted})
     if args.gs:
         params.update({name: torch.zeros(args.inner_steps) for name in GS_PARAMS})
-    return params
+    return {name: p.to(device).requires_grad_() for name, p in params.items()}
+
+
+def init_state(args: Args) -> dict:
+    """What one meta-iteration hands the next (`state`): the stored ĝ_1..ĝ_K, none before the first."""
+    return {"ghat": None}
 
 
 def split_params(params: dict[str, torch.Tensor], args: Args):
-    """params -> (adapted θ, BN not adapted, LSLR rates, m, λ); fixed rates: [inner_lr] * K; m, λ: None without gs."""
+    """params -> (θ's adapted tensors, θ's frozen ones (BN), LSLR rates, m, λ); fixed rates: [inner_lr] * K; m, λ
+    None: --no-gs."""
     net = {name: p for name, p in params.items() if name not in GS_PARAMS and not name.startswith(LSLR)}
-    theta, bn = common.split_adapted(net, args.adapt_bn and not args.per_step_bn)  # per-step BN: never adapted
+    theta, frozen = common.split_adapted(net, args.adapt_bn and not args.per_step_bn)  # per-step BN: never adapted
     lslr = {name: params.get(LSLR + name, [args.inner_lr] * args.inner_steps) for name in theta}
-    return theta, bn, lslr, params.get("m"), params.get("lambda")
+    return theta, frozen, lslr, params.get("m"), params.get("lambda")
 
 
-def bn_rows(frozen: dict[str, torch.Tensor], step: int, args: Args) -> dict[str, torch.Tensor]:
-    """The BN tensors of inner step `step` (from 0) and of the query forward after it, (tasks, C) each: row
-    `step` of each per-step BN tensor, or the BN tensors the inner loop leaves alone."""
-    return {name: w[:, step] if args.per_step_bn else w for name, w in frozen.items()}
+def frozen_at(frozen: dict[str, torch.Tensor], k: int, args: Args) -> dict[str, torch.Tensor]:
+    """The frozen tensors of inner step k (from 0) and of the query forward after it, (tasks, C) each: row k of
+    each per-step BN tensor, or the frozen tensors as they are."""
+    return {name: w[:, k] if args.per_step_bn else w for name, w in frozen.items()}
 
 
-def inner_step(fast: dict[str, torch.Tensor], k: int, rows: dict[str, torch.Tensor], lslr: dict,
-               m: torch.Tensor | None, lam: torch.Tensor | None, ghat: list[dict[str, torch.Tensor]] | None,
-               x_s: torch.Tensor, y_s: torch.Tensor, args: Args, share: bool, create_graph: bool):
+def inner_step(k: int, fast: dict[str, torch.Tensor], frozen_k: dict[str, torch.Tensor], lslr: dict,
+               tasks: common.Tasks, sharing: Sharing | None, args: Args, create_graph: bool):
     """Inner step k+1 for every task of the batch, Eq. 1-4 (k counts from 0 here and indexes m, λ, ĝ, LSLR, BN).
 
-    Returns θ_{t,k+1} for every task, (tasks, ...) per tensor, and ĝ_{k+1} (None unless shared).
+    fast: θ_{t,k}, frozen_k: frozen_at(frozen, k), (tasks, ...) each. Returns θ_{t,k+1} and ĝ_{k+1} (None unless
+    sharing.update).
     """
-    grads = common.support_grads(common.conv4_forward, fast, x_s, y_s, create_graph=create_graph,
-                                 use_vmap=args.vmap == "on", frozen=rows)  # ∇L_t(θ_{t,k}) with BN row k
+    grads = common.support_grads(common.conv4_forward, fast, tasks.x_s, tasks.y_s, create_graph=create_graph,
+                                 use_vmap=args.vmap == "on", frozen=frozen_k)  # ∇L_t(θ_{t,k}) with BN row k
     delta, ghat_k = grads, None  # without sharing: Δ_{t,k} = ∇L_t
-    if lam is not None and (share or ghat is not None):
-        if share:
+    if sharing is not None and (sharing.update or sharing.ghat is not None):
+        if sharing.update:
             total = {name: g.sum(0) for name, g in grads.items()}  # Σ_t ∇L_t
             norm = torch.sqrt(sum(g.square().sum() for g in total.values()))  # over the whole adapted vector
             ghat_k = {name: g / norm for name, g in total.items()}  # Eq. 1: g_k; Eq. 2: ĝ_k = g_k at first
-            if ghat is not None:
-                momentum = torch.sigmoid(m[k])
-                ghat_k = {name: momentum * g + (1 - momentum) * ghat[k][name] for name, g in ghat_k.items()}  # Eq. 3
-        gate = torch.sigmoid(lam[k])
-        shared = ghat_k if share else ghat[k]  # Algorithm 2 uses the stored running mean, unchanged
+            if sharing.ghat is not None:
+                momentum = torch.sigmoid(sharing.m[k])
+                ghat_k = {name: momentum * g + (1 - momentum) * sharing.ghat[k][name]
+                          for name, g in ghat_k.items()}  # Eq. 3
+        gate = torch.sigmoid(sharing.lam[k])
+        shared = ghat_k if sharing.update else sharing.ghat[k]  # Algorithm 2 uses the stored running mean, unchanged
         delta = {name: gate * shared[name] + (1 - gate) * g for name, g in grads.items()}  # Eq. 4, ĝ broadcast
     return {name: w - lslr[name][k] * delta[name] for name, w in fast.items()}, ghat_k  # LSLR: per tensor, step
 
 
-def inner_loop(theta: dict[str, torch.Tensor], bn: dict[str, torch.Tensor], lslr: dict, m: torch.Tensor | None,
-               lam: torch.Tensor | None, ghat: list[dict[str, torch.Tensor]] | None, x_s: torch.Tensor,
-               y_s: torch.Tensor, args: Args, share: bool, create_graph: bool):
-    """Adapt θ to every task of the batch: K inner steps (Algorithm 1 with share=True, Algorithm 2 without).
+def inner_loop(theta: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], lslr: dict, tasks: common.Tasks,
+               sharing: Sharing | None, args: Args, create_graph: bool):
+    """Adapt θ to every task of the batch: K inner steps on its support set (Algorithm 1 or 2, as sharing.update).
 
-    bn: the BN tensors not adapted, (K, C) per-step or (C,) ({} with --adapt-bn); lslr: each adapted tensor's
-    rates, (K,) or a list of K floats when fixed; x_s (tasks, ways*shots, C, H, W), y_s (tasks, ways*shots); m,
-    lam (K,) or None without sharing; ghat the stored ĝ (K dicts like θ) or None before the first meta-iteration.
-    Returns the trajectory [θ_{t,0}, ..., θ_{t,K}] (MSL needs every step), each a dict of (tasks, ...)
-    tensors, θ_{t,j} (j ≥ 1) with the BN rows of step j's support forward (its query forward's too), and with
-    share=True the new ĝ (still attached to the graph: m gets its gradient there).
+    The tensors as split_params splits them: frozen, the BN tensors, (K, C) per-step or (C,) ({} with --adapt-bn);
+    lslr, each adapted tensor's rates, (K,) or K floats when fixed; tasks.x_s (tasks, ways*shots, C, H, W),
+    tasks.y_s (tasks, ways*shots). Returns the trajectory [θ_{t,0}, ..., θ_{t,K}] (MSL needs every step), each a
+    dict of (tasks, ...) tensors, θ_{t,j} (j ≥ 1) with the BN rows of step j's support forward (its query
+    forward's too), and with sharing.update the new ĝ (still attached to the graph: m gets its gradient there).
     --recompute: torch.utils.checkpoint keeps only the inputs of steps 1..K-1 and recomputes each step in
     the backward pass; step K, the first the backward needs, stays stored (the query pass: forward_tasks).
     """
-    weights = {name: p.expand(x_s.shape[0], *p.shape) for name, p in {**theta, **bn}.items()}  # (tasks, ...)
-    fast, frozen = {name: weights[name] for name in theta}, {name: weights[name] for name in bn}  # θ_{t,0} = θ
+    count = tasks.x_s.shape[0]
+    fast = {name: p.expand(count, *p.shape) for name, p in theta.items()}  # θ_{t,0} = θ, (tasks, ...)
+    frozen = {name: p.expand(count, *p.shape) for name, p in frozen.items()}
     trajectory, new_ghat = [fast], []
     for k in range(args.inner_steps):
-        rows = bn_rows(frozen, k, args)
-        step_args = (fast, k, rows, lslr, m, lam, ghat, x_s, y_s, args, share, create_graph)
+        frozen_k = frozen_at(frozen, k, args)
+        step_args = (k, fast, frozen_k, lslr, tasks, sharing, args, create_graph)
         if args.recompute and k < args.inner_steps - 1:
             fast, ghat_k = torch.utils.checkpoint.checkpoint(inner_step, *step_args, use_reentrant=False)
         else:
             fast, ghat_k = inner_step(*step_args)
-        trajectory.append({**fast, **rows})
+        trajectory.append({**fast, **frozen_k})
         new_ghat.append(ghat_k)
-    return trajectory, (new_ghat if share and lam is not None else None)
+    return trajectory, (new_ghat if sharing is not None and sharing.update else None)
 
 
 def msl_weights(epoch: int, args: Args) -> list[float] | None:
@@ -212,9 +229,12 @@ def cosine_lr(epoch: int, args: Args) -> float:
 
 def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, epoch: int,
                   args: Args) -> common.StepResult:
-    """One meta-iteration of Algorithm 1 with MAML++: adapt every task; the (multi-step) query loss and its gradient."""
-    theta, bn, lslr, m, lam = split_params(params, args)
-    trajectory, ghat = inner_loop(theta, bn, lslr, m, lam, state["ghat"], tasks.x_s, tasks.y_s, args, share=True,
+    """One meta-iteration of Algorithm 1 with MAML++: adapt every task; the (multi-step) query loss and its gradient.
+
+    By epoch: first order while epoch < --first-order-epochs (DA), the MSL weights of `msl_weights` (MSL)."""
+    theta, frozen, lslr, m, lam = split_params(params, args)
+    sharing = Sharing(m, lam, state["ghat"], update=True) if lam is not None else None
+    trajectory, ghat = inner_loop(theta, frozen, lslr, tasks, sharing, args,
                                   create_graph=epoch >= args.first_order_epochs)
     # MSL: Σ_j w_j (1/T) Σ_t L_t^query(θ_{t,j}) with BN row j − 1; else (Eq. 5) the final step's alone
     weights = msl_weights(epoch, args) or [0.0] * (args.inner_steps - 1) + [1.0]
@@ -227,34 +247,52 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
             loss = loss + weight * step_loss
     grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)))
     if args.clip_grad > 0:  # as the reference: the network's meta-gradients only, not the learning rates, m or λ
-        grads = {name: g.clamp(-args.clip_grad, args.clip_grad) if g is not None and (name in theta or name in bn)
+        grads = {name: g.clamp(-args.clip_grad, args.clip_grad) if g is not None and (name in theta or name in frozen)
                  else g for name, g in grads.items()}
-    metrics = {}
+    metrics = {}  # tensors: read once per epoch
     if args.lslr:
-        metrics["lslr_mean"] = torch.stack([p.detach() for p in lslr.values()]).mean().item()  # (tensors, K)
+        metrics["lslr_mean"] = torch.stack([p.detach() for p in lslr.values()]).mean()  # (tensors, K)
     if ghat is not None:
         state = {"ghat": [{name: g.detach() for name, g in ghat_k.items()} for ghat_k in ghat]}
-        metrics.update(sigma_m=torch.sigmoid(m).mean().item(), sigma_lambda=torch.sigmoid(lam).mean().item())
+        metrics.update(sigma_m=torch.sigmoid(m).mean().detach(), sigma_lambda=torch.sigmoid(lam).mean().detach())
     return common.StepResult(loss.detach(), acc, grads, state, metrics)
 
 
 def predict(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, args: Args) -> torch.Tensor:
     """Algorithm 2: adapt with the stored ĝ (never updated), return query logits (tasks, ways*queries, ways)."""
-    detached = {name: p.detach().requires_grad_() for name, p in params.items()}
-    theta, bn, lslr, m, lam = split_params(detached, args)
+    theta, frozen, lslr, m, lam = split_params({n: p.detach().requires_grad_() for n, p in params.items()}, args)
+    sharing = Sharing(m, lam, state["ghat"], update=False) if lam is not None else None
     with torch.enable_grad():
-        trajectory, _ = inner_loop(theta, bn, lslr, m, lam, state["ghat"], tasks.x_s, tasks.y_s, args, share=False,
-                                   create_graph=False)
+        trajectory, _ = inner_loop(theta, frozen, lslr, tasks, sharing, args, create_graph=False)
     with torch.no_grad():
         return common.forward_tasks(common.conv4_forward, trajectory[-1], tasks.x_q, args.vmap == "on")
 
 
-def make_algorithm(args: Args, image_shape: tuple[int, int, int], device: torch.device) -> common.Algorithm:
-    """The meta-parameters on `device`; no ĝ before the first meta-iteration; the cosine outer lr if on."""
-    params = {name: p.to(device).requires_grad_() for name, p in init_params(args, image_shape).items()}
-    return common.Algorithm("mamlpp_gs" if args.gs else "mamlpp", params, {"ghat": None}, meta_gradient, predict,
-                            outer_lr=cosine_lr if args.cosine else None)
+def main(argv: list[str] | None = None) -> dict:
+    """Meta-train (Algorithm 1) with the outer Adam, meta-validate after every epoch, meta-test the top-5 ensemble
+    (Algorithm 2). common.Run is the plumbing: run directory, checkpoints, signals, logs. Returns result.json's dict."""
+    args = common.parse_args(Args, argv, __doc__.splitlines()[0])  # --resume: the run's own arguments
+    with common.Run(args, "mamlpp_gs" if args.gs else "mamlpp") as run:  # SIGINT/SIGTERM: save at the next step
+        args = run.args  # --vmap auto decided for the device
+        data = run.load_data()  # training task sampler, fixed validation and test tasks, on the device
+        params = init_params(args, data.image_shape, run.device)  # what the outer Adam learns
+        state = init_state(args)  # the stored ĝ_1..ĝ_K, carried from one meta-iteration to the next
+        adam = torch.optim.Adam(params.values(), lr=args.outer_lr)
+        run.restore(params, state, adam, data.sampler)  # the run directory; --resume: all four from last.pt
+        for epoch in run.epochs():
+            if args.cosine:  # CA: this epoch's outer learning rate
+                for group in adam.param_groups:
+                    group["lr"] = cosine_lr(epoch, args)
+            for tasks in run.iterations(data.sampler):  # --iters-per-epoch batches of --tasks tasks
+                result = meta_gradient(params, state, tasks, epoch, args)  # MSL weights and DA by epoch
+                if run.accept(result):  # finite (else skipped and counted: a diverging run stops)
+                    for name, p in params.items():
+                        p.grad = result.grads[name]
+                    adam.step()
+                    state.update(result.state)  # the new ĝ
+            run.validate(lambda tasks: predict(params, state, tasks, args), data.val)  # keeps the best checkpoints
+        return run.meta_test(lambda params, state, tasks: predict(params, state, tasks, args), data.test)
 
 
 if __name__ == "__main__":
-    common.main(Args, make_algorithm, description=__doc__.splitlines()[0])
+    main()
