@@ -1522,9 +1522,10 @@ def pick_device(name: str) -> torch.device:
 
 
 def _to(obj, device: torch.device):
-    """Move every tensor inside nested dicts/lists to device."""
+    """Move the floating-point tensors inside nested dicts/lists to device, the others (a torch.Generator's state,
+    counters) to the host, where they are used on every device."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj.to(device if obj.is_floating_point() else torch.device("cpu"))
     if isinstance(obj, dict):
         return {k: _to(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -1792,7 +1793,8 @@ class Run:
             numbers = {"train_loss": result.loss, "train_acc": result.accuracy, **result.metrics}
             for name, value in numbers.items():  # [sum, count]: a metric may come every n-th step only
                 total = loop["sums"].setdefault(name, [0.0, 0])
-                total[0], total[1] = total[0] + torch.as_tensor(value, device=self.device).double(), total[1] + 1
+                # a device tensor summed on the device; a host number (e.g. LWDGH's draw) on the host: no copy
+                total[0], total[1] = total[0] + torch.as_tensor(value, dtype=torch.float64), total[1] + 1
             if result.per_task and loop["iteration"] < TASK_LOG:
                 loop.setdefault("task_log", []).append(
                     [loop["iteration"] + 1, {name: value.detach() for name, value in result.per_task.items()}])

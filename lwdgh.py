@@ -182,7 +182,7 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
     mean = {name: g.mean(0) for name, g in task_grads.items()}  # ḡ^ℓ: the MAML meta-gradient
     harmonised, weights = harmonise(task_grads)  # g_u^ℓ, w (layers, tasks)
     generator = torch.Generator()
-    generator.set_state(state["rng"].cpu())
+    generator.set_state(state["rng"])  # on the host (common._to keeps it there on every device)
     # A number of a CPU generator: host memory on every device, no wait for the device
     explore = torch.rand((), generator=generator).item() < explore_probability(epoch, args)
     # Conflict numbers of this step over the whole θ: Eq. 3 summed over tasks, w.r.t. ḡ and w.r.t. g_u.

@@ -7,6 +7,7 @@ run them where one is (`pytest tests/test_device.py`). The CPU cases run the sam
 vmap path, so that every check here also runs, and can fail, on a machine without a GPU.
 """
 import importlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -43,16 +44,16 @@ def build(label: str, device: str):
     argv = flags + ["--ways", str(WAYS), "--shots", str(SHOTS), "--queries", str(QUERIES), "--tasks", str(TASKS),
                     "--filters", str(FILTERS), "--inner-steps", str(STEPS), "--inner-lr", str(LR)]
     args = common.for_device(common.parse_args(module.Args, argv + ["--device", device]), torch.device(device))
-    algorithm = module.make_algorithm(args, SHAPE, torch.device(device))
-    algorithm.params = {n: p.detach().to(DTYPE).requires_grad_() for n, p in algorithm.params.items()}
+    params = module.init_params(args, SHAPE, torch.device(device))
+    algorithm = SimpleNamespace(module=module, args=args, state=module.init_state(args),
+                                params={n: p.detach().to(DTYPE).requires_grad_() for n, p in params.items()})
     state = algorithm.state
 
     def step() -> common.StepResult:
         nonlocal state
-        result = algorithm.meta_gradient(algorithm.params, state, tasks, 0, args)
+        result = module.meta_gradient(algorithm.params, state, tasks, 0, args)
         state = result.state
         return result
-    algorithm.args = args
     return algorithm, step, tasks
 
 
@@ -63,8 +64,8 @@ def test_the_device_path_gives_the_cpu_loop_paths_meta_gradients_and_predictions
     algorithm, step, tasks = build(f"{label} {flags}", device)
     for name, p in loop_algorithm.params.items():  # the same θ (and m, λ, ...) from the seed on every device
         torch.testing.assert_close(algorithm.params[name].detach().cpu(), p.detach(), rtol=0, atol=0, msg=name)
-    got = algorithm.predict(algorithm.params, algorithm.state, tasks, algorithm.args)
-    want = loop_algorithm.predict(loop_algorithm.params, loop_algorithm.state, loop_tasks, loop_algorithm.args)
+    got = algorithm.module.predict(algorithm.params, algorithm.state, tasks, algorithm.args)
+    want = loop_algorithm.module.predict(loop_algorithm.params, loop_algorithm.state, loop_tasks, loop_algorithm.args)
     torch.testing.assert_close(got.detach().cpu(), want.detach(), rtol=1e-9, atol=1e-12)
     for iteration in range(META_ITERATIONS):
         expected, got = loop_step(), step()
@@ -125,7 +126,7 @@ def test_a_run_on_cuda_killed_and_resumed_ends_as_an_uninterrupted_one(tmp_path,
     argv = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--filters", "8", "--tasks", "2", "--ways", "3",
             "--queries", "2", "--inner-steps", "2", "--epochs", "2", "--iters-per-epoch", "2", "--val-tasks", "4",
             "--test-tasks", "4", "--ensemble", "2", "--quiet", "--device", "cuda"]
-    reference = common.main(module.Args, module.make_algorithm, argv + ["--out", str(tmp_path / "ref")])
+    reference = module.main(argv + ["--out", str(tmp_path / "ref")])
     original, calls = common.TaskSampler.sample, []
 
     def sample(self):  # killed in epoch 2, after epoch 1's checkpoint
@@ -135,9 +136,9 @@ def test_a_run_on_cuda_killed_and_resumed_ends_as_an_uninterrupted_one(tmp_path,
         return original(self)
     monkeypatch.setattr(common.TaskSampler, "sample", sample)
     with pytest.raises(Crash):
-        common.main(module.Args, module.make_algorithm, argv + ["--out", str(tmp_path / "run")])
+        module.main(argv + ["--out", str(tmp_path / "run")])
     monkeypatch.undo()
-    resumed = common.main(module.Args, module.make_algorithm, ["--resume", str(tmp_path / "run"), "--quiet"])
+    resumed = module.main(["--resume", str(tmp_path / "run"), "--quiet"])
     assert resumed["status"] == reference["status"] == "finished" and resumed["epochs_run"] == 2
     floats = {key for key, value in reference.items() if isinstance(value, float)}  # accuracies, intervals
     assert {k: v for k, v in resumed.items() if k not in floats} == {

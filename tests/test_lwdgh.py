@@ -207,7 +207,7 @@ def columns(run_dir) -> list[dict]:
 
 @pytest.mark.parametrize("flags", [[], ["--no-ee"], ["--schedule", "fixed"]])
 def test_synthetic_run_logs_the_conflict_numbers(tmp_path, flags):
-    result = common.main(lwdgh.Args, lwdgh.make_algorithm, TINY + flags + ["--out", str(tmp_path / "run")])
+    result = lwdgh.main(TINY + flags + ["--out", str(tmp_path / "run")])
     assert result["status"] == "finished" and result["epochs_run"] == 3
     rows = columns(tmp_path / "run")
     explore = [float(row["explore_fraction"]) for row in rows]
@@ -221,7 +221,7 @@ def test_synthetic_run_logs_the_conflict_numbers(tmp_path, flags):
 def test_sigterm_mid_epoch_resumes_to_the_same_draws_and_numbers(tmp_path, monkeypatch):
     """The explore draws and the epoch sums live in the checkpointed state: a resumed run repeats them exactly."""
     argv = TINY + ["--p-min", "0.5", "--p-max", "0.5", "--iters-per-epoch", "4"]
-    reference = common.main(lwdgh.Args, lwdgh.make_algorithm, argv + ["--out", str(tmp_path / "ref")])
+    reference = lwdgh.main(argv + ["--out", str(tmp_path / "ref")])
     original, calls = common.TaskSampler.sample, []
     def sample(self):  # SIGTERM during the 2nd meta-iteration of epoch 2
         calls.append(1)
@@ -230,9 +230,9 @@ def test_sigterm_mid_epoch_resumes_to_the_same_draws_and_numbers(tmp_path, monke
         return original(self)
     monkeypatch.setattr(common.TaskSampler, "sample", sample)
     with pytest.raises(SystemExit):
-        common.main(lwdgh.Args, lwdgh.make_algorithm, argv + ["--out", str(tmp_path / "run")])
+        lwdgh.main(argv + ["--out", str(tmp_path / "run")])
     monkeypatch.undo()
-    resumed = common.main(lwdgh.Args, lwdgh.make_algorithm, ["--resume", str(tmp_path / "run"), "--quiet"])
+    resumed = lwdgh.main(["--resume", str(tmp_path / "run"), "--quiet"])
     assert resumed == reference
     def numbers(run_dir):
         return [{k: v for k, v in row.items() if k != "seconds"} for row in columns(run_dir)]
@@ -265,7 +265,7 @@ class Crash(BaseException):
 def test_a_kill_after_tasks_csv_grew_but_before_its_checkpoint_repeats_no_row(tmp_path, monkeypatch):
     """tasks.csv is appended once per epoch; a process killed between the append and the checkpoint that counts
     it leaves rows that the resumed run's next append cuts off: it ends with the uninterrupted run's file."""
-    common.main(lwdgh.Args, lwdgh.make_algorithm, TINY + ["--out", str(tmp_path / "ref")])
+    lwdgh.main(TINY + ["--out", str(tmp_path / "ref")])
     original, appended = common.append_csv, []
     def append_csv(path, rows, size):
         appended.append(original(path, rows, size))
@@ -274,17 +274,17 @@ def test_a_kill_after_tasks_csv_grew_but_before_its_checkpoint_repeats_no_row(tm
         return appended[-1]
     monkeypatch.setattr(common, "append_csv", append_csv)
     with pytest.raises(Crash):
-        common.main(lwdgh.Args, lwdgh.make_algorithm, TINY + ["--out", str(tmp_path / "run")])
+        lwdgh.main(TINY + ["--out", str(tmp_path / "run")])
     monkeypatch.undo()
     assert len(task_rows(tmp_path / "run")) == 2 * len(task_rows(tmp_path / "ref")) // 3  # epochs 1 and 2
-    common.main(lwdgh.Args, lwdgh.make_algorithm, ["--resume", str(tmp_path / "run"), "--quiet"])
+    lwdgh.main(["--resume", str(tmp_path / "run"), "--quiet"])
     assert (tmp_path / "run" / "tasks.csv").read_bytes() == (tmp_path / "ref" / "tasks.csv").read_bytes()
 
 
 def test_tasks_csv_holds_the_first_meta_iterations_of_every_epoch(tmp_path, monkeypatch):
-    """common.run keeps StepResult.per_task of the first TASK_LOG meta-iterations per epoch (paper 004's Figure 2)."""
+    """common.Run keeps StepResult.per_task of the first TASK_LOG meta-iterations per epoch (paper 004's Figure 2)."""
     monkeypatch.setattr(common, "TASK_LOG", 2)
-    common.main(lwdgh.Args, lwdgh.make_algorithm, TINY + ["--out", str(tmp_path / "run")])  # 3 epochs × 3 iterations
+    lwdgh.main(TINY + ["--out", str(tmp_path / "run")])  # 3 epochs × 3 iterations
     rows = task_rows(tmp_path / "run")
     assert [(int(r["epoch"]), int(r["iteration"]), int(r["task"])) for r in rows] == [
         (e, i, t) for e in (1, 2, 3) for i in (1, 2) for t in (0, 1)]  # 2 tasks per batch
@@ -294,29 +294,38 @@ def test_tasks_csv_holds_the_first_meta_iterations_of_every_epoch(tmp_path, monk
 
 
 def test_omniglot_small(tmp_path, shared_data):
-    result = common.main(lwdgh.Args, lwdgh.make_algorithm, [
+    result = lwdgh.main([
         "--dataset", "omniglot", "--data-root", str(shared_data), "--cache-dir", str(tmp_path / "cache"),
         "--filters", "8", "--tasks", "2", "--inner-steps", "1", "--test-inner-steps", "2", "--epochs", "2",
         "--iters-per-epoch", "2", "--val-tasks", "5", "--test-tasks", "5", "--quiet", "--out", str(tmp_path / "run")])
     assert result["status"] == "finished" and result["epochs_run"] == 2
 
 
-def test_validation_adapts_with_the_training_steps_and_the_meta_test_with_the_test_steps():
+def test_validation_adapts_with_the_training_steps_and_the_meta_test_with_the_test_steps(tmp_path, monkeypatch):
     """fmu2's protocol: meta-validation with the training inner loop (--inner-steps), meta-test with
     --test-inner-steps."""
     args = lwdgh.Args(dataset="synthetic", filters=FILTERS, ways=WAYS, inner_steps=1, test_inner_steps=3, inner_lr=LR)
-    algorithm = lwdgh.make_algorithm(args, (1, 16, 16), torch.device("cpu"))
+    params, state = lwdgh.init_params(args, (1, 16, 16), torch.device("cpu")), lwdgh.init_state(args)
     gen = torch.Generator().manual_seed(4)
     x_s, x_q = (torch.randn(2, WAYS * n, 1, 16, 16, generator=gen) for n in (SHOTS, QUERIES))
     tasks = common.Tasks(x_s, torch.arange(WAYS).repeat_interleave(SHOTS).repeat(2, 1),
                          x_q, torch.arange(WAYS).repeat_interleave(QUERIES).repeat(2, 1))
     def adapted(steps):
-        return lwdgh.predict(algorithm.params, algorithm.state, tasks, lwdgh.Args(inner_steps=steps, inner_lr=LR))
-    validation = algorithm.predict(algorithm.params, algorithm.state, tasks, args)
-    test = algorithm.test_predict(algorithm.params, algorithm.state, tasks, args)
+        return lwdgh.predict(params, state, tasks, lwdgh.Args(inner_steps=steps, inner_lr=LR))
+    validation = lwdgh.predict(params, state, tasks, args)
+    test = lwdgh.predict(params, state, tasks, args, args.test_inner_steps)
     torch.testing.assert_close(validation, adapted(1), rtol=0, atol=0)
     torch.testing.assert_close(test, adapted(3), rtol=0, atol=0)
     assert not torch.allclose(validation, test)
+    # main: every validation with --inner-steps (inner_steps None), the meta-test with --test-inner-steps
+    original, steps = lwdgh.predict, []
+    def predict(params, state, tasks, args, inner_steps=None):
+        steps.append(inner_steps)
+        return original(params, state, tasks, args, inner_steps)
+    monkeypatch.setattr(lwdgh, "predict", predict)
+    lwdgh.main(TINY + ["--inner-steps", "1", "--test-inner-steps", "3", "--out", str(tmp_path / "run")])
+    validated = 3  # TINY: 3 epochs, each validating its 6 tasks in one batch of --eval-batch 25
+    assert steps[:validated] == [None] * validated and steps[validated:] == [3, 3]  # 2 models, 1 batch
 
 
 def test_the_meta_gradient_is_clamped_as_fmu2_clamps_it():

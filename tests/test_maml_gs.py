@@ -170,8 +170,8 @@ def test_meta_gradient_matches_central_finite_differences(later):
 @pytest.mark.parametrize("adapt_bn", [False, True])
 def test_batchnorm_is_adapted_in_the_inner_loop_only_with_adapt_bn(adapt_bn):
     params, tasks = tiny_params(gs=False), tiny_tasks()
-    fast, _ = maml_gs.inner_loop(params, None, None, None, tasks.x_s, tasks.y_s, tiny_args(adapt_bn=adapt_bn),
-                                 share=True, create_graph=False)
+    theta, frozen, _, _ = maml_gs.split_params(params, tiny_args(adapt_bn=adapt_bn))
+    fast, _ = maml_gs.inner_loop(theta, frozen, tasks, None, tiny_args(adapt_bn=adapt_bn), create_graph=False)
     for name, p in params.items():  # fast: (tasks, ...) per tensor
         assert torch.equal(fast[name], p.expand(TASKS, *p.shape)) == (name.startswith("bn") and not adapt_bn), name
     ghat = run_step(tiny_params(), None, tasks, adapt_bn=adapt_bn).state["ghat"]
@@ -181,9 +181,8 @@ def test_batchnorm_is_adapted_in_the_inner_loop_only_with_adapt_bn(adapt_bn):
 def test_first_order_maml_is_the_mean_query_gradient_at_the_adapted_weights():
     params, tasks = tiny_params(gs=False), tiny_tasks()
     result = run_step(params, None, tasks, first_order=True)
-    theta = {n: p for n, p in params.items()}
-    fast, _ = maml_gs.inner_loop(theta, None, None, None, tasks.x_s, tasks.y_s, tiny_args(), share=True,
-                                 create_graph=False)
+    theta, frozen, _, _ = maml_gs.split_params(params, tiny_args())
+    fast, _ = maml_gs.inner_loop(theta, frozen, tasks, None, tiny_args(), create_graph=False)
     adapted = {n: w.detach().requires_grad_() for n, w in fast.items()}  # (tasks, ...) leaves
     loss = F.cross_entropy(common.forward_tasks(common.conv4_forward, adapted, tasks.x_q, False).flatten(0, 1),
                            tasks.y_q.flatten())
@@ -198,10 +197,10 @@ def test_zero_gate_is_exactly_maml(later):
         params["lambda"].fill_(-math.inf)  # σ(λ) = 0: Δ = 0·ĝ + 1·∇L_t = ∇L_t, bit for bit
     maml = {n: p for n, p in params.items() if n not in maml_gs.GS_PARAMS}
     ghat = stored_ghat(params) if later else None
-    theta, m, lam = maml_gs.split_params(params)
-    gs_fast, _ = maml_gs.inner_loop(theta, m, lam, ghat, tasks.x_s, tasks.y_s, tiny_args(), share=True,
+    theta, frozen, m, lam = maml_gs.split_params(params, tiny_args())
+    gs_fast, _ = maml_gs.inner_loop(theta, frozen, tasks, maml_gs.Sharing(m, lam, ghat, update=True), tiny_args(),
                                     create_graph=True)
-    maml_fast, _ = maml_gs.inner_loop(maml, None, None, None, tasks.x_s, tasks.y_s, tiny_args(), share=True,
+    maml_fast, _ = maml_gs.inner_loop(*maml_gs.split_params(maml, tiny_args())[:2], tasks, None, tiny_args(),
                                       create_graph=True)
     assert all(torch.equal(gs_fast[n], maml_fast[n]) for n in maml)
     # The meta-gradient, bit for bit: the same operations on the same values (x·0 + y·1 = y).
@@ -216,13 +215,12 @@ def test_zero_gate_is_exactly_maml(later):
 
 def test_no_gs_has_no_m_lambda_or_ghat():
     args = maml_gs.Args(gs=False, ways=WAYS, filters=FILTERS)
-    algorithm = maml_gs.make_algorithm(args, (1, 28, 28), torch.device("cpu"))
-    assert not set(maml_gs.GS_PARAMS) & set(algorithm.params)
-    assert algorithm.name == "maml"
+    params, state = maml_gs.init_params(args, (1, 28, 28), torch.device("cpu")), maml_gs.init_state(args)
+    assert not set(maml_gs.GS_PARAMS) & set(params)
     tasks = common.Tasks(*(t.float() if t.is_floating_point() else t for t in tiny_tasks()))
     tasks = tasks._replace(x_s=F.interpolate(tasks.x_s.flatten(0, 1), size=28).view(TASKS, -1, 1, 28, 28),
                            x_q=F.interpolate(tasks.x_q.flatten(0, 1), size=28).view(TASKS, -1, 1, 28, 28))
-    result = algorithm.meta_gradient(algorithm.params, algorithm.state, tasks, 0, args)
+    result = maml_gs.meta_gradient(params, state, tasks, 0, args)
     assert result.state == {"ghat": None} and result.metrics == {}
 
 

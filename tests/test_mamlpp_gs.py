@@ -260,10 +260,7 @@ def test_cosine_annealing_is_the_references_per_epoch_schedule():
         optimizer.step()
         scheduler.step()
     args = common.parse_args(mamlpp_gs.Args, ["--epochs", "10", "--outer-lr", "0.002", "--min-outer-lr", "0.0001"])
-    algorithm = mamlpp_gs.make_algorithm(args, (1, 28, 28), torch.device("cpu"))
-    assert algorithm.outer_lr(0, args) == 0.002 and algorithm.outer_lr(5, args) == pytest.approx(0.00105)
-    args = common.parse_args(mamlpp_gs.Args, ["--no-cosine"])
-    assert mamlpp_gs.make_algorithm(args, (1, 28, 28), torch.device("cpu")).outer_lr is None
+    assert mamlpp_gs.cosine_lr(0, args) == 0.002 and mamlpp_gs.cosine_lr(5, args) == pytest.approx(0.00105)
 
 
 def test_clip_grad_clamps_the_network_meta_gradients_only():
@@ -295,49 +292,56 @@ def test_every_feature_off_is_exactly_maml(gs, later):
 
 
 def image_tasks(size: int = 28) -> common.Tasks:
-    """tiny_tasks as float32 images of size×size, what a real run feeds make_algorithm's functions."""
+    """tiny_tasks as float32 images of size×size, what a real run feeds the file's functions."""
     tasks = tiny_tasks()
     x_s, x_q = (F.interpolate(x.flatten(0, 1).float(), size=size).view(TASKS, -1, 1, size, size)
                 for x in (tasks.x_s, tasks.x_q))
     return tasks._replace(x_s=x_s, x_q=x_q)
 
 
+def build(module, args) -> tuple[dict, dict]:
+    """(params, state) as the file's main makes them, for 28×28 one-channel images on the CPU."""
+    return module.init_params(args, (1, 28, 28), torch.device("cpu")), module.init_state(args)
+
+
+def floats(metrics: dict) -> dict:
+    return {name: float(value) for name, value in metrics.items()}
+
+
 @pytest.mark.parametrize("gs", ["--gs", "--no-gs"])
 def test_every_flag_off_is_the_maml_configuration(gs):
     argv = ["--ways", str(WAYS), "--filters", str(FILTERS), gs]
-    ours = mamlpp_gs.make_algorithm(common.parse_args(mamlpp_gs.Args, argv + OFF), (1, 28, 28), torch.device("cpu"))
-    maml = maml_gs.make_algorithm(common.parse_args(maml_gs.Args, argv), (1, 28, 28), torch.device("cpu"))
-    assert list(ours.params) == list(maml.params) and ours.outer_lr is None
-    assert all(torch.equal(ours.params[n], maml.params[n]) for n in maml.params)
-    tasks, state_ours, state_maml = image_tasks(), ours.state, maml.state
     args_ours, args_maml = common.parse_args(mamlpp_gs.Args, argv + OFF), common.parse_args(maml_gs.Args, argv)
+    (ours, state_ours), (maml, state_maml) = build(mamlpp_gs, args_ours), build(maml_gs, args_maml)
+    assert list(ours) == list(maml) and not args_ours.cosine
+    assert all(torch.equal(ours[n], maml[n]) for n in maml)
+    tasks = image_tasks()
     for epoch in range(2):  # the first iteration stores ĝ; the second uses it
-        got = ours.meta_gradient(ours.params, state_ours, tasks, epoch, args_ours)
-        want = maml.meta_gradient(maml.params, state_maml, tasks, epoch, args_maml)
+        got = mamlpp_gs.meta_gradient(ours, state_ours, tasks, epoch, args_ours)
+        want = maml_gs.meta_gradient(maml, state_maml, tasks, epoch, args_maml)
         assert torch.equal(got.loss, want.loss)
         assert all((want.grads[n] is None and got.grads[n] is None) or torch.equal(got.grads[n], want.grads[n])
-                   for n in maml.params)
-        assert got.metrics == want.metrics
+                   for n in maml)
+        assert floats(got.metrics) == floats(want.metrics)
         state_ours, state_maml = got.state, want.state
-    assert torch.equal(ours.predict(ours.params, state_ours, tasks, args_ours),
-                       maml.predict(maml.params, state_maml, tasks, args_maml))
+    assert torch.equal(mamlpp_gs.predict(ours, state_ours, tasks, args_ours),
+                       maml_gs.predict(maml, state_maml, tasks, args_maml))
 
 
-def test_make_algorithm_builds_per_step_bn_and_lslr():
+def test_init_params_builds_per_step_bn_and_lslr():
     args = mamlpp_gs.Args(ways=WAYS, filters=FILTERS, inner_lr=0.25, inner_steps=3)
-    algorithm = mamlpp_gs.make_algorithm(args, (1, 28, 28), torch.device("cpu"))
-    params = algorithm.params
+    params, state = build(mamlpp_gs, args)
     adapted = [f"conv{i}.{k}" for i in range(4) for k in ("weight", "bias")] + ["head.weight", "head.bias"]
     bn = [f"bn{i}.{k}" for i in range(4) for k in ("weight", "bias")]
     assert set(params) == set(adapted) | set(bn) | {mamlpp_gs.LSLR + n for n in adapted} | set(GS)
     assert all(params[n].shape == (3, FILTERS) for n in bn)  # K rows
     assert bool((params["bn2.weight"] == 1).all()) and bool((params["bn2.bias"] == 0).all())
     assert all(params[mamlpp_gs.LSLR + n].tolist() == [0.25] * 3 for n in adapted)
-    result = algorithm.meta_gradient(params, algorithm.state, image_tasks(), 0, args)
-    assert result.metrics == {"sigma_m": 0.5, "sigma_lambda": 0.5, "lslr_mean": pytest.approx(0.25)}
+    result = mamlpp_gs.meta_gradient(params, state, image_tasks(), 0, args)
+    assert floats(result.metrics) == {"sigma_m": 0.5, "sigma_lambda": 0.5, "lslr_mean": pytest.approx(0.25)}
     with torch.no_grad():
         params["lslr.head.bias"][2] += 1.3  # one rate of 10 tensors × 3 steps
-    assert algorithm.meta_gradient(params, algorithm.state, image_tasks(), 0, args).metrics["lslr_mean"] == \
+    assert float(mamlpp_gs.meta_gradient(params, state, image_tasks(), 0, args).metrics["lslr_mean"]) == \
         pytest.approx(0.25 + 1.3 / 30)
     ghat = result.state["ghat"]
     assert len(ghat) == 3 and all(set(ghat_k) == set(adapted) for ghat_k in ghat)  # ĝ spans the adapted tensors only
@@ -367,7 +371,7 @@ def metrics(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("flags", [["--gs"], ["--no-gs", "--msl-epochs", "1", "--first-order-epochs", "1",
                                               "--clip-grad", "10"], ["--gs"] + OFF], ids=["gs", "no-gs", "all-off"])
 def test_synthetic_run(tmp_path, flags):
-    result = common.main(mamlpp_gs.Args, mamlpp_gs.make_algorithm, TINY + flags + ["--out", str(tmp_path / "run")])
+    result = mamlpp_gs.main(TINY + flags + ["--out", str(tmp_path / "run")])
     assert result["status"] == "finished" and result["epochs_run"] == 2 and 0 <= result["test_acc_ensemble"] <= 1
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["program"] == "mamlpp_gs" and config["algorithm"] == ("mamlpp_gs" if "--gs" in flags else "mamlpp")
@@ -380,7 +384,7 @@ def test_synthetic_run(tmp_path, flags):
 
 
 def test_omniglot_small(tmp_path, shared_data):
-    result = common.main(mamlpp_gs.Args, mamlpp_gs.make_algorithm, [
+    result = mamlpp_gs.main([
         "--dataset", "omniglot", "--data-root", str(shared_data), "--cache-dir", str(tmp_path / "cache"),
         "--filters", "8", "--tasks", "2", "--inner-steps", "1", "--epochs", "2", "--iters-per-epoch", "2",
         "--val-tasks", "5", "--test-tasks", "5", "--quiet", "--out", str(tmp_path / "run")])

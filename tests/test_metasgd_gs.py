@@ -200,57 +200,63 @@ def test_alpha_fixed_at_the_inner_lr_is_exactly_maml(gs, later):
 
 
 def image_tasks(size: int = 28) -> common.Tasks:
-    """tiny_tasks as float32 images of size×size, what a real run feeds make_algorithm's functions."""
+    """tiny_tasks as float32 images of size×size, what a real run feeds the file's functions."""
     tasks = tiny_tasks()
     x_s, x_q = (F.interpolate(x.flatten(0, 1).float(), size=size).view(TASKS, -1, 1, size, size)
                 for x in (tasks.x_s, tasks.x_q))
     return tasks._replace(x_s=x_s, x_q=x_q)
 
 
+def build(module, args) -> tuple[dict, dict]:
+    """(params, state) as the file's main makes them, for 28×28 one-channel images on the CPU."""
+    return module.init_params(args, (1, 28, 28), torch.device("cpu")), module.init_state(args)
+
+
+def floats(metrics: dict) -> dict:
+    return {name: float(value) for name, value in metrics.items()}
+
+
 @pytest.mark.parametrize("gs", ["--gs", "--no-gs"])
 def test_no_learn_alpha_is_exactly_maml(gs):
     argv = ["--ways", str(WAYS), "--filters", str(FILTERS), gs]
-    ours = metasgd_gs.make_algorithm(common.parse_args(metasgd_gs.Args, argv + ["--no-learn-alpha"]), (1, 28, 28),
-                                     torch.device("cpu"))
-    maml = maml_gs.make_algorithm(common.parse_args(maml_gs.Args, argv), (1, 28, 28), torch.device("cpu"))
-    assert list(ours.params) == list(maml.params)
-    assert all(torch.equal(ours.params[n], maml.params[n]) for n in maml.params)
-    tasks, state_ours, state_maml = image_tasks(), ours.state, maml.state
     args_ours, args_maml = common.parse_args(metasgd_gs.Args, argv + ["--no-learn-alpha"]), common.parse_args(
         maml_gs.Args, argv)
+    (ours, state_ours), (maml, state_maml) = build(metasgd_gs, args_ours), build(maml_gs, args_maml)
+    assert list(ours) == list(maml)
+    assert all(torch.equal(ours[n], maml[n]) for n in maml)
+    tasks = image_tasks()
     for epoch in range(2):  # the first iteration stores ĝ; the second uses it
-        got = ours.meta_gradient(ours.params, state_ours, tasks, epoch, args_ours)
-        want = maml.meta_gradient(maml.params, state_maml, tasks, epoch, args_maml)
+        got = metasgd_gs.meta_gradient(ours, state_ours, tasks, epoch, args_ours)
+        want = maml_gs.meta_gradient(maml, state_maml, tasks, epoch, args_maml)
         assert torch.equal(got.loss, want.loss)
         assert all((want.grads[n] is None and got.grads[n] is None) or torch.equal(got.grads[n], want.grads[n])
-                   for n in maml.params)
-        assert got.metrics == want.metrics
+                   for n in maml)
+        assert floats(got.metrics) == floats(want.metrics)
         assert set(got.metrics) == ({"sigma_m", "sigma_lambda"} if gs == "--gs" else set())
         state_ours, state_maml = got.state, want.state
-    assert torch.equal(ours.predict(ours.params, state_ours, tasks, args_ours),
-                       maml.predict(maml.params, state_maml, tasks, args_maml))
+    assert torch.equal(metasgd_gs.predict(ours, state_ours, tasks, args_ours),
+                       maml_gs.predict(maml, state_maml, tasks, args_maml))
 
 
-def test_make_algorithm_initialises_alpha_to_the_inner_lr():
+def test_init_params_sets_alpha_to_the_inner_lr():
     args = metasgd_gs.Args(ways=WAYS, filters=FILTERS, inner_lr=0.25, inner_steps=3)
-    algorithm = metasgd_gs.make_algorithm(args, (1, 28, 28), torch.device("cpu"))
-    theta = adapted(algorithm.params)  # α for the tensors the inner loop adapts: not BatchNorm's, by default
-    assert set(algorithm.params) == set(network(algorithm.params)) | {metasgd_gs.ALPHA + n for n in theta} | set(GS)
-    with_bn = metasgd_gs.make_algorithm(metasgd_gs.Args(ways=WAYS, filters=FILTERS, adapt_bn=True), (1, 28, 28),
-                                        torch.device("cpu"))
-    assert {n for n in with_bn.params if n.startswith(metasgd_gs.ALPHA)} == {
-        metasgd_gs.ALPHA + n for n in network(with_bn.params)}
+    params, state = build(metasgd_gs, args)
+    theta = adapted(params)  # α for the tensors the inner loop adapts: not BatchNorm's, by default
+    assert set(params) == set(network(params)) | {metasgd_gs.ALPHA + n for n in theta} | set(GS)
+    with_bn, _ = build(metasgd_gs, metasgd_gs.Args(ways=WAYS, filters=FILTERS, adapt_bn=True))
+    assert {n for n in with_bn if n.startswith(metasgd_gs.ALPHA)} == {
+        metasgd_gs.ALPHA + n for n in network(with_bn)}
     for name, p in theta.items():
-        alpha = algorithm.params[metasgd_gs.ALPHA + name]
+        alpha = params[metasgd_gs.ALPHA + name]
         assert alpha.shape == p.shape and bool((alpha == 0.25).all()) and alpha.requires_grad
-    assert algorithm.params["m"].shape == (3,) and algorithm.name == "metasgd_gs"
+    assert params["m"].shape == (3,)
     tasks = image_tasks()
-    values = algorithm.meta_gradient(algorithm.params, algorithm.state, tasks, 0, args).metrics
+    values = floats(metasgd_gs.meta_gradient(params, state, tasks, 0, args).metrics)
     assert values == {"sigma_m": 0.5, "sigma_lambda": 0.5, "alpha_mean": pytest.approx(0.25), "alpha_std": 0.0}
     with torch.no_grad():
-        algorithm.params["alpha.head.bias"].add_(1.0)
-    values = algorithm.meta_gradient(algorithm.params, algorithm.state, tasks, 0, args).metrics
-    every = torch.cat([algorithm.params[metasgd_gs.ALPHA + n].flatten() for n in theta])
+        params["alpha.head.bias"].add_(1.0)
+    values = floats(metasgd_gs.meta_gradient(params, state, tasks, 0, args).metrics)
+    every = torch.cat([params[metasgd_gs.ALPHA + n].flatten() for n in theta])
     assert values["alpha_mean"] == pytest.approx(every.mean().item())
     assert values["alpha_std"] == pytest.approx(every.std().item())
 
@@ -276,7 +282,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("flags", [["--gs"], ["--no-gs"], ["--gs", "--no-learn-alpha"]], ids=" ".join)
 def test_synthetic_run(tmp_path, flags):
-    result = common.main(metasgd_gs.Args, metasgd_gs.make_algorithm, TINY + flags + ["--out", str(tmp_path / "run")])
+    result = metasgd_gs.main(TINY + flags + ["--out", str(tmp_path / "run")])
     assert result["status"] == "finished" and result["epochs_run"] == 2 and 0 <= result["test_acc_ensemble"] <= 1
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["program"] == "metasgd_gs" and config["algorithm"] == ("metasgd_gs" if "--gs" in flags else "metasgd")
@@ -287,7 +293,7 @@ def test_synthetic_run(tmp_path, flags):
 
 
 def test_omniglot_small(tmp_path, shared_data):
-    result = common.main(metasgd_gs.Args, metasgd_gs.make_algorithm, [
+    result = metasgd_gs.main([
         "--dataset", "omniglot", "--data-root", str(shared_data), "--cache-dir", str(tmp_path / "cache"),
         "--filters", "8", "--tasks", "2", "--inner-steps", "1", "--epochs", "2", "--iters-per-epoch", "2",
         "--val-tasks", "5", "--test-tasks", "5", "--quiet", "--out", str(tmp_path / "run")])

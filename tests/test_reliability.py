@@ -36,11 +36,8 @@ def test_divergence_after_some_epochs_still_reports_the_best_checkpoints(tmp_pat
             return result
         return step
 
-    def make(args, shape, device):
-        algorithm = maml_gs.make_algorithm(args, shape, device)
-        algorithm.meta_gradient = poisoned(algorithm.meta_gradient)
-        return algorithm
-    result = common.main(maml_gs.Args, make, TINY + ["--max-bad-steps", "4", "--out", str(tmp_path / "run")])
+    monkeypatch.setattr(maml_gs, "meta_gradient", poisoned(maml_gs.meta_gradient))
+    result = maml_gs.main(TINY + ["--max-bad-steps", "4", "--out", str(tmp_path / "run")])
     # Epoch 2 skips all 3 updates (the model is unchanged: the same validation accuracy, so epoch 1 is the
     # earliest epoch of the best one), the first step of epoch 3 makes 4 in a row: diverged. The tie ranks the
     # later epoch first in the ensemble, as the MAML++ reference's np.argsort(val_acc)[::-1] does.
@@ -159,17 +156,17 @@ def test_a_checkpoint_of_another_program_or_configuration_is_refused_by_name(tmp
     """A maml_gs last.pt copied into an lwdgh run, or run A's last.pt into run B: a message naming the file."""
     import lwdgh
     run_a, run_b, run_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    common.main(maml_gs.Args, maml_gs.make_algorithm, TINY + ["--out", str(run_a)])
-    common.main(maml_gs.Args, maml_gs.make_algorithm, TINY + ["--seed", "2", "--out", str(run_b)])
+    maml_gs.main(TINY + ["--out", str(run_a)])
+    maml_gs.main(TINY + ["--seed", "2", "--out", str(run_b)])
     lwdgh_tiny = [a for a in TINY if a not in ("--gs", "--no-gs")]
-    common.main(lwdgh.Args, lwdgh.make_algorithm, lwdgh_tiny + ["--out", str(run_c)])
+    lwdgh.main(lwdgh_tiny + ["--out", str(run_c)])
     for target in (run_b, run_c):
         (target / "result.json").unlink()
         shutil.copy(run_a / "last.pt", target / "last.pt")
     with pytest.raises(SystemExit, match=r"last.pt belongs to a run with --seed 1"):
-        common.main(maml_gs.Args, maml_gs.make_algorithm, ["--resume", str(run_b), "--quiet"])
+        maml_gs.main(["--resume", str(run_b), "--quiet"])
     with pytest.raises(SystemExit, match=r"last.pt is maml_gs.py's, not lwdgh.py's"):
-        common.main(lwdgh.Args, lwdgh.make_algorithm, ["--resume", str(run_c), "--quiet"])
+        lwdgh.main(["--resume", str(run_c), "--quiet"])
 
 
 def test_a_full_disk_while_checkpointing_is_a_message_and_the_run_resumes(tmp_path, monkeypatch):

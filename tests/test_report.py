@@ -3,7 +3,7 @@
 
 Two runs are real (maml_gs.py --gs / --no-gs on synthetic data, as test_cli.py runs it); the others are
 written with common.py's own writers (common.write_json, common.write_csv) and configs built like
-common.run builds them (program, algorithm, every Args field, out, resume, torch), with chosen numbers.
+common.Run writes them (program, algorithm, every Args field, out, resume, torch), with chosen numbers.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ GS_FILES = {"maml_gs": maml_gs, "metasgd_gs": metasgd_gs, "mamlpp_gs": mamlpp_gs
 
 
 def config_of(module, program: str, algorithm: str, out: Path, **fields) -> dict:
-    """config.json as common.run writes it, for `module`'s Args with these fields."""
+    """config.json as common.Run writes it, for `module`'s Args with these fields."""
     args = module.Args(**fields)
     return {"program": program, "algorithm": algorithm, **dataclasses.asdict(args), "out": str(out), "resume": "",
             "torch": torch.__version__}
@@ -86,7 +86,7 @@ def real_runs(tmp_path_factory) -> Path:
     torch.set_num_threads(1)  # tiny tensors: one thread is many times faster on a busy machine
     try:
         for gs in ("--gs", "--no-gs"):
-            common.main(maml_gs.Args, maml_gs.make_algorithm, TINY + [gs, "--out", str(root / "smoke" / gs.strip("-"))])
+            maml_gs.main(TINY + [gs, "--out", str(root / "smoke" / gs.strip("-"))])
     finally:
         torch.set_num_threads(threads)
     return root
@@ -311,7 +311,7 @@ def test_report_reads_the_columns_the_algorithms_write(tmp_path):
             "--queries", "2", "--inner-steps", "1", "--epochs", "1", "--iters-per-epoch", "1", "--val-tasks", "2",
             "--test-tasks", "2", "--ensemble", "1", "--quiet"]
     for module, wanted in ((cml, set(report.CML_LOSSES) | {"grad_cos"}), (lwdgh, {report.LWDGH_GCI})):
-        common.main(module.Args, module.make_algorithm, tiny + ["--out", str(tmp_path / module.__name__)])
+        module.main(tiny + ["--out", str(tmp_path / module.__name__)])
         with open(tmp_path / module.__name__ / "metrics.csv", newline="") as f:
             assert wanted <= set(next(csv.DictReader(f))), module.__name__
 
@@ -329,7 +329,7 @@ def test_lwdgh_figures_from_real_runs(tmp_path):
     try:
         for name, flags in (("maml", ["--p-min", "1", "--p-max", "1"]), ("ee", []),
                             ("resnet12", ["--backbone", "resnet12", "--resnet-width", "2"])):
-            common.main(lwdgh.Args, lwdgh.make_algorithm, tiny + flags + ["--out", str(tmp_path / "runs" / name)])
+            lwdgh.main(tiny + flags + ["--out", str(tmp_path / "runs" / name)])
         text = report.write_report([tmp_path / "runs"], tmp_path / "out", "report").read_text()
         run = report.read_run(tmp_path / "runs" / "ee")
         got = report.predict_test_tasks(run, run.result["test_tasks"])

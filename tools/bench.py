@@ -6,7 +6,7 @@
 
 Workload: second-order MAML, Conv4-48, 5 tasks, 5 inner steps, inner lr 0.1, 5-way, 15 queries, synthetic
 images. Candidates: the algorithm files (on a CPU at 84×84 MAML's alone: every file's candidate alive at
-once would not fit in 24 GiB) as `common.run` calls them (`make_algorithm`, then `meta_gradient`
+once would not fit in 24 GiB) as their `main` calls them (`init_params`, `init_state`, then `meta_gradient`
 with its state carried on), the plain loop below (per task: K steps of torch.autograd.grad(create_graph=True),
 then the query loss's backward) and `higher` (pip install -r requirements-bench.txt; skipped when missing).
 
@@ -130,13 +130,13 @@ def candidate(label: str, tasks: common.Tasks, filters: int = FILTERS, inner_ste
                     str(tasks.y_q.shape[1] // ways), "--tasks", str(tasks.x_s.shape[0]), "--filters", str(filters),
                     "--inner-steps", str(inner_steps), "--inner-lr", str(inner_lr), "--device", device.type]
     args = common.for_device(common.parse_args(module.Args, argv), device)
-    algorithm = module.make_algorithm(args, image_shape, device)
-    params = {n: p.detach().to(dtype).requires_grad_() for n, p in algorithm.params.items()}
-    state = algorithm.state
+    params = module.init_params(args, image_shape, device)
+    params = {n: p.detach().to(dtype).requires_grad_() for n, p in params.items()}
+    state = module.init_state(args)
 
     def step() -> common.StepResult:
         nonlocal state
-        result = algorithm.meta_gradient(params, state, tasks, 0, args)
+        result = module.meta_gradient(params, state, tasks, 0, args)
         state = result.state
         return result
     return step, params
@@ -246,7 +246,8 @@ def configuration_table(configuration: str, device: torch.device, repeats: int) 
              "allocated MiB | held MiB |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label in labels:
         lines.append(f"| {label} | {median[label]:.3f} | {ratio(REFERENCE, label)} | {ratio('higher', label)} | "
-                     f"{paired(as_users, label)} | {memory[label]['allocated'] / mib:.0f} | {memory[label]['held'] / mib:.0f} |")
+                     f"{paired(as_users, label)} | {memory[label]['allocated'] / mib:.0f} | "
+                     f"{memory[label]['held'] / mib:.0f} |")
     return lines + ["", "vs: the median over the rounds of the peer's time over the candidate's in the same round, "
                     "the peer with the same allocator setting.", ""]
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -822,7 +823,7 @@ def _lwdgh_figure(table: tuple, cells: dict[tuple[str, int], Group], figure_dir:
 
 
 def read_tasks(run: Run) -> list[dict[str, float]]:
-    """The run's tasks.csv (common.run: per-task numbers of the first meta-iterations of every epoch), or []."""
+    """The run's tasks.csv (common.Run: per-task numbers of the first meta-iterations of every epoch), or []."""
     path = run.path / "tasks.csv"
     if not path.is_file():
         return []
@@ -864,7 +865,8 @@ EXAMPLE_QUERIES = 10  # at most 10 query images per task
 
 def predict_test_tasks(run: Run, count: int) -> dict:
     """The best single checkpoint of `run` (result.json's first ensemble epoch) adapted to the first `count` of the
-    run's meta-test tasks, as common.finish builds them: query images (uint8), labels, predictions, class names."""
+    run's meta-test tasks, as common.Run.meta_test reads them: query images (uint8), labels, predictions, class
+    names."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     import importlib
@@ -887,13 +889,15 @@ def predict_test_tasks(run: Run, count: int) -> dict:
     tasks = common.EvalTasks(split, args.ways, args.shots, args.test_queries or args.queries, args.test_tasks,
                              seed=args.eval_seed)
     tasks.index = tasks.index[:count]
-    algorithm = module.make_algorithm(args, split.image_shape, device)
+    params = module.init_params(args, split.image_shape, device)
     path = run.path / f"epoch{int(run.result['ensemble_epochs'][0]):04d}.pt"
     ckpt = common.load_checkpoint(path, args)
-    common.restore_params(algorithm.params, ckpt["params"], path)
+    common.restore_params(params, ckpt["params"], path)
     state = common._to(ckpt["state"], device)
-    predict = algorithm.test_predict or algorithm.predict
-    predictions = torch.cat([predict(algorithm.params, state, batch, args).argmax(-1).cpu()
+    # as the file's main meta-tests: lwdgh.py with --test-inner-steps
+    predict = functools.partial(module.predict, inner_steps=args.test_inner_steps) if hasattr(
+        args, "test_inner_steps") else module.predict
+    predictions = torch.cat([predict(params, state, batch, args).argmax(-1).cpu()
                              for batch in tasks.batches(args.eval_batch)])  # (tasks, ways*queries)
     query = tasks.index[:, :, args.shots:].flatten(1)  # (tasks, ways*queries) image indices
     classes = torch.searchsorted(split.start.cpu(), query, right=True) - 1  # each image's class in the split
