@@ -96,46 +96,22 @@ table1-mamlpp-miniimagenet-t1: setup ; $(call pair,mamlpp,table1,miniimagenet__5
 FIGURES = figures-cub-lr0.1 figures-miniimagenet-lr0.1 figures-cub-lr1.0 figures-miniimagenet-lr1.0
 .PHONY: reproduce-figures $(FIGURES)
 reproduce-figures: $(FIGURES)
-figures-cub-lr0.1: $(filter %-cub-t5 %-cub-t1,$(TABLE1)) setup
-	$(call pair,maml,figures,cub__5w1s__t5__lr0.1,$(CUB_T5) --shots 1 --inner-lr 0.1)
-	$(call pair,maml,figures,cub__5w1s__t1__lr0.1,$(CUB_T1) --shots 1 --inner-lr 0.1)
-	$(call pair,metasgd,figures,cub__5w1s__t5__lr0.1,$(CUB_T5) --shots 1 --inner-lr 0.1)
-	$(call pair,metasgd,figures,cub__5w1s__t1__lr0.1,$(CUB_T1) --shots 1 --inner-lr 0.1)
-	$(call pair,mamlpp,figures,cub__5w1s__t5__lr0.1,$(CUB_T5) --shots 1 --inner-lr 0.1 $(PP))
-	$(call pair,mamlpp,figures,cub__5w1s__t1__lr0.1,$(CUB_T1) --shots 1 --inner-lr 0.1 $(PP))
+# $(call figures,<dataset>,<shots>,<inner lr>): every method × those shots × task batch {5, 1}, OG and GS.
+T5_cub = $(CUB_T5)
+T1_cub = $(CUB_T1)
+T5_miniimagenet = $(MINI_T5)
+T1_miniimagenet = $(MINI_T1)
+PP_cub = $(PP)
+PP_miniimagenet = $(PP_MINI)
+figure = $(call pair,$(1),figures,$(2)__5w$(3)s__t$(4)__lr$(5),$(T$(4)_$(2)) --shots $(3) --inner-lr $(5) \
+	$(if $(filter mamlpp,$(1)),$(PP_$(2))))
+figures = $(foreach method,maml metasgd mamlpp,$(foreach shots,$(2),$(foreach t,5 1,\
+	$(call figure,$(method),$(1),$(shots),$(t),$(3)) &&))) true
+figures-cub-lr0.1: $(filter %-cub-t5 %-cub-t1,$(TABLE1)) setup ; $(call figures,cub,1,0.1)
 figures-miniimagenet-lr0.1: $(filter %-miniimagenet-t5 %-miniimagenet-t1,$(TABLE1)) setup
-	$(call pair,maml,figures,miniimagenet__5w1s__t5__lr0.1,$(MINI_T5) --shots 1 --inner-lr 0.1)
-	$(call pair,maml,figures,miniimagenet__5w1s__t1__lr0.1,$(MINI_T1) --shots 1 --inner-lr 0.1)
-	$(call pair,metasgd,figures,miniimagenet__5w1s__t5__lr0.1,$(MINI_T5) --shots 1 --inner-lr 0.1)
-	$(call pair,metasgd,figures,miniimagenet__5w1s__t1__lr0.1,$(MINI_T1) --shots 1 --inner-lr 0.1)
-	$(call pair,mamlpp,figures,miniimagenet__5w1s__t5__lr0.1,$(MINI_T5) --shots 1 --inner-lr 0.1 $(PP_MINI))
-	$(call pair,mamlpp,figures,miniimagenet__5w1s__t1__lr0.1,$(MINI_T1) --shots 1 --inner-lr 0.1 $(PP_MINI))
-figures-cub-lr1.0: setup
-	$(call pair,maml,figures,cub__5w1s__t5__lr1.0,$(CUB_T5) --shots 1 --inner-lr 1.0)
-	$(call pair,maml,figures,cub__5w1s__t1__lr1.0,$(CUB_T1) --shots 1 --inner-lr 1.0)
-	$(call pair,maml,figures,cub__5w5s__t5__lr1.0,$(CUB_T5) --shots 5 --inner-lr 1.0)
-	$(call pair,maml,figures,cub__5w5s__t1__lr1.0,$(CUB_T1) --shots 5 --inner-lr 1.0)
-	$(call pair,metasgd,figures,cub__5w1s__t5__lr1.0,$(CUB_T5) --shots 1 --inner-lr 1.0)
-	$(call pair,metasgd,figures,cub__5w1s__t1__lr1.0,$(CUB_T1) --shots 1 --inner-lr 1.0)
-	$(call pair,metasgd,figures,cub__5w5s__t5__lr1.0,$(CUB_T5) --shots 5 --inner-lr 1.0)
-	$(call pair,metasgd,figures,cub__5w5s__t1__lr1.0,$(CUB_T1) --shots 5 --inner-lr 1.0)
-	$(call pair,mamlpp,figures,cub__5w1s__t5__lr1.0,$(CUB_T5) --shots 1 --inner-lr 1.0 $(PP))
-	$(call pair,mamlpp,figures,cub__5w1s__t1__lr1.0,$(CUB_T1) --shots 1 --inner-lr 1.0 $(PP))
-	$(call pair,mamlpp,figures,cub__5w5s__t5__lr1.0,$(CUB_T5) --shots 5 --inner-lr 1.0 $(PP))
-	$(call pair,mamlpp,figures,cub__5w5s__t1__lr1.0,$(CUB_T1) --shots 5 --inner-lr 1.0 $(PP))
-figures-miniimagenet-lr1.0: setup
-	$(call pair,maml,figures,miniimagenet__5w1s__t5__lr1.0,$(MINI_T5) --shots 1 --inner-lr 1.0)
-	$(call pair,maml,figures,miniimagenet__5w1s__t1__lr1.0,$(MINI_T1) --shots 1 --inner-lr 1.0)
-	$(call pair,maml,figures,miniimagenet__5w5s__t5__lr1.0,$(MINI_T5) --shots 5 --inner-lr 1.0)
-	$(call pair,maml,figures,miniimagenet__5w5s__t1__lr1.0,$(MINI_T1) --shots 5 --inner-lr 1.0)
-	$(call pair,metasgd,figures,miniimagenet__5w1s__t5__lr1.0,$(MINI_T5) --shots 1 --inner-lr 1.0)
-	$(call pair,metasgd,figures,miniimagenet__5w1s__t1__lr1.0,$(MINI_T1) --shots 1 --inner-lr 1.0)
-	$(call pair,metasgd,figures,miniimagenet__5w5s__t5__lr1.0,$(MINI_T5) --shots 5 --inner-lr 1.0)
-	$(call pair,metasgd,figures,miniimagenet__5w5s__t1__lr1.0,$(MINI_T1) --shots 5 --inner-lr 1.0)
-	$(call pair,mamlpp,figures,miniimagenet__5w1s__t5__lr1.0,$(MINI_T5) --shots 1 --inner-lr 1.0 $(PP_MINI))
-	$(call pair,mamlpp,figures,miniimagenet__5w1s__t1__lr1.0,$(MINI_T1) --shots 1 --inner-lr 1.0 $(PP_MINI))
-	$(call pair,mamlpp,figures,miniimagenet__5w5s__t5__lr1.0,$(MINI_T5) --shots 5 --inner-lr 1.0 $(PP_MINI))
-	$(call pair,mamlpp,figures,miniimagenet__5w5s__t1__lr1.0,$(MINI_T1) --shots 5 --inner-lr 1.0 $(PP_MINI))
+	$(call figures,miniimagenet,1,0.1)
+figures-cub-lr1.0: setup ; $(call figures,cub,1 5,1.0)
+figures-miniimagenet-lr1.0: setup ; $(call figures,miniimagenet,1 5,1.0)
 
 # Paper 003 (CML, arXiv 2406.04639), 5-way 1- and 5-shot: each base alone (--gamma 0) and with the co-learner, on
 # the image data sets the paper names (MiniImagenet, Omniglot, CIFAR-FS, FC100, VGG Flower). The commands of
@@ -150,41 +126,11 @@ cml = $(call seeds,cml.py,$(CML_DIR)$(1)__$(2)__5w$(3)s,--base $(1) --dataset $(
 CML = cml-miniimagenet cml-omniglot cml-cifarfs cml-fc100 cml-vggflower
 .PHONY: reproduce-cml $(CML)
 reproduce-cml: $(CML)
-cml-miniimagenet: setup
-	$(call cml,maml,miniimagenet,1,$(CML_REF))
-	$(call cml,maml,miniimagenet,5,$(CML_REF))
-	$(call cml,mamlpp,miniimagenet,1,$(CML_MAMLPP))
-	$(call cml,mamlpp,miniimagenet,5,$(CML_MAMLPP))
-	$(call cml,boil,miniimagenet,1,$(CML_REF))
-	$(call cml,boil,miniimagenet,5,$(CML_REF))
-cml-omniglot: setup
-	$(call cml,maml,omniglot,1,$(CML_REF))
-	$(call cml,maml,omniglot,5,$(CML_REF))
-	$(call cml,mamlpp,omniglot,1,$(CML_MAMLPP))
-	$(call cml,mamlpp,omniglot,5,$(CML_MAMLPP))
-	$(call cml,boil,omniglot,1,$(CML_REF))
-	$(call cml,boil,omniglot,5,$(CML_REF))
-cml-cifarfs: setup
-	$(call cml,maml,cifarfs,1,$(CML_REF))
-	$(call cml,maml,cifarfs,5,$(CML_REF))
-	$(call cml,mamlpp,cifarfs,1,$(CML_MAMLPP))
-	$(call cml,mamlpp,cifarfs,5,$(CML_MAMLPP))
-	$(call cml,boil,cifarfs,1,$(CML_REF))
-	$(call cml,boil,cifarfs,5,$(CML_REF))
-cml-fc100: setup
-	$(call cml,maml,fc100,1,$(CML_REF))
-	$(call cml,maml,fc100,5,$(CML_REF))
-	$(call cml,mamlpp,fc100,1,$(CML_MAMLPP))
-	$(call cml,mamlpp,fc100,5,$(CML_MAMLPP))
-	$(call cml,boil,fc100,1,$(CML_REF))
-	$(call cml,boil,fc100,5,$(CML_REF))
-cml-vggflower: setup
-	$(call cml,maml,vggflower,1,$(CML_REF))
-	$(call cml,maml,vggflower,5,$(CML_REF))
-	$(call cml,mamlpp,vggflower,1,$(CML_MAMLPP))
-	$(call cml,mamlpp,vggflower,5,$(CML_MAMLPP))
-	$(call cml,boil,vggflower,1,$(CML_REF))
-	$(call cml,boil,vggflower,5,$(CML_REF))
+CML_FLAGS_maml = $(CML_REF)
+CML_FLAGS_mamlpp = $(CML_MAMLPP)
+CML_FLAGS_boil = $(CML_REF)
+$(CML): cml-%: setup  # cml-<dataset>: each base × 1- and 5-shot
+	$(foreach base,maml mamlpp boil,$(foreach shots,1 5,$(call cml,$(base),$*,$(shots),$(CML_FLAGS_$(base))) &&)) true
 
 # Paper 004 (LWDGH): the commands of lwdgh.py's docstring, MAML (--p-min 1 --p-max 1: always explore, plain
 # MAML with the GCI logged), LWDGH alone (--no-ee) and LWDGH+EE. 5-way, 300 epochs of 200 meta-iterations (fmu2's
@@ -259,21 +205,12 @@ OMNI_MAMLPP = $(OMNI) --msl-epochs 10 --min-outer-lr 0.00001
 OMNIGLOT = omniglot-maml omniglot-metasgd omniglot-mamlpp
 .PHONY: reproduce-omniglot $(OMNIGLOT) omniglot-check
 reproduce-omniglot: $(OMNIGLOT)
-omniglot-maml: setup
-	$(call pair,maml,omniglot,omniglot__5w1s__t8,$(OMNI) --ways 5 --shots 1)
-	$(call pair,maml,omniglot,omniglot__5w5s__t8,$(OMNI) --ways 5 --shots 5)
-	$(call pair,maml,omniglot,omniglot__20w1s__t8,$(OMNI) --ways 20 --shots 1)
-	$(call pair,maml,omniglot,omniglot__20w5s__t8,$(OMNI) --ways 20 --shots 5)
-omniglot-metasgd: setup
-	$(call pair,metasgd,omniglot,omniglot__5w1s__t8,$(OMNI) --ways 5 --shots 1)
-	$(call pair,metasgd,omniglot,omniglot__5w5s__t8,$(OMNI) --ways 5 --shots 5)
-	$(call pair,metasgd,omniglot,omniglot__20w1s__t8,$(OMNI) --ways 20 --shots 1)
-	$(call pair,metasgd,omniglot,omniglot__20w5s__t8,$(OMNI) --ways 20 --shots 5)
-omniglot-mamlpp: setup
-	$(call pair,mamlpp,omniglot,omniglot__5w1s__t8,$(OMNI_MAMLPP) --ways 5 --shots 1)
-	$(call pair,mamlpp,omniglot,omniglot__5w5s__t8,$(OMNI_MAMLPP) --ways 5 --shots 5)
-	$(call pair,mamlpp,omniglot,omniglot__20w1s__t8,$(OMNI_MAMLPP) --ways 20 --shots 1)
-	$(call pair,mamlpp,omniglot,omniglot__20w5s__t8,$(OMNI_MAMLPP) --ways 20 --shots 5)
+OMNI_FLAGS_maml = $(OMNI)
+OMNI_FLAGS_metasgd = $(OMNI)
+OMNI_FLAGS_mamlpp = $(OMNI_MAMLPP)
+$(OMNIGLOT): omniglot-%: setup  # omniglot-<method>: 5- and 20-way × 1- and 5-shot, OG and GS
+	$(foreach ways,5 20,$(foreach shots,1 5,$(call pair,$*,omniglot,omniglot__$(ways)w$(shots)s__t8,\
+		$(OMNI_FLAGS_$*) --ways $(ways) --shots $(shots)) &&)) true
 
 # The CPU check and the gradient-sharing study, sized for the 2-core development machine (results/omniglot.md):
 # each single-threaded, so that the two run side by side (make -j 2 omniglot-study). The check: MAML (--no-gs),
