@@ -10,6 +10,7 @@ Names (per task t of the batch, K inner steps, θ = Conv4 incl. its head, the on
     L_t^co   = CE(φ(z_t), y_q), φ = --colearner-blocks conv blocks, max-pool, linear    `colearner_forward`
     L        = (1/T) Σ_t L_t^meta + γ (1/T) Σ_t L_t^co, γ = --gamma                   `meta_gradient`
 Outer step: Adam on (θ, φ) [and MAML++'s LSLR / per-step BN] with ∇L; φ is never adapted, nor used by `predict`.
+Names in every function: `theta` = θ's tensors the inner loop adapts, `frozen` = the others (BN; BOIL: the head).
 BOIL (J. Oh et al., arXiv 2008.08882): the maml base with θ's head frozen in the inner loop (its authors' main.py:
 --classifier-step-size 0, the body at --extractor-step-size 0.5); `--gamma 0` is BOIL. Sharp-MAML (Abbas et al.,
 ICML 2022) stays out: its SAM ascent steps change the optimisers of both loops (main's Adam), not a base.

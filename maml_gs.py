@@ -12,6 +12,7 @@ Gradient sharing at inner step k = 1..K, for the T tasks of a batch (names in `i
     θ_{t,k} = θ_{t,k-1} − α Δ_{t,k}                                           `fast`, α = --inner-lr
 Outer step: Adam on (θ, m, λ) with the loss (1/T) Σ_t L_t^query(θ_{t,K})   (Eq. 5)  `meta_gradient`
 Meta-validation and meta-test (Algorithm 2) use the stored ĝ_k and never change it  `predict`
+Names in every function: `theta` = θ's tensors the inner loop adapts, `frozen` = the others (read, never adapted).
 
 Decisions where the paper is silent: m, λ ∈ R^K start at 0 (σ = 0.5); second order by default, so the
 meta-gradient flows through g_k, its norm and the task gradients; m gets no gradient on the first

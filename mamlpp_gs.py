@@ -23,6 +23,7 @@ MAML++ (each feature has its flag; in parentheses the code name):
     clamp  each meta-gradient element of the network (θ, BN) to ±--clip-grad  (`meta_gradient`)
 Outer step: Adam on (θ, BN, LSLR, m, λ) with the loss above (Eq. 5 with MSL)   `meta_gradient`
 Meta-validation and meta-test (Algorithm 2) use the stored ĝ_k and never change it  `predict`
+Names: `theta` = θ's tensors the inner loop adapts, `frozen` = the others (BN tensors; row k of each: `frozen_k`).
 
 Decisions (reference = the MAML++ code): g_k and ĝ_k span the tensors the inner loop adapts, so not the
 per-step BN tensors; m, λ ∈ R^K start at 0 (σ = 0.5); m gets no gradient on the first meta-iteration. MSL

@@ -14,6 +14,7 @@ Gradient sharing at inner step k = 1..K, for the T tasks of a batch (names in `i
     θ_{t,k} = θ_{t,k-1} − α ⊙ Δ_{t,k}                        (Meta-SGD)   `fast`, α = `alpha`, shaped as θ
 Outer step: Adam on (θ, α, m, λ) with the loss (1/T) Σ_t L_t^query(θ_{t,K})   (Eq. 5)  `meta_gradient`
 Meta-validation and meta-test (Algorithm 2) use the stored ĝ_k and never change it  `predict`
+Names in every function: `theta` = θ's tensors the inner loop adapts, `frozen` = the others (read, never adapted).
 
 Decisions where the papers are silent: every element of α starts at --inner-lr (0.1: arXiv 2312.08398,
 appendix A.3, the same value as MAML's for a fair comparison) and is unconstrained (it may turn negative,
