@@ -15,7 +15,7 @@ Gradient sharing at inner step k = 1..K, for the T tasks of a batch (names in `i
 MAML++ (each feature has its flag; in parentheses the code name):
     LSLR   a learned inner learning rate per adapted tensor per step, (K,), init --inner-lr  (`lslr.<name>`)
     BNWB   per-step BatchNorm scale and shift, (K, C) per block: row k serves the support forward of step k+1
-           and the query forward after it (k = 0..K−1, the reference's num_step); outer loop only  (`frozen`, `frozen_at`)
+           and the query forward after it (k = 0..K−1, the reference's num_step); outer loop only  (`frozen_at`)
     MSL    L = Σ_j w_j(epoch) (1/T) Σ_t L_t^query(θ_{t,j}) over j = 1..K while epoch < --msl-epochs,
            then the final step j = K only  (`msl_weights`)
     DA     first order while epoch < --first-order-epochs, second order afterwards  (`meta_gradient`)
