@@ -1,18 +1,13 @@
-"""Shared infrastructure: data (datasets, caches, task samplers), the Conv4 backbone, the training loop.
-
-Data flow: `load_split` reads a split once from its original files (zip, tgz, pickle, jpg folders),
-converts it to a uint8 array grouped by class and caches that array next to the data (or in a
-user cache folder when the data is read-only). `Split.to(device)` moves the array into device
-memory; `TaskSampler` (training) and `EvalTasks` (fixed validation/test tasks) pick the indices of
-a whole batch of tasks with tensor ops and gather and normalise the images on the device.
-Formats, paths, downloads and splits: docs/datasets.md.
-
-Model and loop: `conv4_forward` is one pure function over a parameter dict (torch.func style), so that
-an algorithm's inner loop can differentiate through fast weights. An algorithm file builds an
-`Algorithm` (its meta-parameters, state, and the pure functions `meta_gradient` and `predict`) and
-calls `main`, which parses its `Args` dataclass and runs `run`: meta-training with the outer Adam,
-meta-validation after every epoch on a fixed task set, the best checkpoints kept, and the meta-test
-with the top-5 ensemble. Everything an algorithm does lives in its own file, never here.
+"""Shared plumbing of maml_gs.py, metasgd_gs.py, mamlpp_gs.py, cml.py and lwdgh.py; each algorithm lives in its file,
+whose main() parses its Args and, inside `with common.Run(...)`, meta-trains with the outer Adam, meta-validates every
+epoch on a fixed task set and meta-tests the top-5 checkpoints' ensemble. Sections, and what algorithm files use:
+  Files: atomic_write (a crash leaves the old file or the new one, never half), for data caches and run files.
+  Data: load_split (zip/tgz/pickle/jpg -> uint8 Split, cached), TaskSampler, EvalTasks on the device; files get Tasks.
+  Model: pure Conv4/ResNet-12 (FORWARD, init_backbone, conv*), split_adapted, forward_tasks, support_grads, query_loss.
+  Arguments: Args (the shared flags; each file subclasses it) and parse_args (checks; --resume: resumed_args).
+  Evaluation: evaluate (an ensemble's per-task accuracies) and mean_ci, used by Run.
+  Run directory and checkpoints: write_json, write_csv, append_csv, load_checkpoint, used by Run.
+  Run: StepResult, and the plumbing main calls: load_data, restore, epochs, iterations, accept, validate, meta_test.
 """
 from __future__ import annotations
 
@@ -54,7 +49,6 @@ from torchvision.datasets import CIFAR100, Flowers102, Omniglot
 from torchvision.datasets.utils import calculate_md5, download_file_from_google_drive, download_url
 
 # ---- Files ----
-
 def atomic_write(path: Path, write: Callable[[typing.BinaryIO], None]) -> None:
     """write(f) into a temp file beside path, fsync, rename: a crash leaves the old file or the new one, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -70,34 +64,29 @@ def atomic_write(path: Path, write: Callable[[typing.BinaryIO], None]) -> None:
 
 
 # ---- Data ----
-
 DATASETS = ("omniglot", "miniimagenet", "tieredimagenet", "cub", "cifarfs", "fc100", "vggflower", "synthetic")
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 1
 CACHE_APP_DIR = "metalearn-gs"  # subfolder of $XDG_CACHE_HOME (or ~/.cache) for read-only data roots
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_SIZE = 84  # MiniImagenet and CUB
 RESAMPLE = Image.Resampling.LANCZOS  # anti-aliased downscaling, as in MAML's own resizing script
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error, Image.DecompressionBombError)
 DOCS = "docs/datasets.md"
 
-OMNIGLOT_SIZE = 28
-OMNIGLOT_ROTATIONS = 4  # each multiple of 90 degrees is a new class (Santoro et al. 2016)
+OMNIGLOT_SIZE, OMNIGLOT_ROTATIONS = 28, 4  # rotations: each multiple of 90 degrees a new class (Santoro et al. 2016)
 OMNIGLOT_DIRS = ("omniglot-py", "omniglot-small", "")  # torchvision's layout, the subsets' folder, the root itself
 OMNIGLOT_ZIPS = tuple(Omniglot.zips_md5)  # ("images_background", "images_evaluation")
 OMNIGLOT_SMALL_ZIPS = ("images_background_small1", "images_background_small2")
 # Vinyals et al. (2016) split, as listed by torchmeta (assets/omniglot/*.json) and protonets:
 # validation = 5 background alphabets, test = 12 evaluation alphabets + Gurmukhi characters 42-45.
-OMNIGLOT_VAL_ALPHABETS = frozenset(
-    {"Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)"})
+OMNIGLOT_VAL_ALPHABETS = frozenset({"Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)"})
 OMNIGLOT_TEST_ALPHABETS = frozenset(
     {"Kannada", "Keble", "Malayalam", "Manipuri", "Mongolian", "Old_Church_Slavonic_(Cyrillic)", "Oriya",
      "Sylheti", "Syriac_(Serto)", "Tengwar", "Tibetan", "ULOG"})
 OMNIGLOT_GURMUKHI_FIRST_TEST = 42
-# Our alphabet split of the 8 alphabets of the small subsets (characters per alphabet in brackets);
-# Early_Aramaic is a validation alphabet in Vinyals' split too.
+# Our split of the small subsets' 8 alphabets (characters per alphabet in brackets); Early_Aramaic: val in Vinyals' too.
 OMNIGLOT_SMALL_SPLIT = {
     "train": ("Greek", "Japanese_(katakana)", "Latin", "Sanskrit"),  # 24 + 47 + 26 + 42
     "val": ("Early_Aramaic", "Tagalog"),  # 22 + 17
@@ -106,11 +95,9 @@ OMNIGLOT_SMALL_SPLIT = {
 OMNIGLOT_CHARACTERS = {"omniglot": {"train": 1028, "val": 172, "test": 423},
                        "omniglot-small": {"train": 139, "val": 39, "test": 64}}
 
-MINI_DIRS = ("miniimagenet", "mini_imagenet_full_size", "")
-MINI_PICKLE = "mini-imagenet-cache-{}.pkl"
+MINI_DIRS, MINI_PICKLE = ("miniimagenet", "mini_imagenet_full_size", ""), "mini-imagenet-cache-{}.pkl"
 MINI_PICKLE_SPLITS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
-MINI_CLASSES = {"train": 64, "val": 16, "test": 20}
-MINI_PER_CLASS = 600
+MINI_CLASSES, MINI_PER_CLASS = {"train": 64, "val": 16, "test": 20}, 600
 # learn2learn's mirrors. They publish no md5 we could verify, so a download is checked by content
 # instead: a pickle (not an HTML page) holding MINI_CLASSES[split] classes x 600 images of 84x84x3.
 MINI_URLS = {
@@ -125,14 +112,11 @@ MINI_URLS = {
 # tieredImageNet (Ren et al. 2018, arXiv 1803.00676): 351 / 97 / 160 classes of 84×84 images. Ren's pickles
 # ({split}_images_png.pkl: a list of PNG files' bytes; {split}_labels.pkl: {"label_specific": class per image,
 # "label_specific_str": class names, ...}), as learn2learn and MetaOptNet read them, or {split}/<wnid>/*.jpg.
-TIERED_DIRS = ("tiered-imagenet", "tiered_imagenet", "")
-TIERED_CLASSES = {"train": 351, "val": 97, "test": 160}
+TIERED_DIRS, TIERED_CLASSES = ("tiered-imagenet", "tiered_imagenet", ""), {"train": 351, "val": 97, "test": 160}
 TIERED_GDRIVE_ID = "1g1aIDy2Ar_MViF2gDXFYDBTR-HYecV07"  # learn2learn's mirror of Ren's tar (12 GB; no md5 published)
 TIERED_ARCHIVE = "tiered_imagenet.tar"
 
-CUB_DIRS = ("cub", "")
-CUB_FOLDER = "CUB_200_2011"
-CUB_ARCHIVE = "CUB_200_2011.tgz"
+CUB_DIRS, CUB_FOLDER, CUB_ARCHIVE = ("cub", ""), "CUB_200_2011", "CUB_200_2011.tgz"
 CUB_MD5 = "97eceeb196236b17998738112f37df78"
 CUB_URLS = ("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1",
             "http://www.vision.caltech.edu/visipedia-data/CUB-200-2011/CUB_200_2011.tgz")
@@ -204,11 +188,8 @@ def load_split(dataset: str, split: str, data_root: str | Path = "data", *, down
                synthetic_shape: tuple[int, int, int] = (3, 84, 84),
                synthetic_classes: tuple[int, int, int] = (64, 16, 20), synthetic_per_class: int = 30,
                seed: int = 0, verbose: bool = True) -> Split:
-    """Load one split on the CPU, converting the original files to a uint8 cache on first use.
-
-    Caches go to `cache_dir`/<hash of the data folder>/ if given, else next to the data, else (read-only
-    data) to $XDG_CACHE_HOME/metalearn-gs/<hash of the data folder>/. `seed` only affects "synthetic".
-    """
+    """Load one split on the CPU, cached as uint8 on first use in `cache_dir`/<hash of the data folder>/ if given,
+    else next to the data, else (read-only) in $XDG_CACHE_HOME/metalearn-gs/<same hash>/. `seed`: synthetic only."""
     if dataset not in DATASETS or split not in SPLITS:
         raise DataError(f"unknown dataset/split {dataset}/{split}: expected one of {DATASETS} / {SPLITS}")
     if bbox_crop and dataset != "cub":
@@ -237,20 +218,17 @@ def load_split(dataset: str, split: str, data_root: str | Path = "data", *, down
             raise DataError(f"{source.directory}: class {names[counts.index(0)]} of {split} has no images")
         images = torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
         count = torch.tensor(counts, dtype=torch.int64)
-        payload = {"version": CACHE_VERSION, "config": config, "images": images, "count": count,
-                   "class_names": names}
+        payload = {"version": CACHE_VERSION, "config": config, "images": images, "count": count, "class_names": names}
         written = _save_cache(payload, dirs, file_name)
         if verbose:
             print(f"cached {tuple(images.shape)} to {written}" if written else
                   f"warning: no writable cache folder among {[str(d) for d in dirs]}; converting again next time")
-    channels = images.shape[1]
     imagenet = dataset not in ("omniglot", "synthetic")  # natural RGB images: ImageNet's channel statistics
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else ((0.0,) * channels, (1.0,) * channels)
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else ((0.0,) * images.shape[1], (1.0,) * images.shape[1])
     return Split(f"{source.variant}/{split}", images, torch.cumsum(count, 0) - count, count, names, mean, std)
 
 
 # -- caches --
-
 def _cache_dirs(data_dir: Path, cache_dir: str | Path | None) -> list[Path]:
     """Folders to look for / write a cache in, in order of preference."""
     # Away from the data, one subfolder per data folder, so that two copies of a dataset never share a cache.
@@ -261,9 +239,8 @@ def _cache_dirs(data_dir: Path, cache_dir: str | Path | None) -> list[Path]:
 
 
 def _save_cache(payload: dict, dirs: list[Path], file_name: str) -> Path | None:
-    """Write atomically to the first writable folder: a crash leaves no valid-looking cache. The writer holds
-    the folder's lock for this cache, so the temp files of this cache it finds there are a killed writer's
-    leftovers: they go first."""
+    """Write atomically to the first writable folder: a crash leaves no valid-looking cache. The writer holds the
+    folder's lock for this cache, so this cache's temp files it finds there are a killed writer's: they go first."""
     for folder in dirs:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -282,7 +259,6 @@ def _load_cache(path: Path, config: dict, shape: tuple[int, int, int]) -> tuple[
     """Read and validate a cache; any inconsistency is a DataError telling to delete the file."""
     def fail(what: str) -> DataError:
         return DataError(f"cache {path} is invalid ({what}); delete it to rebuild it from the original data")
-
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign file: torch raises several unrelated types
@@ -303,7 +279,6 @@ def _load_cache(path: Path, config: dict, shape: tuple[int, int, int]) -> tuple[
 
 
 # -- reading files from folders and archives --
-
 def _iter_files(source: Path, prefix: str, wanted: dict | set) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of the files prefix + name, name in `wanted`, present in a folder, .zip or .tar(.gz)."""
     with contextlib.ExitStack() as stack:
@@ -353,8 +328,7 @@ def _decode_into(out: np.ndarray, source: Path, prefix: str, rows: dict[str, int
     if len(done) != len(rows):
         missing = sorted(set(rows) - done)
         raise DataError(f"{source}: {len(missing)} of {len(rows)} listed images are missing, e.g. "
-                        f"{prefix}{missing[0]}; "
-                        f"the data is incomplete (see {DOCS})")
+                        f"{prefix}{missing[0]}; the data is incomplete (see {DOCS})")
 
 
 def _clip_box(box: tuple[int, int, int, int], size: tuple[int, int], path: Path) -> tuple[int, int, int, int]:
@@ -388,8 +362,7 @@ def _download(urls: tuple[str, ...], dest: Path, expected: str, how: str, md5: s
               check: Callable[[Path], object] | None = None) -> None:
     """Try each mirror into dest.part; keep it (os.replace to dest) only if it passes md5 or the content check."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    errors = []
+    part, errors = dest.with_name(dest.name + ".part"), []
     for url in urls:
         part.unlink(missing_ok=True)
         try:
@@ -427,7 +400,6 @@ def _find(root: Path, dirs: tuple[str, ...], names: list[str], looked_for: list[
 
 
 # -- datasets --
-
 def _locate_omniglot(root: Path, split: str, download: bool, _bbox: bool) -> _Source:
     full_zips, small_zips = [f"{z}.zip" for z in OMNIGLOT_ZIPS], [f"{z}.zip" for z in OMNIGLOT_SMALL_ZIPS]
     looked_for = []
@@ -445,9 +417,8 @@ def _locate_omniglot(root: Path, split: str, download: bool, _bbox: bool) -> _So
         folder, zips, variant = small_folder, OMNIGLOT_SMALL_ZIPS, "omniglot-small"
     else:
         raise _missing("omniglot", split, root, looked_for)
-    return _Source(variant, folder, (1, OMNIGLOT_SIZE, OMNIGLOT_SIZE),
-                   lambda: _build_omniglot([folder / f"{z}.zip" for z in zips], [f"{z}/" for z in zips], variant,
-                                           split))
+    return _Source(variant, folder, (1, OMNIGLOT_SIZE, OMNIGLOT_SIZE), lambda: _build_omniglot(
+        [folder / f"{z}.zip" for z in zips], [f"{z}/" for z in zips], variant, split))
 
 
 def _omniglot_split(variant: str, alphabet: str, character: str) -> str | None:
@@ -512,6 +483,17 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def _unpickle(path: Path, keyed: bool = False):
+    """A pickle of containers and arrays (latin1: also reads Python 2's, e.g. Ren's); a damaged one: DataError.
+    keyed: a dict with str keys ({} for a pickle of no dict)."""
+    try:
+        with open(path, "rb") as f:
+            data = _ArrayUnpickler(f, encoding="latin1").load()
+    except Exception as e:  # a truncated or foreign pickle raises many unrelated types
+        raise _damaged(path, e) from e
+    return ({_text(k): v for k, v in data.items()} if isinstance(data, dict) else {}) if keyed else data
+
+
 def _text(key: str | bytes) -> str:
     return key.decode() if isinstance(key, bytes) else key
 
@@ -520,16 +502,10 @@ def _read_mini_pickle(path: Path, split: str, strict: bool = False):
     """mini-imagenet-cache-*.pkl: {"image_data": (N, 84, 84, 3) uint8, "class_dict": {wnid: [indices]}}."""
     how = f"download {MINI_URLS[split][0]}"
     _reject_html(path, "a mini-imagenet pickle", how)
-    try:
-        with open(path, "rb") as f:
-            data = _ArrayUnpickler(f, encoding="latin1").load()  # latin1: also reads Python 2 pickles
-    except Exception as e:  # a truncated or foreign pickle raises many unrelated types
-        raise _damaged(path, e) from e
-    data = {_text(k): v for k, v in data.items()} if isinstance(data, dict) else {}
+    data = _unpickle(path, keyed=True)
     images, class_dict = data.get("image_data"), data.get("class_dict")
     if not (isinstance(images, np.ndarray) and images.dtype == np.uint8
-            and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3)
-            and isinstance(class_dict, dict) and class_dict):
+            and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3) and isinstance(class_dict, dict) and class_dict):
         raise DataError(f"{path}: expected a dict with 'image_data' uint8 (N, 84, 84, 3) and 'class_dict' "
                         f"{{wnid: [indices]}}; delete it and get the file by hand: {how}")
     try:  # every key a wnid (str or bytes), every value a flat list of image indices
@@ -573,28 +549,26 @@ def _read_class_folders(folder: Path, split: str):
 
 
 def _locate_mini(root: Path, split: str, download: bool, _bbox: bool) -> _Source:
-    looked_for = []
+    looked_for, shape = [], (3, IMAGE_SIZE, IMAGE_SIZE)
     for d in MINI_DIRS:
         folder = root / d
         for name in MINI_PICKLE_SPLITS[split]:
             looked_for.append(folder / MINI_PICKLE.format(name))
             if looked_for[-1].is_file():
-                return _Source("miniimagenet", folder, (3, IMAGE_SIZE, IMAGE_SIZE),
-                               lambda path=looked_for[-1]: _read_mini_pickle(path, split))
+                return _Source("miniimagenet", folder, shape, lambda p=looked_for[-1]: _read_mini_pickle(p, split))
         looked_for += [folder / f"{split}.csv", folder / "images"]
         if looked_for[-2].is_file() and looked_for[-1].is_dir():
-            return _Source("miniimagenet", folder, (3, IMAGE_SIZE, IMAGE_SIZE), lambda: _read_mini_csv(folder, split))
+            return _Source("miniimagenet", folder, shape, lambda: _read_mini_csv(folder, split))
         looked_for.append(folder / split / "<wnid>" / "*.jpg")
         if (folder / split).is_dir():
-            return _Source("miniimagenet", folder, (3, IMAGE_SIZE, IMAGE_SIZE),
-                           lambda: _read_class_folders(folder, split))
+            return _Source("miniimagenet", folder, shape, lambda: _read_class_folders(folder, split))
     if not download:
         raise _missing("miniimagenet", split, root, looked_for)
     path = root / MINI_DIRS[0] / MINI_PICKLE.format(MINI_PICKLE_SPLITS[split][-1])
     _download(MINI_URLS[split], path, f"a pickle of {MINI_CLASSES[split]} classes x {MINI_PER_CLASS} images",
               f"download one of {', '.join(MINI_URLS[split])}",
               check=lambda p: _read_mini_pickle(p, split, strict=True))
-    return _Source("miniimagenet", path.parent, (3, IMAGE_SIZE, IMAGE_SIZE), lambda: _read_mini_pickle(path, split))
+    return _Source("miniimagenet", path.parent, shape, lambda: _read_mini_pickle(path, split))
 
 
 def _locate_tiered(root: Path, split: str, download: bool, _bbox: bool) -> _Source:
@@ -627,14 +601,7 @@ def _locate_tiered(root: Path, split: str, download: bool, _bbox: bool) -> _Sour
 def _read_tiered_pickles(folder: Path, split: str, strict: bool = False):
     """Ren's pickles -> (N, 84, 84, 3) uint8 grouped by class, each PNG decoded straight into its row (the
     training split is about 9.5 GB decoded: the PNG list and this array are the only copies held)."""
-    def load(name: str):
-        try:
-            with open(folder / name, "rb") as f:
-                return _ArrayUnpickler(f, encoding="latin1").load()  # latin1: Ren's Python 2 pickles
-        except Exception as e:  # a truncated or foreign pickle raises many unrelated types
-            raise _damaged(folder / name, e) from e
-    labels = load(f"{split}_labels.pkl")
-    labels = {_text(k): v for k, v in labels.items()} if isinstance(labels, dict) else {}
+    labels = _unpickle(folder / f"{split}_labels.pkl", keyed=True)
     try:
         label = np.asarray(labels["label_specific"], dtype=np.int64).reshape(-1)
         classes = int(label.max()) + 1
@@ -643,7 +610,7 @@ def _read_tiered_pickles(folder: Path, split: str, strict: bool = False):
         raise DataError(f"{folder / f'{split}_labels.pkl'}: expected a dict with 'label_specific' (an integer class "
                         f"per image) and 'label_specific_str' (the class names) ({e!r})") from e
     counts = np.bincount(label, minlength=classes) if label.size and label.min() >= 0 else np.zeros(0, np.int64)
-    images = load(f"{split}_images_png.pkl")
+    images = _unpickle(folder / f"{split}_images_png.pkl")
     if not (len(counts) == len(names) and counts.size and counts.min() > 0
             and isinstance(images, (list, tuple, np.ndarray)) and len(images) == len(label)):
         raise DataError(f"{folder}: {split}_labels.pkl and {split}_images_png.pkl do not match (a label in "
@@ -659,11 +626,6 @@ def _read_tiered_pickles(folder: Path, split: str, strict: bool = False):
         except (*READ_ERRORS, TypeError, ValueError) as e:
             raise _damaged(folder / f"{split}_images_png.pkl (image {i})", e) from e
     return out, counts.tolist(), names
-
-
-def _chen_split(index: int) -> str:
-    """Chen et al. (2019) CUB split of the sorted class folders: 100 train, 50 val, 50 test."""
-    return "train" if index % 2 == 0 else "val" if index % 4 == 1 else "test"
 
 
 def _locate_cub(root: Path, split: str, download: bool, bbox_crop: bool) -> _Source:
@@ -700,7 +662,9 @@ def _build_cub(source: Path, prefix: str, split: str, bbox_crop: bool):
     by_class: dict[str, list[str]] = {}
     for path in sorted(paths.values()):
         by_class.setdefault(path.split("/")[0], []).append(path)
-    groups = [(c, by_class[c]) for i, c in enumerate(sorted(by_class)) if _chen_split(i) == split]
+    # Chen et al. (2019) CUB split of the sorted class folders: 100 train, 50 val, 50 test
+    groups = [(c, by_class[c]) for i, c in enumerate(sorted(by_class))
+              if ("train" if i % 2 == 0 else "val" if i % 4 == 1 else "test") == split]
     boxes = None
     if bbox_crop:  # crop before resizing; PIL boxes are (left, upper, right, lower)
         try:
@@ -738,10 +702,8 @@ def _checked(dataset: type, folder: Path, **kw):
 
 
 def _locate_cifar(root: Path, split: str, download: bool, _bbox: bool, variant: str = "cifarfs") -> _Source:
-    looked_for = []
-    folder = _find(root, CIFAR_DIRS, [f"{CIFAR100.base_folder}/{n}" for n, _ in CIFAR100.train_list
-                                      + CIFAR100.test_list] + [f"{CIFAR100.base_folder}/{CIFAR100.meta['filename']}"],
-                   looked_for)
+    looked_for, files = [], [n for n, _ in CIFAR100.train_list + CIFAR100.test_list] + [CIFAR100.meta["filename"]]
+    folder = _find(root, CIFAR_DIRS, [f"{CIFAR100.base_folder}/{n}" for n in files], looked_for)
     if folder is None:
         if not download:
             raise _missing(variant, split, root, looked_for)
@@ -767,8 +729,7 @@ def _build_cifar(folder: Path, variant: str, split: str):
         wanted = set(_members(FC100_SUPERCLASSES, split, coarse_names))
         classes = [c for c in range(len(names)) if coarse_names[superclass[c]] in wanted]
     else:
-        missing = sorted(set(_members(CIFAR_FS_CLASSES, split, names)) - set(names))
-        if missing:
+        if missing := sorted(set(_members(CIFAR_FS_CLASSES, split, names)) - set(names)):
             raise DataError(f"{folder}: CIFAR-100 without the classes {missing}: not CIFAR-100 (see {DOCS})")
         classes = sorted(names.index(n) for n in _members(CIFAR_FS_CLASSES, split, names))
     if len(classes) != CIFAR_CLASSES[variant][split]:
@@ -809,8 +770,7 @@ def _synthetic(split: str, shape: tuple[int, int, int], classes: tuple[int, int,
     if len(shape) != 3 or min(shape) < 1 or len(classes) != len(SPLITS) or min(classes) < 1 or per_class < 1:
         raise DataError(f"synthetic: shape (C, H, W), classes per split and per_class must be positive, "
                         f"got {shape}, {classes}, {per_class}")
-    c, h, w = shape
-    n = classes[SPLITS.index(split)]
+    (c, h, w), n = shape, classes[SPLITS.index(split)]
     # One generator per (seed, split): splits get different prototypes, i.e. disjoint classes.
     g = torch.Generator().manual_seed(seed * len(SPLITS) + SPLITS.index(split))
 
@@ -828,7 +788,6 @@ def _synthetic(split: str, shape: tuple[int, int, int], classes: tuple[int, int,
 
 
 # -- task sampling --
-
 class Tasks(NamedTuple):
     x_s: torch.Tensor  # (tasks, ways*shots, C, H, W) float32, normalised
     y_s: torch.Tensor  # (tasks, ways*shots) int64 in [0, ways)
@@ -863,12 +822,9 @@ def _check_task_shape(split: Split, ways: int, shots: int, queries: int, tasks: 
 
 def _sample_indices(start: torch.Tensor, count: torch.Tensor, max_count: int, ways: int, per_class: int,
                     tasks: int, generator: torch.Generator) -> torch.Tensor:
-    """(tasks, ways, per_class) image indices, on the generator's device; label of [t, w] is w.
-
-    The top-k of i.i.d. uniform keys is a uniformly random *ordered* subset, so classes come without
-    replacement and in random order (= a random label permutation per task), and images of a class
-    are distinct, so support (first shots) and query (the rest) are disjoint.
-    """
+    """(tasks, ways, per_class) image indices, on the generator's device; label of [t, w] is w. The top-k of i.i.d.
+    uniform keys is a uniformly random *ordered* subset, so classes come without replacement and in random order (= a
+    random label permutation per task), and images of a class are distinct: support (first shots) and query disjoint."""
     device = start.device
     keys = torch.rand(tasks, len(count), generator=generator, device=device)
     classes = keys.topk(ways, dim=1).indices  # (tasks, ways)
@@ -893,10 +849,8 @@ class TaskSampler:
     def __init__(self, split: Split, ways: int, shots: int, queries: int, tasks: int, seed: int):
         _check_task_shape(split, ways, shots, queries, tasks)
         self.split, self.ways, self.shots, self.queries, self.tasks = split, ways, shots, queries, tasks
-        self.max_count = int(split.count.max())
-        self.seed, self.draws = seed, 0
-        self.generator = torch.Generator(device=split.images.device)
-        self.generator.manual_seed(seed)
+        self.max_count, self.seed, self.draws = int(split.count.max()), seed, 0
+        self.generator = torch.Generator(device=split.images.device).manual_seed(seed)
 
     def sample(self) -> Tasks:
         """One batch of `tasks` tasks on the split's device."""
@@ -910,13 +864,10 @@ class TaskSampler:
         return {"generator": self.generator.get_state(), "device": self.generator.device.type, "draws": self.draws}
 
     def load_state_dict(self, state: dict) -> str | None:
-        """Continue a checkpoint's task stream exactly; or, where it cannot be, say so (returned message).
-
-        A generator's state fits only its own device's kind of generator (a CPU's Mersenne Twister, CUDA's
-        Philox), and --device may change on --resume: a run resumed on another kind of device continues
-        with a new stream, seeded from the seed and the batches drawn so far (the same resume gives the
-        same tasks again), and its numbers differ from those of an uninterrupted run.
-        """
+        """Continue a checkpoint's task stream exactly, or say why not (returned message). A generator's state fits
+        only its own kind of device's generator (a CPU's Mersenne Twister, CUDA's Philox), and --device may change on
+        --resume: on another kind of device a run continues with a new stream seeded from the seed and the batches
+        drawn (the same resume gives the same tasks again); its numbers differ from an uninterrupted run's."""
         self.draws = state.get("draws", 0)
         here, saved = self.generator.device.type, state.get("device")  # None: a checkpoint made before "device"
         if saved in (None, here):
@@ -938,8 +889,7 @@ class EvalTasks:
     def __init__(self, split: Split, ways: int, shots: int, queries: int, num_tasks: int, seed: int):
         _check_task_shape(split, ways, shots, queries, num_tasks)
         self.split, self.shots = split, shots
-        start, count = split.start.cpu(), split.count.cpu()
-        generator = torch.Generator().manual_seed(seed)
+        start, count, generator = split.start.cpu(), split.count.cpu(), torch.Generator().manual_seed(seed)
         self.index = _sample_indices(start, count, int(count.max()), ways, shots + queries, num_tasks, generator)
 
     def __len__(self) -> int:
@@ -954,11 +904,9 @@ class EvalTasks:
             yield _gather_tasks(self.split, index, self.shots)
 
 
-# ---- Model: Conv4, functional ----
-# One pure function over a parameter dict, so that the inner loop can differentiate through fast
-# weights (torch.func style). Names are the checkpoint keys: conv{i}.weight, conv{i}.bias,
-# bn{i}.weight, bn{i}.bias, head.weight, head.bias.
-
+# ---- Model: Conv4 and ResNet-12, functional; the inner-loop helpers ----
+# One pure function over a parameter dict, so that the inner loop can differentiate through fast weights (torch.func
+# style). Names are the checkpoint keys: conv{i}.weight, conv{i}.bias, bn{i}.weight, bn{i}.bias, head.weight, head.bias.
 CONV_KERNEL = 3  # 3×3 convolutions, padding 1: the spatial size is kept until the pooling
 POOL = 2  # each block halves the spatial size
 BLOCKS = 4  # Conv4's blocks: images need at least POOL ** BLOCKS = 16 pixels a side
@@ -968,11 +916,8 @@ BN = "bn"  # the BatchNorm tensors' names start so: bn{i}.weight (scale), bn{i}.
 
 def conv4_init(image_shape: tuple[int, int, int], ways: int, filters: int = 48, blocks: int = BLOCKS,
                generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Parameters of the Conv4 backbone of MAML / MAML++ (paper 002, appendix A.2) for (C, H, W) images.
-
-    Xavier-uniform conv and head weights, zero biases, BatchNorm scale 1 and shift 0, as in the MAML++
-    reference implementation the paper relies on. 84×84 input -> 5×5×filters features; 28×28 -> 1×1.
-    """
+    """The Conv4 of MAML / MAML++ (paper 002, appendix A.2) for (C, H, W) images: Xavier-uniform conv and head weights,
+    zero biases, BatchNorm scale 1, shift 0 (the MAML++ reference code). 84×84 -> 5×5×filters features; 28×28 -> 1×1."""
     channels, height, width = image_shape
     if min(height, width) < POOL ** blocks:
         raise ValueError(f"{blocks} pooling blocks need images of at least {POOL ** blocks} pixels, got {image_shape}")
@@ -996,10 +941,8 @@ def conv4_blocks(params: dict[str, torch.Tensor]) -> int:
 
 
 def conv_block(params: dict[str, torch.Tensor], i: int, x: torch.Tensor) -> torch.Tensor:
-    """Block i before its pooling: conv 3×3 -> BatchNorm on this batch's statistics -> ReLU.
-
-    No running statistics: the transductive BatchNorm of MAML and MAML++, the same at train and test time.
-    """
+    """Block i before its pooling: conv 3×3 -> BatchNorm on this batch's statistics -> ReLU. No running statistics:
+    the transductive BatchNorm of MAML and MAML++, the same at train and test time."""
     x = F.conv2d(x, params[f"conv{i}.weight"], params[f"conv{i}.bias"], padding=CONV_KERNEL // 2)
     x = F.batch_norm(x, None, None, params[f"bn{i}.weight"], params[f"bn{i}.bias"], training=True, eps=BN_EPS)
     return F.relu(x)
@@ -1019,13 +962,11 @@ RESNET_SLOPE = 0.1  # LeakyReLU's negative slope
 def resnet12_init(image_shape: tuple[int, int, int], ways: int, width: int = 64,
                   generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
                   ) -> dict[str, torch.Tensor]:
-    """Parameters of the ResNet-12 of fmu2/PyTorch-MAML (models/encoders/resnet12.py), the code of the LWDGH paper.
-
-    Block i: 3×3 convolutions without bias, width·2^i channels (64-128-256-512: about 8 million parameters),
-    Kaiming-normal (fan_out, leaky_relu) as there; BatchNorm scale 1, shift 0; a 1×1 convolution + BatchNorm
-    shortcut. The head is a linear layer on the globally averaged features, initialised as torch.nn.Linear.
-    Names: conv{i}.{j}.weight, bn{i}.{j}.weight / .bias (j = 0, 1, 2, and "shortcut"), head.weight, head.bias.
-    """
+    """The ResNet-12 of fmu2/PyTorch-MAML (models/encoders/resnet12.py, the LWDGH paper's code). Block i: 3×3
+    convolutions without bias, width·2^i channels (64-128-256-512: about 8 million parameters), Kaiming-normal
+    (fan_out, leaky_relu) as there; BatchNorm scale 1, shift 0; a 1×1 convolution + BatchNorm shortcut. Head: linear
+    on the spatial mean, initialised as torch.nn.Linear. Names: conv{i}.{j}.weight, bn{i}.{j}.weight / .bias (j = 0,
+    1, 2, and "shortcut"), head.weight, head.bias."""
     if min(image_shape[1:]) < POOL ** RESNET_BLOCKS:
         raise ValueError(f"{RESNET_BLOCKS} pooling blocks need images of at least {POOL ** RESNET_BLOCKS} pixels, "
                          f"got {image_shape}")
@@ -1079,12 +1020,9 @@ def init_backbone(args: Args, image_shape: tuple[int, int, int]) -> dict[str, to
 
 
 def split_adapted(weights: dict[str, torch.Tensor], adapt_bn: bool) -> tuple[dict, dict]:
-    """weights -> (those the inner loop adapts, those it leaves alone).
-
-    BatchNorm's scale and shift are meta-learned by the outer loop but not adapted in the inner loop unless
-    --adapt-bn, as in the reference code: MAML's (BatchNorm variables outside the adapted weights), MAML++'s
-    (configs: enable_inner_loop_optimizable_bn_params false) and fmu2/PyTorch-MAML's (inner loop frozen: bn).
-    """
+    """weights -> (those the inner loop adapts, those it leaves alone). BatchNorm's scale and shift are meta-learned,
+    adapted in the inner loop only with --adapt-bn, as in the reference code: MAML's (BatchNorm variables outside the
+    adapted weights), MAML++'s (enable_inner_loop_optimizable_bn_params false), fmu2/PyTorch-MAML's (frozen: bn)."""
     frozen = {name: w for name, w in weights.items() if name.startswith(BN) and not adapt_bn}
     return {name: w for name, w in weights.items() if name not in frozen}, frozen
 
@@ -1092,13 +1030,9 @@ def split_adapted(weights: dict[str, torch.Tensor], adapt_bn: bool) -> tuple[dic
 def forward_tasks(forward: Callable, params: dict[str, torch.Tensor], x: torch.Tensor, use_vmap: bool,
                   recompute: bool = False) -> torch.Tensor:
     """Run `forward` for every task: params (tasks, ...) per tensor, x (tasks, N, C, H, W) -> (tasks, N, ways).
-
-    With use_vmap the tasks go through one batched forward (torch.func.vmap: grouped convolutions,
-    fastest on a GPU); otherwise through a Python loop over tasks, which is faster on a CPU.
-    Both give the same values and gradients (tested). recompute: gradient checkpointing
-    (torch.utils.checkpoint): the activations are not stored but recomputed in the backward pass, on the
-    loop path one task at a time, so that the backward holds one task's activations, not every task's.
-    """
+    use_vmap: one batched forward (torch.func.vmap: grouped convolutions, fastest on a GPU), else a loop over tasks
+    (faster on a CPU); same values and gradients (tested). recompute: gradient checkpointing (torch.utils.checkpoint),
+    activations recomputed in the backward, not stored; on the loop path task by task: the backward holds one task's."""
     def run(fn: Callable, *inputs):
         return torch.utils.checkpoint.checkpoint(fn, *inputs, use_reentrant=False) if recompute else fn(*inputs)
     if use_vmap:
@@ -1111,11 +1045,8 @@ def support_grads(forward: Callable, fast: dict[str, torch.Tensor], x_s: torch.T
                   create_graph: bool, use_vmap: bool, frozen: dict[str, torch.Tensor] | None = None
                   ) -> dict[str, torch.Tensor]:
     """∇L_t(θ_t) of every task's support loss w.r.t. its own weights θ_t: fast (tasks, ...) -> (tasks, ...) per tensor.
-
-    Σ_t L_t, each L_t the mean over task t's support set: tasks share nothing in the forward pass, so one
-    backward gives every task's gradient w.r.t. its own fast weights. frozen: tensors the forward also
-    reads, (tasks, ...) too, that the inner loop does not adapt (e.g. BatchNorm's scale and shift).
-    """
+    One backward of Σ_t L_t (L_t: the mean over task t's support set) gives them all: tasks share nothing in the forward
+    pass. frozen: tensors the forward also reads, (tasks, ...) too, not adapted (e.g. BatchNorm's scale and shift)."""
     logits = forward_tasks(forward, {**fast, **(frozen or {})}, x_s, use_vmap)  # (tasks, ways*shots, ways)
     loss = F.cross_entropy(logits.flatten(0, 1), y_s.flatten(), reduction="sum") / y_s.shape[1]
     return dict(zip(fast, torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)))
@@ -1123,9 +1054,7 @@ def support_grads(forward: Callable, fast: dict[str, torch.Tensor], x_s: torch.T
 
 def query_loss(logits: torch.Tensor, y_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(1/T) Σ_t L_t^query and the mean accuracy: logits (tasks, ways*queries, ways), y_q (tasks, ways*queries).
-
-    Every task has as many queries, so the mean over all of them is the mean over tasks of each task's mean.
-    """
+    Every task has as many queries, so the mean over all of them is the mean over tasks of each task's mean."""
     return F.cross_entropy(logits.flatten(0, 1), y_q.flatten()), accuracy(logits.detach(), y_q).mean()
 
 
@@ -1135,7 +1064,6 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 # ---- Arguments: a typed dataclass, one docstring line per field (CleanRL style) ----
-
 @dataclass
 class Args:
     dataset: Literal["omniglot", "miniimagenet", "tieredimagenet", "cub", "cifarfs", "fc100", "vggflower",
@@ -1303,12 +1231,9 @@ def _parser(cls: type, description: str | None, defaults: bool = True) -> argpar
     for f in dataclasses.fields(cls):
         flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
         default = f.default if defaults else argparse.SUPPRESS
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs[f.name])
-        elif typing.get_origin(kind) is typing.Literal:
-            parser.add_argument(flag, choices=typing.get_args(kind), default=default, help=docs[f.name])
-        else:
-            parser.add_argument(flag, type=kind, default=default, help=docs[f.name])
+        how = ({"action": argparse.BooleanOptionalAction} if kind is bool else {"choices": typing.get_args(kind)}
+               if typing.get_origin(kind) is typing.Literal else {"type": kind})  # a switch, a choice or a value
+        parser.add_argument(flag, **how, default=default, help=docs[f.name])
     return parser
 
 
@@ -1318,28 +1243,55 @@ def given_flags(cls: type, argv: list[str] | None = None) -> set[str]:
 
 
 def parse_args(cls: type, argv: list[str] | None = None, description: str | None = None):
-    """The command line as a `cls` (an algorithm file's Args), checked by cls.check(); with --resume, the resumed
-    run's own arguments (resumed_args)."""
+    """The command line as a `cls` (an algorithm file's Args), checked by cls.check(); --resume: resumed_args."""
     parser = _parser(cls, description)
     args = cls(**vars(parser.parse_args(argv)))
-    problems = args.check()
-    if problems:
+    if problems := args.check():
         parser.error("\n  ".join(problems))
     return resumed_args(args, given_flags(cls, argv)) if args.resume else args
 
 
-class StepResult(NamedTuple):
-    """What an algorithm file's meta_gradient returns for one meta-iteration: tensors only (no host reads)."""
-    loss: torch.Tensor  # () outer (query) loss of this meta-iteration, detached
-    accuracy: torch.Tensor  # () query accuracy
-    grads: dict[str, torch.Tensor | None]  # meta-gradient per meta-parameter; None: no gradient this step
-    state: dict  # what the algorithm carries to the next meta-iteration (e.g. ĝ); kept only if the step was finite
-    metrics: dict[str, torch.Tensor] = {}  # this step's own numbers, () tensors: Run logs their epoch means
-    per_task: dict[str, torch.Tensor] = {}  # (tasks,) numbers of each task: Run logs some to tasks.csv
+ADDED_LATER = {"backbone": "conv4", "resnet_width": 64}  # result flags newer than some runs: the value those ran with
+RESUME_FREE = ("resume", "quiet", "device", "vmap", "out", "data_root", "cache_dir", "download", "eval_batch",
+               "tensorboard")
+
+
+def program_name(args: Args) -> str:
+    """The algorithm file that defines this Args class, e.g. maml_gs."""
+    return Path(inspect.getfile(type(args))).stem
+
+
+def resumed_args(args: Args, given: set[str] | None = None) -> Args:
+    """On --resume, the run's own arguments (its config.json); of the flags that may change between sessions
+    (RESUME_FREE) the command line's where it gives them, else the run's (its --data-root, for one). A flag given that
+    differs from the run's value is refused, even the default: resuming must never silently continue another
+    configuration. given: the fields the command line gives (given_flags); None: those that differ from the defaults."""
+    path = Path(args.resume).expanduser() / "config.json"
+    try:
+        config = {**ADDED_LATER, **json.loads(path.read_text())}
+    except (OSError, ValueError, TypeError) as e:  # TypeError: JSON that is not an object
+        raise SystemExit(f"error: cannot resume {args.resume}: {path} is missing or damaged ({e}); "
+                         f"is it a run directory?")
+    if config.get("program") != program_name(args):
+        raise SystemExit(f"error: {args.resume} is a run of {config.get('program')}.py, not {program_name(args)}.py")
+    values, default = dataclasses.asdict(args), dataclasses.asdict(type(args)())
+    if given is None:
+        given = {k for k in values if values[k] != default[k]}
+    if missing := sorted(set(values) - set(config) - set(RESUME_FREE)):  # a newer RESUME_FREE flag changes no result
+        raise SystemExit(f"error: {args.resume} was made without the arguments {missing}: "
+                         "another version of the program")
+    if clash := [k for k in given if k not in RESUME_FREE and values[k] != config[k]]:
+        raise SystemExit(f"error: {args.resume} is a run with "
+                         + ", ".join(f"--{k.replace('_', '-')} {config[k]}" for k in clash)
+                         + "; resume it without changing those flags, or start a new run")
+    kept = {"resume", "out"}  # this session's: the run directory is the one resumed
+    resumed = type(args)(**{k: values[k] if k in given or k in kept or k not in config else config[k] for k in values})
+    if problems := resumed.check():  # e.g. the run's --device cuda on a machine without one
+        raise SystemExit(f"error: cannot resume {args.resume} with these values:\n  " + "\n  ".join(problems))
+    return resumed
 
 
 # ---- Evaluation ----
-
 Z95 = 1.96  # 95% confidence interval of a mean: ± 1.96 · std / sqrt(n)
 
 
@@ -1351,12 +1303,9 @@ def mean_ci(values: torch.Tensor) -> tuple[float, float]:
 
 def evaluate(predicts: list[Callable[[Tasks], torch.Tensor]], tasks: EvalTasks,
              batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-task query accuracies (num_tasks,) of the ensemble of `predicts` and of predicts[0] alone.
-
-    Each predict (one model: tasks -> query logits) adapts on the support set of every task; the models'
-    query logits are averaged, then argmax (the top-5 ensemble of MAML++, arXiv 2312.08398 appendix A.3).
-    The first model's own accuracy comes from the same pass (the best single model at meta-test).
-    """
+    """Per-task query accuracies (num_tasks,) of the ensemble of `predicts` and of predicts[0] alone. Each predict (a
+    model: tasks -> query logits) adapts on every task's support set; the query logits are averaged, then argmax (the
+    top-5 ensemble of MAML++, arXiv 2312.08398 appendix A.3); predicts[0] (the best single model) in the same pass."""
     ensemble, first = [], []
     for batch_tasks in tasks.batches(batch_size):
         logits = [predict(batch_tasks) for predict in predicts]
@@ -1366,16 +1315,10 @@ def evaluate(predicts: list[Callable[[Tasks], torch.Tensor]], tasks: EvalTasks,
 
 
 # ---- Run directory and checkpoints ----
-
 CHECKPOINT_FORMAT = "metalearn-gs checkpoint v1"
 CHECKPOINT_KEYS = ("program", "algorithm", "args", "params", "state", "optimizer", "sampler", "torch_rng", "loop")
-LAST = "last.pt"  # the newest state of the run, for --resume
-TASK_LOG = 25  # StepResult.per_task of the first 25 meta-iterations of every epoch go to tasks.csv (paper 004's
-# Figure 2 plots 100 tasks, 25 batches of its 4)
-LOCK = ".lock"  # held by the one process writing a run directory
-ADDED_LATER = {"backbone": "conv4", "resnet_width": 64}  # result flags newer than some runs: the value those ran with
-RESUME_FREE = ("resume", "quiet", "device", "vmap", "out", "data_root", "cache_dir", "download", "eval_batch",
-               "tensorboard")
+LAST, LOCK = "last.pt", ".lock"  # the run's newest state (for --resume); held by the one process writing the directory
+TASK_LOG = 25  # StepResult.per_task of an epoch's first 25 steps -> tasks.csv (paper 004's Fig. 2: 25 batches of 4)
 
 
 def write_run_file(path: Path, write: Callable[[typing.BinaryIO], None]) -> None:
@@ -1445,20 +1388,13 @@ def load_checkpoint(path: Path, args: Args | None = None) -> dict:
     return ckpt
 
 
-def run_dir_name(args: Args, name: str) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{name}__{args.dataset}__{args.ways}w{args.shots}s__t{args.tasks}__{args.seed}__{stamp}"
-
-
-# ---- The training loop ----
-
+# ---- Run: the training loop's plumbing, and its helpers ----
 class Progress:
     """A live status line on a terminal; at most one line per epoch elsewhere; nothing with --quiet."""
     REFRESH_S = 0.5
 
     def __init__(self, quiet: bool, epochs: int, iters: int):
-        self.quiet, self.epochs, self.iters = quiet, epochs, iters
-        self.tty = sys.stderr.isatty()
+        self.quiet, self.epochs, self.iters, self.tty = quiet, epochs, iters, sys.stderr.isatty()
         self.start, self.last, self.done = time.time(), 0.0, 0
 
     def step(self, epoch: int, it: int, loss: float) -> None:
@@ -1466,8 +1402,7 @@ class Progress:
         now = time.time()
         if self.quiet or not self.tty or now - self.last < self.REFRESH_S:
             return
-        self.last = now
-        rate = self.done / (now - self.start)
+        self.last, rate = now, self.done / (now - self.start)
         left = ((self.epochs - epoch) * self.iters - it - 1) / rate
         sys.stderr.write(f"\repoch {epoch + 1}/{self.epochs} iter {it + 1}/{self.iters} {rate:.2f} it/s "
                          f"ETA {left / 60:.1f} min loss {loss:.4f}   ")
@@ -1485,15 +1420,13 @@ def provenance(device: torch.device) -> dict[str, str]:
         machine = torch.cuda.get_device_name(device)
     else:
         model = platform.processor() or platform.machine()
-        with contextlib.suppress(OSError):
-            with open("/proc/cpuinfo") as f:
-                model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+        with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
         threads = torch.get_num_threads()
         machine = f"{model}, {threads} thread{'s' if threads > 1 else ''}"
-    try:
-        here = Path(__file__).resolve().parent
-        commit = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
+    try:  # the commit of this file's checkout
+        commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "describe", "--always", "--dirty"],
+                                capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"  # not a git checkout, or no git
     return {"machine": machine, "commit": commit}
@@ -1533,48 +1466,6 @@ def _to(obj, device: torch.device):
     return obj
 
 
-def program_name(args: Args) -> str:
-    """The algorithm file that defines this Args class, e.g. maml_gs."""
-    return Path(inspect.getfile(type(args))).stem
-
-
-def resumed_args(args: Args, given: set[str] | None = None) -> Args:
-    """On --resume, the run's own arguments (its config.json); of the flags that may change between sessions
-    (RESUME_FREE) the command line's where it gives them, else the run's (its --data-root, for one).
-
-    A flag given on the command line that differs from the run's value is refused, even when it is the default:
-    resuming must never silently continue another configuration. given: the fields the command line gives
-    (given_flags); None: those that differ from the defaults.
-    """
-    path = Path(args.resume).expanduser() / "config.json"
-    try:
-        config = {**ADDED_LATER, **json.loads(path.read_text())}
-    except (OSError, ValueError, TypeError) as e:  # TypeError: JSON that is not an object
-        raise SystemExit(f"error: cannot resume {args.resume}: {path} is missing or damaged ({e}); "
-                         f"is it a run directory?")
-    if config.get("program") != program_name(args):
-        raise SystemExit(f"error: {args.resume} is a run of {config.get('program')}.py, not {program_name(args)}.py")
-    values, default = dataclasses.asdict(args), dataclasses.asdict(type(args)())
-    if given is None:
-        given = {k for k in values if values[k] != default[k]}
-    missing = sorted(set(values) - set(config) - set(RESUME_FREE))  # a newer RESUME_FREE flag changes no result
-    if missing:
-        raise SystemExit(f"error: {args.resume} was made without the arguments {missing}: "
-                         "another version of the program")
-    clash = [k for k in given if k not in RESUME_FREE and values[k] != config[k]]
-    if clash:
-        raise SystemExit(f"error: {args.resume} is a run with "
-                         + ", ".join(f"--{k.replace('_', '-')} {config[k]}" for k in clash)
-                         + "; resume it without changing those flags, or start a new run")
-    kept = {"resume", "out"}  # this session's: the run directory is the one resumed
-    resumed = type(args)(**{k: values[k] if k in given or k in kept or k not in config else config[k]
-                            for k in values})
-    problems = resumed.check()  # e.g. the run's --device cuda on a machine without one
-    if problems:
-        raise SystemExit(f"error: cannot resume {args.resume} with these values:\n  " + "\n  ".join(problems))
-    return resumed
-
-
 def restore_params(params: dict[str, torch.Tensor], saved: dict, path: Path) -> None:
     """Copy a checkpoint's parameters into params, refusing any missing, extra or differently shaped tensor."""
     for name in sorted(set(params) | set(saved)):
@@ -1589,8 +1480,7 @@ def restore_params(params: dict[str, torch.Tensor], saved: dict, path: Path) -> 
 
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[list[int]]:
-    """SIGINT and SIGTERM noted in the list yielded instead of acted on, until the block ends: the run finishes
-    its current step, saves (or writes nothing half-done), says so and exits with 128 + the signal."""
+    """SIGINT and SIGTERM noted in the list yielded, not acted on, until the block ends (Run acts on them)."""
     stop: list[int] = []
     handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -1623,6 +1513,16 @@ def out_of_memory(error: BaseException | None) -> bool:
         isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
+class StepResult(NamedTuple):
+    """What an algorithm file's meta_gradient returns for one meta-iteration: tensors only (no host reads)."""
+    loss: torch.Tensor  # () outer (query) loss of this meta-iteration, detached
+    accuracy: torch.Tensor  # () query accuracy
+    grads: dict[str, torch.Tensor | None]  # meta-gradient per meta-parameter; None: no gradient this step
+    state: dict  # what the algorithm carries to the next meta-iteration (e.g. ĝ); kept only if the step was finite
+    metrics: dict[str, torch.Tensor] = {}  # this step's own numbers, () tensors: Run logs their epoch means
+    per_task: dict[str, torch.Tensor] = {}  # (tasks,) numbers of each task: Run logs some to tasks.csv
+
+
 class Data(NamedTuple):
     sampler: TaskSampler  # training tasks: a fresh batch per meta-iteration
     val: EvalTasks  # the fixed meta-validation tasks
@@ -1631,19 +1531,11 @@ class Data(NamedTuple):
 
 
 class Run:
-    """The plumbing of one run, called by an algorithm file's `main` in this order, inside `with Run(...) as run`:
-
-        load_data()                            the splits on the device: training sampler, fixed val/test tasks
-        restore(params, state, adam, sampler)  the run directory (locked: one writer), config.json; --resume:
-                                               all four as last.pt left them (state in place)
-        epochs(), iterations(sampler)          the epochs and meta-iterations still to run; a fresh task batch each
-        accept(result)                         a finite step? (the one host read of a meta-iteration); its numbers
-        validate(predict, tasks)               after each epoch: metrics.csv, tasks.csv, the top checkpoints
-        meta_test(predict, tasks)              the top-`--ensemble` checkpoints' ensemble, result.json
-
-    In the block SIGINT and SIGTERM are deferred: the current step finishes, then the run saves last.pt (or
-    writes nothing half-done) and exits with 128 + the signal; running out of memory is a message.
-    """
+    """The plumbing of one run. An algorithm file's `main` calls, inside `with Run(...) as run`: load_data(),
+    restore(params, state, adam, sampler), then `for epoch in epochs(): for tasks in iterations(sampler):`
+    accept(result) before each outer step, validate(predict, tasks) after each epoch; meta_test(predict, tasks) last.
+    In the block SIGINT and SIGTERM are deferred: the current step finishes, then the run saves last.pt (or writes
+    nothing half-done) and exits with 128 + the signal; running out of memory is a message."""
 
     def __init__(self, args: Args, name: str):
         self.device = pick_device(args.device)
@@ -1701,14 +1593,13 @@ class Run:
 
     def restore(self, params: dict[str, torch.Tensor], state: dict, adam: torch.optim.Optimizer,
                 sampler: TaskSampler) -> None:
-        """Take the run directory (--resume, --out or a new name under runs/) and keep what its checkpoints hold.
-
-        A new run writes config.json (every argument, the machine, the commit). --resume loads last.pt into
-        params, state (a dict, updated in place), adam, sampler, the global RNG and the loops' position.
-        """
-        args = self.args
-        self.params, self.state, self.adam, self.sampler = params, state, adam, sampler
-        self.dir = Path(args.resume or args.out or run_dir_name(args, self.name)).expanduser()
+        """Take the run directory (--resume, --out or a new name under runs/) and keep what its checkpoints hold. A
+        new run writes config.json (every argument, the machine, the commit). --resume loads last.pt into params,
+        state (a dict, updated in place), adam, sampler, the global RNG and the loops' position."""
+        args, self.params, self.state, self.adam, self.sampler = self.args, params, state, adam, sampler
+        stamp = time.strftime("%Y%m%d-%H%M%S")  # a new run's directory name ends with its start time
+        new = f"{self.name}__{args.dataset}__{args.ways}w{args.shots}s__t{args.tasks}__{args.seed}__{stamp}"
+        self.dir = Path(args.resume or args.out or Path("runs") / new).expanduser()
         self._exit.enter_context(lock_run_dir(self.dir))  # held until the block ends: one writer per directory
         for leftover in self.dir.glob("*.tmp"):  # of a process killed while writing here (none can be writing now)
             leftover.unlink()
@@ -1722,12 +1613,11 @@ class Run:
             sampler_note = sampler.load_state_dict(ckpt["sampler"])
             torch.set_rng_state(ckpt["torch_rng"])
             self.loop = loop = _to(ckpt["loop"], self.device)
+            at = f"epoch {loop['epoch'] + 1}, iteration {loop['iteration'] + 1}"
             if sampler_note:  # the numbers will differ from an uninterrupted run's: said even with --quiet, and kept
                 print(f"warning: {sampler_note}", file=sys.stderr)
-                loop.setdefault("notes", []).append(f"resumed at epoch {loop['epoch'] + 1}, iteration "
-                                                    f"{loop['iteration'] + 1}: {sampler_note}")
-            self.progress.message(f"resuming {self.dir} at epoch {loop['epoch'] + 1}, iteration "
-                                  f"{loop['iteration'] + 1}")
+                loop.setdefault("notes", []).append(f"resumed at {at}: {sampler_note}")
+            self.progress.message(f"resuming {self.dir} at {at}")
             # Leftovers of a kill: checkpoints no longer (or not yet) in the top list (temp files: gone above).
             keep = {f"epoch{epoch:04d}.pt" for _, epoch in loop["top"]}
             for path in [p for p in self.dir.glob("epoch*.pt") if p.name not in keep]:
@@ -1781,10 +1671,9 @@ class Run:
             self.progress.step(loop["epoch"], loop["iteration"] - 1, self.loss)
 
     def accept(self, result: StepResult) -> bool:
-        """Whether this meta-iteration's outer step may be taken: its loss and every meta-gradient finite (g² too,
-        since Adam squares it). Reads the flag and the loss in one device-to-host read, the only one of a
-        meta-iteration: a finite step's numbers are summed on the device, read once per epoch. A non-finite step
-        is skipped and counted; --max-bad-steps of them in a row stop the run as diverged."""
+        """Whether this meta-iteration's outer step may be taken: its loss and every meta-gradient finite (g² too: Adam
+        squares it). One device-to-host read (flag and loss), the step's only one: its numbers are summed on the device,
+        read once per epoch. A non-finite step is skipped, counted; --max-bad-steps in a row stop the run (diverged)."""
         grads = [g for g in result.grads.values() if g is not None]
         finite = torch.stack([result.loss.isfinite()] + [g.square().isfinite().all() for g in grads]).all()
         finite, self.loss = torch.stack([finite.to(result.loss.dtype), result.loss]).tolist()
@@ -1861,8 +1750,7 @@ class Run:
     def meta_test(self, predict: Callable[[dict, dict, Tasks], torch.Tensor], tasks: EvalTasks) -> dict:
         """Meta-test the top checkpoints on the fixed test tasks, each model its own (params, state) in `predict`:
         their ensemble and the best one alone. Writes result.json and returns its dict."""
-        args, loop = self.args, self.loop
-        history = loop["history"]
+        args, loop, history = self.args, self.loop, self.loop["history"]
         best = max(history, key=lambda row: (row["val_acc"], -row["epoch"])) if history else None
         result = {"status": loop["status"], "epochs_run": len(history),
                   "max_val_acc": best["val_acc"] if best else None, "max_val_epoch": best["epoch"] if best else None,
@@ -1878,8 +1766,7 @@ class Run:
                 ckpt = load_checkpoint(path, args)
                 restore_params(params, ckpt["params"], path)
                 models.append(functools.partial(predict, params, _to(ckpt["state"], self.device)))
-            ensemble, best_single = evaluate(models, tasks, args.eval_batch)
-            (acc_ens, ci_ens), (acc_best, ci_best) = mean_ci(ensemble), mean_ci(best_single)
+            (acc_ens, ci_ens), (acc_best, ci_best) = map(mean_ci, evaluate(models, tasks, args.eval_batch))
             result.update(test_acc_ensemble=acc_ens, test_ci_ensemble=ci_ens, test_acc_best=acc_best,
                           test_ci_best=ci_best)
             self.progress.message(f"meta-test: ensemble of {len(models)} {acc_ens:.4f} ± {ci_ens:.4f}, "
