@@ -193,7 +193,8 @@ def test_full_omniglot_runs_the_mamlpp_reference_configs():
     seen = set()
     for command in runs:
         program = command.split()[1]
-        assert program in ("maml_gs.py", "metasgd_gs.py", "mamlpp_gs.py") and "--data-root /data/omniglot-full" in command
+        assert program in ("maml_gs.py", "metasgd_gs.py", "mamlpp_gs.py")
+        assert "--data-root /data/omniglot-full" in command
         assert [flag(command, f) for f in ("--dataset", "--tasks", "--inner-steps", "--inner-lr", "--filters",
                                            "--queries", "--epochs", "--iters-per-epoch", "--test-tasks")] == [
             "omniglot", "8", "5", "0.1", "64", "1", "100", "500", "600"]

@@ -274,7 +274,8 @@ def test_other_runs_and_every_run_directory_listed(written, runs):
     others = lines_after(text, "## Other runs")
     assert sum("smoke2" in line for line in others[:others.index("## Run directories")]) == 2  # OG and GS
     listed = lines_after(text, "## Run directories")
-    assert sum(line.startswith(f"| {runs}") for line in listed) == 2 + 2 + 2 + 6 + 2 + 2 + 2 + 3 + 2 + 1 + 2  # not quick/
+    # not quick/
+    assert sum(line.startswith(f"| {runs}") for line in listed) == 2 + 2 + 2 + 6 + 2 + 2 + 2 + 3 + 2 + 1 + 2
     assert "/quick/" not in text
 
 
