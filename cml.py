@@ -106,6 +106,9 @@ class Args(common.Args):
                      if f.name in BASE_ONLY[other] and getattr(self, f.name) != f.default]
         return problems
 
+    def extra_weights(self) -> int:  # φ: its conv blocks (weight, bias, BN scale and shift); its head is θ's size
+        return self.colearner_blocks * (self.filters ** 2 * common.CONV_KERNEL ** 2 + 3 * self.filters)
+
 
 BASE_ONLY = {"maml": ("first_order",), "mamlpp": ("lslr", "per_step_bn", "msl_epochs", "first_order_epochs",
                                                   "cosine", "min_outer_lr", "clip_grad")}  # read by one base only

@@ -176,6 +176,20 @@ class Split:
         return replace(self, images=self.images.to(device), start=self.start.to(device), count=self.count.to(device))
 
 
+FINGERPRINT_BYTES = 2 ** 22  # bytes of a split's images a fingerprint hashes, evenly strided: cheap at any size
+
+
+def fingerprint(split: Split) -> dict:
+    """What tells a split's data from other data (another variant, another copy, another conversion): its name, counts,
+    image shape and a hash of its class sizes and of a strided sample of its pixels. A run records it; --resume
+    refuses other data."""
+    flat = split.images.reshape(-1)
+    sample = flat[::max(1, flat.numel() // FINGERPRINT_BYTES)].cpu().numpy()
+    digest = hashlib.sha1(split.count.cpu().numpy().astype("<i8").tobytes() + sample.tobytes()).hexdigest()
+    return {"name": split.name, "classes": split.classes, "images": len(split.images),
+            "shape": list(split.image_shape), "sha1": digest[:16]}
+
+
 class _Source(NamedTuple):
     variant: str  # "omniglot", "omniglot-small", "miniimagenet", "tieredimagenet", "cub", "cifarfs", ...
     directory: Path  # where the data lives; its cache goes here unless read-only
@@ -1152,17 +1166,23 @@ class Args:
         for name in ("seed", "eval_seed"):  # torch.Generator.manual_seed takes [0, 2^63)
             if not 0 <= getattr(self, name) < 2 ** 63:
                 problems.append(f"--{name.replace('_', '-')} must lie in [0, 2^63), got {getattr(self, name)}")
+        for f in dataclasses.fields(self):  # counts (of every file's Args) that no run could reach
+            value, bound = getattr(self, f.name), MAX_STEPS if f.name.endswith("inner_steps") else MAX_COUNT
+            if type(value) is int and f.name not in ("seed", "eval_seed") and value > bound:
+                got = str(value) if value < 10 ** 20 else f"a number of {len(str(value))} digits"
+                problems.append(f"--{f.name.replace('_', '-')} must be at most {bound:,}, got {got}")
         if self.device == "cuda" and not torch.cuda.is_available():
             problems.append("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
         try:
             shape = synthetic_shape(self.synthetic_shape)
-            if min(shape) < 1:
+            if min(shape) < 1 or max(shape) > MAX_COUNT:
                 raise ValueError
             if self.dataset == "synthetic" and min(shape[1:]) < POOL ** BLOCKS:
                 problems.append(f"--synthetic-shape {self.synthetic_shape}: Conv4's {BLOCKS} poolings need images of "
                                 f"at least {POOL ** BLOCKS}×{POOL ** BLOCKS} pixels")
         except ValueError:
-            problems.append(f"--synthetic-shape must be three positive integers C,H,W, got {self.synthetic_shape!r}")
+            problems.append(f"--synthetic-shape must be three positive integers C,H,W (at most {MAX_COUNT:,}), "
+                            f"got {self.synthetic_shape[:40]!r}")
             return problems
         if not problems and (need := memory_floor(self, shape)) > (have := device_memory(self.device)):
             problems.append(f"these counts need at least {need / 2 ** 30:.1f} GiB (a task batch's images and first "
@@ -1172,15 +1192,22 @@ class Args:
                             f"--eval-batch")
         return problems
 
+    def extra_weights(self) -> int:
+        """Meta-parameters beyond the backbone's (e.g. CML's co-learner), for memory_floor; files override it."""
+        return 0
 
+
+MAX_COUNT = 2 ** 31 - 1  # any count flag: beyond it no loop finishes and no tensor of that many rows fits
+MAX_STEPS = 10_000  # inner steps: each step is a forward and backward per task (the papers take 1 to 100)
 FLOAT_BYTES, INDEX_BYTES = 4, 8  # float32 images and activations; int64 task indices
 ADAM_COPIES = 4  # a parameter, its gradient and Adam's two moments
 
 
 def memory_floor(args: Args, synthetic: tuple[int, int, int]) -> int:
     """Bytes a run of these counts needs at the least: a lower bound, so that only the impossible is refused."""
-    c, h, w = {"omniglot": (1, OMNIGLOT_SIZE, OMNIGLOT_SIZE), "synthetic": synthetic}.get(
-        args.dataset, (3, IMAGE_SIZE, IMAGE_SIZE))
+    c, h, w = {"omniglot": (1, OMNIGLOT_SIZE, OMNIGLOT_SIZE), "synthetic": synthetic,
+               "cifarfs": (3, CIFAR_SIZE, CIFAR_SIZE), "fc100": (3, CIFAR_SIZE, CIFAR_SIZE),
+               "vggflower": (3, FLOWERS_SIZE, FLOWERS_SIZE)}.get(args.dataset, (3, IMAGE_SIZE, IMAGE_SIZE))
     per_task = args.ways * (args.shots + max(args.queries, args.test_queries))  # images of one task
     evaluated = min(args.eval_batch, max(args.val_tasks, args.test_tasks))
     if args.backbone == "resnet12":
@@ -1192,7 +1219,7 @@ def memory_floor(args: Args, synthetic: tuple[int, int, int]) -> int:
         weights = sum(a * b * CONV_KERNEL ** 2 for a, b in zip(widths, widths[1:]))
     images = max(args.tasks, evaluated) * per_task * (c + widths[1]) * h * w * FLOAT_BYTES  # input, first block
     indices = (args.val_tasks + args.test_tasks) * per_task * INDEX_BYTES  # EvalTasks.index
-    return images + indices + weights * FLOAT_BYTES * ADAM_COPIES
+    return images + indices + (weights + args.extra_weights()) * FLOAT_BYTES * ADAM_COPIES
 
 
 def device_memory(device: str) -> int:
@@ -1256,6 +1283,20 @@ RESUME_FREE = ("resume", "quiet", "device", "vmap", "out", "data_root", "cache_d
                "tensorboard")
 
 
+def wrong_types(config: dict, cls: type) -> list[str]:
+    """What in a config.json (read from disk, perhaps edited by hand) does not fit the type of its flag in cls."""
+    problems, hints = [], typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind, value = hints[f.name], config.get(f.name, f.default)
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+        number = (int, float) if kind is float else kind  # JSON writes 1.0 as 1.0, but a hand edit may write 1
+        fits = value in choices if choices else isinstance(value, number) and (kind is bool) == isinstance(value, bool)
+        if not fits:
+            want = f"one of {', '.join(map(repr, choices))}" if choices else f"a {kind.__name__}"
+            problems.append(f'"{f.name}": {json.dumps(value)}, expected {want}')
+    return problems
+
+
 def program_name(args: Args) -> str:
     """The algorithm file that defines this Args class, e.g. maml_gs."""
     return Path(inspect.getfile(type(args))).stem
@@ -1272,6 +1313,9 @@ def resumed_args(args: Args, given: set[str] | None = None) -> Args:
     except (OSError, ValueError, TypeError) as e:  # TypeError: JSON that is not an object
         raise SystemExit(f"error: cannot resume {args.resume}: {path} is missing or damaged ({e}); "
                          f"is it a run directory?")
+    if problems := wrong_types(config, type(args)):
+        raise SystemExit(f"error: cannot resume {args.resume}: {path} holds values of the wrong type:\n  "
+                         + "\n  ".join(problems) + "\nrestore the file (a run writes it once, at its start)")
     if config.get("program") != program_name(args):
         raise SystemExit(f"error: {args.resume} is a run of {config.get('program')}.py, not {program_name(args)}.py")
     values, default = dataclasses.asdict(args), dataclasses.asdict(type(args)())
@@ -1301,16 +1345,18 @@ def mean_ci(values: torch.Tensor) -> tuple[float, float]:
     return float(values.mean()), float(Z95 * values.std() / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
-def evaluate(predicts: list[Callable[[Tasks], torch.Tensor]], tasks: EvalTasks,
-             batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate(predicts: list[Callable[[Tasks], torch.Tensor]], tasks: EvalTasks, batch_size: int,
+             between: Callable[[], None] = lambda: None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-task query accuracies (num_tasks,) of the ensemble of `predicts` and of predicts[0] alone. Each predict (a
     model: tasks -> query logits) adapts on every task's support set; the query logits are averaged, then argmax (the
-    top-5 ensemble of MAML++, arXiv 2312.08398 appendix A.3); predicts[0] (the best single model) in the same pass."""
+    top-5 ensemble of MAML++, arXiv 2312.08398 appendix A.3); predicts[0] (the best single model) in the same pass.
+    between() runs after each batch (Run's: stop there on SIGINT/SIGTERM)."""
     ensemble, first = [], []
     for batch_tasks in tasks.batches(batch_size):
         logits = [predict(batch_tasks) for predict in predicts]
         ensemble.append(accuracy(sum(logits) / len(logits), batch_tasks.y_q).cpu())
         first.append(accuracy(logits[0], batch_tasks.y_q).cpu())
+        between()
     return torch.cat(ensemble), torch.cat(first)
 
 
@@ -1359,10 +1405,33 @@ def append_csv(path: Path, rows: list[dict], size: int) -> int:
             f.truncate(size)
             f.seek(size)
             f.write(text.getvalue().encode())
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before the checkpoint that counts these bytes
             return f.tell()
     except OSError as e:
         raise SystemExit(f"error: could not write {path} ({e}): free some space or fix the permissions, then "
                          f"continue with --resume {path.parent}")
+
+
+def repair_csv(path: Path, size: int) -> tuple[int, str | None]:
+    """Where append_csv may append: `size`, the bytes the last checkpoint counts, when path holds them all. A file
+    that lost its end (a host crash before the bytes reached the disk, a hand edit) or is gone is cut to its last
+    complete row, or started anew: never padded with NULs. Returns the size and, after a repair, a note of what was
+    lost."""
+    have = path.stat().st_size if path.is_file() else 0
+    if have >= size:
+        return size, None
+    data = path.read_bytes() if have else b""
+    keep = data[:data.rfind(b"\n") + 1]
+    if keep.count(b"\n") < 2:  # not even the header and one row: start the file again
+        keep = b""
+        path.unlink(missing_ok=True)
+    else:
+        write_run_file(path, lambda f: f.write(keep))
+    rows = max(keep.count(b"\n") - 1, 0)
+    return len(keep), (f"{path.name} held {have} of the {size} bytes the last checkpoint counts (lost in a crash, "
+                       f"or edited): kept its first {rows} complete rows; the rows after them of the epochs before "
+                       f"are gone")
 
 
 def load_checkpoint(path: Path, args: Args | None = None) -> dict:
@@ -1412,6 +1481,12 @@ class Progress:
         if not self.quiet:
             sys.stderr.write(("\r" if self.tty else "") + text + "\n")
             sys.stderr.flush()
+
+
+def describe_data(data: dict) -> str:
+    """A run's data fingerprints (fingerprint, per split) in a line."""
+    return "; ".join(f"{d['name']}: {d['classes']} classes, {d['images']} images of {'x'.join(map(str, d['shape']))}, "
+                     f"sha1 {d['sha1']}" for d in data.values())
 
 
 def provenance(device: torch.device) -> dict[str, str]:
@@ -1480,15 +1555,34 @@ def restore_params(params: dict[str, torch.Tensor], saved: dict, path: Path) -> 
 
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[list[int]]:
-    """SIGINT and SIGTERM noted in the list yielded, not acted on, until the block ends (Run acts on them)."""
+    """SIGINT and SIGTERM noted in the list yielded, not acted on, until the block ends (Run acts on them); a second
+    one exits at once."""
     stop: list[int] = []
-    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def note(signum: int, frame) -> None:
+        if stop:  # a second signal: the user will not wait for the step to end (e.g. a long evaluation batch)
+            print(f"error: a second {signal.Signals(signum).name}: stopped at once; the files are as the last "
+                  f"checkpoint left them, and --resume continues from it", file=sys.stderr)
+            raise SystemExit(128 + signum)
+        stop.append(signum)
+    handlers = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def foreign_files(run_dir: Path) -> list[str]:
+    """The names in run_dir when it is not a run directory of this project (a config.json of ours), but the lock
+    and the config's temp files, which a run killed before its config.json was written leaves."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no config.json, or not JSON of an object
+        if "program" in json.loads((run_dir / "config.json").read_text()):
+            return []
+    with contextlib.suppress(OSError):  # no such folder (or no folder at all: lock_run_dir says so)
+        return sorted(p.name for p in run_dir.iterdir()
+                      if p.name != LOCK and not (p.name.startswith("config.json") and p.name.endswith(".tmp")))
+    return []
 
 
 def lock_run_dir(run_dir: Path) -> typing.IO:
@@ -1548,6 +1642,7 @@ class Run:
                      "history": [], "top": [], "status": "running"}
         self.stop: list[int] = []  # signals received, acted on between steps
         self.dir: Path | None = None
+        self.data: dict[str, dict] = {}  # each split's fingerprint, in config.json and every checkpoint
         self.loss = math.nan  # the last meta-iteration's loss, for the progress line
         self.started = time.time()  # this session's start of the current epoch
         self._exit = contextlib.ExitStack()
@@ -1576,7 +1671,9 @@ class Run:
             splits = {split: load_split(args.dataset, split, args.data_root, download=args.download,
                                         cache_dir=args.cache_dir or None, bbox_crop=args.bbox_crop,
                                         synthetic_shape=synthetic_shape(args.synthetic_shape), seed=args.eval_seed,
-                                        verbose=not args.quiet).to(self.device) for split in SPLITS}
+                                        verbose=not args.quiet) for split in SPLITS}
+            self.data = {name: fingerprint(split) for name, split in splits.items()}  # checked on --resume
+            splits = {name: split.to(self.device) for name, split in splits.items()}
             task_shape = (args.ways, args.shots, args.queries)
             data = Data(TaskSampler(splits["train"], *task_shape, args.tasks, seed=args.seed),
                         EvalTasks(splits["val"], *task_shape, args.val_tasks, seed=args.eval_seed),
@@ -1600,12 +1697,21 @@ class Run:
         stamp = time.strftime("%Y%m%d-%H%M%S")  # a new run's directory name ends with its start time
         new = f"{self.name}__{args.dataset}__{args.ways}w{args.shots}s__t{args.tasks}__{args.seed}__{stamp}"
         self.dir = Path(args.resume or args.out or Path("runs") / new).expanduser()
+        if not args.resume and (foreign := foreign_files(self.dir)):
+            raise SystemExit(f"error: --out {self.dir} holds files that are not a run of this project ("
+                             f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), which a run would "
+                             f"overwrite or delete; choose a new or empty folder")
         self._exit.enter_context(lock_run_dir(self.dir))  # held until the block ends: one writer per directory
         for leftover in self.dir.glob("*.tmp"):  # of a process killed while writing here (none can be writing now)
             leftover.unlink()
         last = self.dir / LAST
         if args.resume and last.exists():
             ckpt = load_checkpoint(last, args)
+            if ckpt.get("data", self.data) != self.data:  # checkpoints before fingerprints: nothing to check
+                raise SystemExit(f"error: {self.dir} was trained on other data than --data-root {args.data_root} "
+                                 f"holds: it recorded {describe_data(ckpt['data'])}, this command loads "
+                                 f"{describe_data(self.data)}; resume with the run's own data (its --data-root was "
+                                 f"{ckpt['args'].get('data_root')})")
             restore_params(params, ckpt["params"], last)
             state.clear()
             state.update(_to(ckpt["state"], self.device))
@@ -1614,9 +1720,9 @@ class Run:
             torch.set_rng_state(ckpt["torch_rng"])
             self.loop = loop = _to(ckpt["loop"], self.device)
             at = f"epoch {loop['epoch'] + 1}, iteration {loop['iteration'] + 1}"
-            if sampler_note:  # the numbers will differ from an uninterrupted run's: said even with --quiet, and kept
-                print(f"warning: {sampler_note}", file=sys.stderr)
-                loop.setdefault("notes", []).append(f"resumed at {at}: {sampler_note}")
+            if sampler_note:  # the numbers will differ from an uninterrupted run's
+                self._note(f"resumed at {at}: {sampler_note}")
+            self._repair_tasks_csv()
             self.progress.message(f"resuming {self.dir} at {at}")
             # Leftovers of a kill: checkpoints no longer (or not yet) in the top list (temp files: gone above).
             keep = {f"epoch{epoch:04d}.pt" for _, epoch in loop["top"]}
@@ -1627,10 +1733,23 @@ class Run:
                 raise SystemExit(f"error: {self.dir} already holds a run; continue it with --resume {self.dir}")
             write_json(self.dir / "config.json", {"program": program_name(args), "algorithm": self.name,
                                                   **dataclasses.asdict(args), "out": str(self.dir), "resume": "",
-                                                  "torch": torch.__version__, **provenance(self.device)})
+                                                  "torch": torch.__version__, **provenance(self.device),
+                                                  "data": self.data})
         self.writer = tensorboard_writer(self.dir) if args.tensorboard else None
         if self.writer is not None:
             self._exit.callback(self.writer.close)
+
+    def _note(self, text: str) -> None:
+        """What makes this run's files differ from an uninterrupted run's: said even with --quiet, kept in result.json."""
+        print(f"warning: {text}", file=sys.stderr)
+        self.loop.setdefault("notes", []).append(text)
+
+    def _repair_tasks_csv(self) -> None:
+        """tasks.csv cut to its last complete row where it lost bytes the last checkpoint counts (repair_csv)."""
+        if size := self.loop.get("tasks_size", 0):
+            self.loop["tasks_size"], note = repair_csv(self.dir / "tasks.csv", size)
+            if note:
+                self._note(f"epoch {self.loop['epoch'] + 1}: {note}")
 
     def save(self, path: Path) -> None:
         """A self-describing checkpoint of everything restore() fills, written atomically."""
@@ -1638,7 +1757,8 @@ class Run:
         ckpt = {"format": CHECKPOINT_FORMAT, "program": program_name(self.args), "algorithm": self.name,
                 "args": dataclasses.asdict(self.args), "params": {n: p.detach().cpu() for n, p in self.params.items()},
                 "state": _to(self.state, cpu), "optimizer": self.adam.state_dict(),
-                "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(), "loop": _to(self.loop, cpu)}
+                "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(), "loop": _to(self.loop, cpu),
+                "data": self.data}
         write_run_file(path, lambda f: torch.save(ckpt, f))
 
     def epochs(self) -> Iterator[int]:
@@ -1708,6 +1828,13 @@ class Run:
                      for (iteration, _), numbers in zip(logged, values) for t, task in enumerate(zip(*numbers))]
         return rows
 
+    def _stop_in_validation(self) -> None:
+        """A signal during validation: save the epoch's training as last.pt (--resume validates it again), exit."""
+        if self.stop:
+            self.loop["seconds"] += time.time() - self.started
+            self.save(self.dir / LAST)
+            self._interrupted(f"interrupted: saved {self.dir / LAST}; continue with --resume {self.dir}")
+
     def validate(self, predict: Callable[[Tasks], torch.Tensor], tasks: EvalTasks) -> None:
         """After an epoch: the accuracy of `predict` (tasks -> query logits) on the fixed validation tasks, the
         epoch's row in metrics.csv, its per-task rows in tasks.csv, a checkpoint (kept while among the best
@@ -1716,7 +1843,7 @@ class Run:
         if loop["status"] != "running":
             return
         epoch = loop["epoch"]
-        val_acc, val_ci = mean_ci(evaluate([predict], tasks, args.eval_batch)[0])
+        val_acc, val_ci = mean_ci(evaluate([predict], tasks, args.eval_batch, self._stop_in_validation)[0])
         sums = loop["sums"]  # the one read of the epoch's sums
         totals = torch.stack([torch.as_tensor(total, dtype=torch.float64, device=self.device)
                               for total, _ in sums.values()]).tolist() if sums else []
@@ -1726,6 +1853,7 @@ class Run:
             "train_acc": means.pop("train_acc", math.nan), "val_acc": val_acc, "val_ci": val_ci,
             "skipped_steps": loop["skipped"], "seconds": loop["seconds"] + time.time() - self.started, **means})
         if rows := self._task_rows(epoch):  # appended before the checkpoint that counts them
+            self._repair_tasks_csv()  # the file may have been cut or deleted during the epoch
             loop["tasks_size"] = append_csv(self.dir / "tasks.csv", rows, loop.get("tasks_size", 0))
         loop.update(epoch=epoch + 1, iteration=0, sums={}, skipped=0, seconds=0.0, task_log=[])
         # Keep the best `ensemble` checkpoints by validation accuracy; ties: the later epoch first, as the
@@ -1751,7 +1879,10 @@ class Run:
         """Meta-test the top checkpoints on the fixed test tasks, each model its own (params, state) in `predict`:
         their ensemble and the best one alone. Writes result.json and returns its dict."""
         args, loop, history = self.args, self.loop, self.loop["history"]
-        best = max(history, key=lambda row: (row["val_acc"], -row["epoch"])) if history else None
+        # during the meta-test, between its batches: no result.json; the run is complete, --resume meta-tests it again
+        interrupted = f"interrupted during the meta-test; its checkpoints are saved: --resume {self.dir}"
+        # "best": the highest validation accuracy, the later epoch on ties, as the checkpoints' ranking (validate)
+        best = max(history, key=lambda row: (row["val_acc"], row["epoch"])) if history else None
         result = {"status": loop["status"], "epochs_run": len(history),
                   "max_val_acc": best["val_acc"] if best else None, "max_val_epoch": best["epoch"] if best else None,
                   "test_acc_ensemble": None, "test_ci_ensemble": None, "test_acc_best": None, "test_ci_best": None,
@@ -1766,13 +1897,13 @@ class Run:
                 ckpt = load_checkpoint(path, args)
                 restore_params(params, ckpt["params"], path)
                 models.append(functools.partial(predict, params, _to(ckpt["state"], self.device)))
-            (acc_ens, ci_ens), (acc_best, ci_best) = map(mean_ci, evaluate(models, tasks, args.eval_batch))
+            (acc_ens, ci_ens), (acc_best, ci_best) = map(mean_ci, evaluate(
+                models, tasks, args.eval_batch, functools.partial(self._interrupted, interrupted)))
             result.update(test_acc_ensemble=acc_ens, test_ci_ensemble=ci_ens, test_acc_best=acc_best,
                           test_ci_best=ci_best)
             self.progress.message(f"meta-test: ensemble of {len(models)} {acc_ens:.4f} ± {ci_ens:.4f}, "
                                   f"best single {acc_best:.4f} ± {ci_best:.4f}")
-        # during the meta-test: no result.json; the run is complete, --resume meta-tests it again
-        self._interrupted(f"interrupted during the meta-test; its checkpoints are saved: --resume {self.dir}")
+        self._interrupted(interrupted)  # a signal while loading the checkpoints, or with none to test
         if loop["status"] == "diverged":
             self.progress.message(f"diverged: {args.max_bad_steps} non-finite meta-iterations in a row; stopped")
         write_json(self.dir / "result.json", result)

@@ -50,7 +50,7 @@ epochs), MAML (--p-min 1 --p-max 1) against MAML+LWDGH(+EE), e.g. (--iters-per-e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -100,6 +100,10 @@ class Args(common.Args):
             problems.append(f"--clip-grad must be 0 (off) or positive, got {self.clip_grad}")
         if not 0 <= self.transition <= 1:
             problems.append(f"--transition must be a fraction in [0, 1], got {self.transition}")
+        changed = [f"--{f.name.replace('_', '-')}" for f in fields(self)
+                   if f.name in ("p_min", "p_max", "schedule", "transition") and getattr(self, f.name) != f.default]
+        if not self.ee and changed:
+            problems.append(f"--no-ee never explores: {' and '.join(changed)} would have no effect; drop them or --no-ee")
         return problems
 
 

@@ -304,11 +304,11 @@ def test_sigterm_during_the_last_validation_or_the_meta_test_saves_and_exits_143
     import os
     original, calls = common.evaluate, []
 
-    def evaluate(predicts, tasks, batch_size):  # TINY: 3 epochs, so calls 1-3 validate and 4 meta-tests
+    def evaluate(predicts, tasks, batch_size, between):  # TINY: 3 epochs, so calls 1-3 validate and 4 meta-tests
         calls.append(1)
         if len(calls) == {"last validation": 3, "meta-test": 4}[moment]:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(predicts, tasks, batch_size)
+        return original(predicts, tasks, batch_size, between)
     monkeypatch.setattr(common, "evaluate", evaluate)
     with pytest.raises(SystemExit) as exit_info:
         run(TINY + ["--out", str(tmp_path / "run")])

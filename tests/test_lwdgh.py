@@ -1,6 +1,7 @@
 """lwdgh.py: GCI and weights by hand, per-task meta-gradients against finite differences and a plain
 per-task loop, the explore and exploit updates, the schedule, the command line."""
 import csv
+import io
 import math
 import signal
 
@@ -343,3 +344,42 @@ def test_defaults_follow_the_paper_and_bad_probabilities_are_rejected():
         4, 0.01, 5, 10, 0.33)
     assert any("--p-min" in p for p in lwdgh.Args(p_min=0.8, p_max=0.2).check())
     assert any("--transition" in p for p in lwdgh.Args(transition=1.5).check())
+
+
+def crash_in_epoch_3(monkeypatch, argv):
+    """Stands for kill -9 during epoch 3: the run's files are those of the end of epoch 2."""
+    original, calls = common.TaskSampler.sample, []
+    def sample(self):
+        calls.append(1)
+        if len(calls) == 8:  # 3 meta-iterations per epoch: the 2nd of epoch 3
+            raise Crash()
+        return original(self)
+    monkeypatch.setattr(common.TaskSampler, "sample", sample)
+    with pytest.raises(Crash):
+        lwdgh.main(argv)
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("damage", ["cut mid-row", "deleted"])
+def test_a_tasks_csv_shorter_than_its_checkpoint_says_is_repaired_on_resume(tmp_path, monkeypatch, capsys, damage):
+    """A host crash can lose the end of tasks.csv (appended, fsynced, but last.pt may reach the disk first), or a user
+    deletes it: the resumed run keeps the complete rows, never writes NULs, notes the loss and finishes."""
+    lwdgh.main(TINY + ["--out", str(tmp_path / "ref")])
+    crash_in_epoch_3(monkeypatch, TINY + ["--out", str(tmp_path / "run")])
+    path = tmp_path / "run" / "tasks.csv"
+    full = path.read_bytes()
+    cut = len(full) * 2 // 3 + 5  # inside a row of epoch 2
+    assert full[cut - 1:cut] != b"\n"
+    if damage == "deleted":
+        path.unlink()
+    else:
+        path.write_bytes(full[:cut])
+    result = lwdgh.main(["--resume", str(tmp_path / "run"), "--quiet"])
+    assert result["status"] == "finished" and "tasks.csv held" in capsys.readouterr().err
+    assert any("tasks.csv held" in note for note in result["notes"])
+    data = path.read_bytes()
+    assert b"\0" not in data
+    ref_rows, rows = task_rows(tmp_path / "ref"), task_rows(tmp_path / "run")
+    kept = [] if damage == "deleted" else list(csv.DictReader(io.StringIO(full[:cut].decode())))[:-1]
+    epoch_3 = [row for row in ref_rows if row["epoch"] == "3"]
+    assert rows == kept + epoch_3 and len(kept) < len(ref_rows) - len(epoch_3)
