@@ -103,7 +103,7 @@ class Args(common.Args):
         changed = [f"--{f.name.replace('_', '-')}" for f in fields(self)
                    if f.name in ("p_min", "p_max", "schedule", "transition") and getattr(self, f.name) != f.default]
         if not self.ee and changed:
-            problems.append(f"--no-ee never explores: {' and '.join(changed)} would have no effect; drop them or --no-ee")
+            problems.append(f"--no-ee never explores: {' and '.join(changed)} would have no effect; drop one side")
         return problems
 
 
