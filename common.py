@@ -1740,7 +1740,7 @@ class Run:
             self._exit.callback(self.writer.close)
 
     def _note(self, text: str) -> None:
-        """What makes this run's files differ from an uninterrupted one's: said even with --quiet, kept in result.json."""
+        """What makes this run's files differ from an uninterrupted one's: said even with --quiet; in result.json."""
         print(f"warning: {text}", file=sys.stderr)
         self.loop.setdefault("notes", []).append(text)
 
