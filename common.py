@@ -19,6 +19,7 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
+import importlib.util
 import inspect
 import io
 import json
@@ -26,6 +27,7 @@ import math
 import os
 import pickle
 import platform
+import reprlib
 import signal
 import subprocess
 import sys
@@ -66,6 +68,7 @@ def atomic_write(path: Path, write: Callable[[typing.BinaryIO], None]) -> None:
 # ---- Data ----
 DATASETS = ("omniglot", "miniimagenet", "tieredimagenet", "cub", "cifarfs", "fc100", "vggflower", "synthetic")
 SPLITS = ("train", "val", "test")
+PROGRAMS = ("maml_gs", "metasgd_gs", "mamlpp_gs", "cml", "lwdgh")  # the algorithm files, named in hints
 CACHE_VERSION = 1
 CACHE_APP_DIR = "metalearn-gs"  # subfolder of $XDG_CACHE_HOME (or ~/.cache) for read-only data roots
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -246,7 +249,8 @@ def load_split(dataset: str, split: str, data_root: str | Path = "data", *, down
 def _cache_dirs(data_dir: Path, cache_dir: str | Path | None) -> list[Path]:
     """Folders to look for / write a cache in, in order of preference."""
     # Away from the data, one subfolder per data folder, so that two copies of a dataset never share a cache.
-    subfolder = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:12]
+    # Its bytes, as the OS has them: a name that is no UTF-8 text (b"\xff") hashes too, and UTF-8 ones as before.
+    subfolder = hashlib.sha1(os.fsencode(data_dir.resolve())).hexdigest()[:12]
     if cache_dir is not None:
         return [Path(cache_dir).expanduser() / subfolder]
     return [data_dir, Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / CACHE_APP_DIR / subfolder]
@@ -397,9 +401,10 @@ def _download(urls: tuple[str, ...], dest: Path, expected: str, how: str, md5: s
 
 
 def _missing(dataset: str, split: str, root: Path, looked_for: list[Path]) -> DataError:
+    program = Path(sys.argv[0]).stem if sys.argv and Path(sys.argv[0]).stem in PROGRAMS else "<file>"
     return DataError(f"{dataset}/{split}: no data under {root}. Looked for any of:\n" +
                      "\n".join(f"  {p}" for p in looked_for) +
-                     f"\nDownload it with --download, e.g. python maml_gs.py --dataset {dataset} "
+                     f"\nDownload it with --download, e.g. python {program}.py --dataset {dataset} "
                      f"--data-root {root} --download, or see {DOCS}.")
 
 
@@ -465,6 +470,10 @@ def _build_omniglot(zips: list[Path], prefixes: list[str], variant: str, split: 
                 raise DataError(f"{path}: member {prefix}{member} is not at the depth of Omniglot's "
                                 f"<alphabet>/<character>/<drawing>.png; delete the zip and download it again")
             alphabet, character, _ = member.split("/")
+            number = character.removeprefix("character")  # _omniglot_split reads it; Omniglot's: character01 ..
+            if number == character or not (number.isascii() and number.isdigit()):
+                raise DataError(f"{path}: member {prefix}{member} is not in a folder named characterNN (e.g. "
+                                f"character01) as in Omniglot's zips; delete the zip and download it again")
             if _omniglot_split(variant, alphabet, character) == split:
                 characters.setdefault(f"{alphabet}/{character}", []).append((z, member))
     expected = OMNIGLOT_CHARACTERS[variant][split]
@@ -505,11 +514,25 @@ def _unpickle(path: Path, keyed: bool = False):
             data = _ArrayUnpickler(f, encoding="latin1").load()
     except Exception as e:  # a truncated or foreign pickle raises many unrelated types
         raise _damaged(path, e) from e
-    return ({_text(k): v for k, v in data.items()} if isinstance(data, dict) else {}) if keyed else data
+    return ({_text(k, path): v for k, v in data.items()} if isinstance(data, dict) else {}) if keyed else data
 
 
-def _text(key: str | bytes) -> str:
-    return key.decode() if isinstance(key, bytes) else key
+def _text(name: object, path: Path) -> str:
+    """A key or class name of a pickle: str, or bytes as UTF-8 (Python 2's str); anything else: a DataError."""
+    try:
+        if isinstance(name, (str, bytes)):
+            return str(name.decode() if isinstance(name, bytes) else name)  # str(): not numpy's str_
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: the name {name!r} is not UTF-8 text ({e.reason}); keys and class names must be "
+                        f"str or UTF-8 bytes: the file is damaged or foreign, get it again (see {DOCS})") from e
+    raise DataError(f"{path}: expected a name (str or bytes), found {type(name).__name__} {reprlib.repr(name)}; the "
+                    f"file is damaged or foreign, get it again (see {DOCS})")
+
+
+def _twice(names: list) -> object | None:
+    """The first name listed a second time, if any."""
+    seen = set()
+    return next((n for n in names if n in seen or seen.add(n)), None)  # add() returns None: checks, then records
 
 
 def _read_mini_pickle(path: Path, split: str, strict: bool = False):
@@ -522,14 +545,22 @@ def _read_mini_pickle(path: Path, split: str, strict: bool = False):
             and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3) and isinstance(class_dict, dict) and class_dict):
         raise DataError(f"{path}: expected a dict with 'image_data' uint8 (N, 84, 84, 3) and 'class_dict' "
                         f"{{wnid: [indices]}}; delete it and get the file by hand: {how}")
-    try:  # every key a wnid (str or bytes), every value a flat list of image indices
-        groups = sorted((_text(k), np.asarray(v, dtype=np.int64).reshape(len(v))) for k, v in class_dict.items())
-        index = np.concatenate([v for _, v in groups])
-    except (ValueError, TypeError, AttributeError) as e:
-        raise DataError(f"{path}: class_dict is not {{wnid: [image indices]}} ({e}); delete it and get the file by "
-                        f"hand: {how}") from e
-    if index.min() < 0 or index.max() >= len(images):
-        raise DataError(f"{path}: class_dict indices outside image_data; delete it and get the file by hand: {how}")
+    def fail(what: str) -> DataError:
+        return DataError(f"{path}: class_dict is not {{wnid: [image indices]}} ({what}); delete it and get the file "
+                         f"by hand: {how}")
+    try:  # every key a wnid (str or bytes), every value a non-empty flat list of integer image indices
+        names = [_text(k, path) for k in class_dict]
+        groups = sorted(zip(names, (np.asarray(v) for v in class_dict.values())), key=lambda group: group[0])
+    except (ValueError, TypeError) as e:  # ragged lists
+        raise fail(str(e)) from e
+    if (twice := _twice(names)) is not None:  # a str key and its bytes twin
+        raise fail(f"class {twice} listed twice")
+    if bad := next(((n, v) for n, v in groups if v.ndim != 1 or v.dtype.kind not in "iu" or not v.size), None):
+        raise fail(f"class {bad[0]} holds {bad[1].dtype} of shape {bad[1].shape}, not a list of integers")
+    index = np.concatenate([v for _, v in groups])  # int64 and uint64 lists concatenate to float64: checked below
+    if index.min() < 0 or index.max() >= len(images) or len(np.unique(index)) < len(index):
+        raise fail(f"indices must lie in [0, {len(images)}) of image_data, each image listed once")
+    index = index.astype(np.int64)
     counts = [len(v) for _, v in groups]
     if strict and (len(counts), set(counts)) != (MINI_CLASSES[split], {MINI_PER_CLASS}):
         raise DataError(f"{path}: {len(counts)} classes with {sorted(set(counts))} images, expected "
@@ -544,8 +575,13 @@ def _read_mini_csv(folder: Path, split: str):
             rows = list(csv.DictReader(f))
     except UnicodeDecodeError as e:
         raise DataError(f"{folder / f'{split}.csv'}: not UTF-8 text ({e})") from e
-    if not rows or set(rows[0]) != {"filename", "label"} or any(None in (r["filename"], r["label"]) for r in rows):
-        raise DataError(f"{folder / f'{split}.csv'}: expected a 'filename,label' header and one row per image")
+    # two fields per row (DictReader: None for a missing one, a None key for extra ones), each set, each file once
+    bad = next((r for r in rows if len(r) != 2 or not all(v and v.strip() for v in r.values())), None)
+    if not rows or set(rows[0]) != {"filename", "label"} or bad is not None:
+        raise DataError(f"{folder / f'{split}.csv'}: expected a 'filename,label' header and one row per image, "
+                        f"both fields set" + ("" if bad is None else f", found {bad!r}"))
+    if (twice := _twice([r["filename"] for r in rows])) is not None:
+        raise DataError(f"{folder / f'{split}.csv'}: lists {twice} twice; expected one row per image")
     by_label: dict[str, list[str]] = {}
     for row in rows:
         by_label.setdefault(row["label"], []).append(row["filename"])
@@ -597,6 +633,9 @@ def _locate_tiered(root: Path, split: str, download: bool, _bbox: bool) -> _Sour
     if not download:
         raise _missing("tieredimagenet", split, root, looked_for)
     how = f"download https://drive.google.com/file/d/{TIERED_GDRIVE_ID} and extract it into {root}"
+    if importlib.util.find_spec("gdown") is None:  # torchvision's download_file_from_google_drive imports it
+        raise DataError(f"tieredImageNet's --download needs the gdown package (not in requirements.txt): "
+                        f"pip install gdown, or download by hand: {how}")
     archive = root / TIERED_ARCHIVE
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -615,27 +654,46 @@ def _locate_tiered(root: Path, split: str, download: bool, _bbox: bool) -> _Sour
 def _read_tiered_pickles(folder: Path, split: str, strict: bool = False):
     """Ren's pickles -> (N, 84, 84, 3) uint8 grouped by class, each PNG decoded straight into its row (the
     training split is about 9.5 GB decoded: the PNG list and this array are the only copies held)."""
-    labels = _unpickle(folder / f"{split}_labels.pkl", keyed=True)
+    path = folder / f"{split}_labels.pkl"
+    labels = _unpickle(path, keyed=True)
+
+    def fail(what: str) -> DataError:
+        return DataError(f"{path}: {what}; expected a dict with 'label_specific' (an integer class per image) and "
+                         f"'label_specific_str' (the class names, str or bytes): get the file again")
     try:
-        label = np.asarray(labels["label_specific"], dtype=np.int64).reshape(-1)
-        classes = int(label.max()) + 1
-        names = [_text(n) for n in labels.get("label_specific_str", [f"class{c:03d}" for c in range(classes)])]
-    except (KeyError, ValueError, TypeError) as e:
-        raise DataError(f"{folder / f'{split}_labels.pkl'}: expected a dict with 'label_specific' (an integer class "
-                        f"per image) and 'label_specific_str' (the class names) ({e!r})") from e
-    counts = np.bincount(label, minlength=classes) if label.size and label.min() >= 0 else np.zeros(0, np.int64)
+        label, raw_names = np.asarray(labels["label_specific"]).reshape(-1), labels.get("label_specific_str")
+    except (KeyError, ValueError) as e:  # no such key; ragged lists
+        raise fail(repr(e)) from e
+    if not (raw_names is None or isinstance(raw_names, (list, tuple)) or getattr(raw_names, "ndim", 0) == 1):
+        raise fail(f"label_specific_str is a {type(raw_names).__name__}")
+    if label.dtype.kind not in "iu" or not label.size:
+        raise fail(f"label_specific holds {label.size} {label.dtype} values")
+    # Labels in [0, classes), classes <= images, checked before anything per class is allocated (a label of 10**12)
+    bound = len(label) if raw_names is None else len(raw_names)
+    if label.min() < 0 or label.max() >= bound:
+        raise fail(f"label_specific holds labels in [{label.min()}, {label.max()}], expected [0, {bound}) "
+                   f"({'the images' if raw_names is None else 'the class names'})")
+    names = ([f"class{c:03d}" for c in range(int(label.max()) + 1)] if raw_names is None
+             else [_text(n, path) for n in raw_names])
+    if (twice := _twice(names)) is not None:
+        raise fail(f"label_specific_str lists class {twice} twice")
+    counts = np.bincount(label.astype(np.int64), minlength=len(names))
     images = _unpickle(folder / f"{split}_images_png.pkl")
-    if not (len(counts) == len(names) and counts.size and counts.min() > 0
-            and isinstance(images, (list, tuple, np.ndarray)) and len(images) == len(label)):
+    if not (counts.min() > 0 and isinstance(images, (list, tuple, np.ndarray)) and len(images) == len(label)):
         raise DataError(f"{folder}: {split}_labels.pkl and {split}_images_png.pkl do not match (a label in "
                         f"[0, {len(names)}) for every image, every class with images); get the pair again")
     if strict and len(names) != TIERED_CLASSES[split]:
         raise DataError(f"{folder}: {len(names)} {split} classes, expected {TIERED_CLASSES[split]}")
     out = np.empty((len(label), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     for row, i in enumerate(np.argsort(label, kind="stable")):  # class by class, each class in file order
+        entry = images[i]
+        png = entry.tobytes() if isinstance(entry, np.ndarray) and entry.dtype == np.uint8 else entry
+        if not isinstance(png, bytes):
+            raise DataError(f"{folder / f'{split}_images_png.pkl'} (image {i}): "
+                            f"{getattr(entry, 'dtype', type(entry).__name__)}, expected a PNG file's bytes (or a uint8 "
+                            f"array of them): get the file again")
         try:
-            with Image.open(io.BytesIO(np.asarray(images[i], dtype=np.uint8).tobytes()
-                                       if isinstance(images[i], np.ndarray) else images[i])) as image:
+            with Image.open(io.BytesIO(png)) as image:
                 out[row] = np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), RESAMPLE))
         except (*READ_ERRORS, TypeError, ValueError) as e:
             raise _damaged(folder / f"{split}_images_png.pkl (image {i})", e) from e
@@ -668,24 +726,34 @@ def _build_cub(source: Path, prefix: str, split: str, bbox_crop: bool):
     if set(meta) != wanted:
         raise DataError(f"{source}: missing {prefix}{sorted(wanted - set(meta))[0]}; "
                         f"incomplete CUB-200-2011 (see {DOCS})")
-    bad = next((line for line in meta["images.txt"] if line.strip() and len(line.split()) != 2), None)
-    if bad is not None or not any(line.strip() for line in meta["images.txt"]):
+    entries = [line.split() for line in meta["images.txt"] if line.strip()]
+    bad = next((" ".join(e) for e in entries if len(e) != 2 or not e[0].isdigit() or len(e[1].split("/")) != 2
+                or not all(e[1].split("/"))), None)
+    if bad is not None or not entries:
         raise DataError(f"{source}: {prefix}images.txt should list '<id> <class>/<file>.jpg' per line, "
                         f"found {bad!r}" if bad is not None else f"{source}: {prefix}images.txt is empty")
-    paths = dict(line.split() for line in meta["images.txt"] if line.strip())  # id -> "NNN.Class/file.jpg"
+    for what, values in (("id", [i for i, _ in entries]), ("image", [p for _, p in entries])):
+        if (twice := _twice(values)) is not None:
+            raise DataError(f"{source}: {prefix}images.txt lists {what} {twice} twice; expected each image once, "
+                            f"as '<id> <class>/<file>.jpg'")
+    paths = dict(entries)  # id -> "NNN.Class/file.jpg"
     by_class: dict[str, list[str]] = {}
     for path in sorted(paths.values()):
         by_class.setdefault(path.split("/")[0], []).append(path)
     # Chen et al. (2019) CUB split of the sorted class folders: 100 train, 50 val, 50 test
     groups = [(c, by_class[c]) for i, c in enumerate(sorted(by_class))
               if ("train" if i % 2 == 0 else "val" if i % 4 == 1 else "test") == split]
+    if not groups:
+        raise DataError(f"{source}: {prefix}images.txt lists {len(by_class)} class folder(s), which leave no {split} "
+                        f"class: of the sorted classes, every 2nd from the 1st trains, every 4th from the 2nd "
+                        f"validates, from the 4th tests (CUB-200-2011: 200 classes); list them all (see {DOCS})")
     boxes = None
     if bbox_crop:  # crop before resizing; PIL boxes are (left, upper, right, lower)
         try:
             xywh = {i: [float(v) for v in rest.split()] for i, rest in
                     (line.split(maxsplit=1) for line in meta["bounding_boxes.txt"] if line.strip())}
             boxes = {paths[i]: (round(x), round(y), round(x + w), round(y + h)) for i, (x, y, w, h) in xywh.items()}
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, OverflowError) as e:  # OverflowError: round(inf)
             raise DataError(f"{source}: {prefix}bounding_boxes.txt should list '<id> <x> <y> <w> <h>' for the ids "
                             f"of images.txt ({e!r})") from e
         if empty := next((name for name, (x0, y0, x1, y1) in boxes.items() if x1 <= x0 or y1 <= y0), None):

@@ -1,11 +1,14 @@
 """Data layer (common.py, issue #2): every on-disk format, splits, caches, downloads, task samplers."""
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import pickle
 import shutil
+import sys
 import tarfile
 import tempfile
+import types
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -18,9 +21,9 @@ from torchvision.datasets import CIFAR100, Flowers102, Omniglot
 import common
 from common import DataError, EvalTasks, TaskSampler, load_split
 from conftest import (CIFAR_PER_CLASS, CIFAR_SUPERCLASSES, MINI_FIXTURE_CLASSES, MINI_FIXTURE_PER_CLASS,
-                      TIERED_FIXTURE_CLASSES, class_color, coded_split, cub_class, write_cifar100, write_cub,
-                      write_flowers102, write_mini_csv, write_mini_folders, write_mini_pickle, write_omniglot,
-                      write_omniglot_small, write_tiered)
+                      TIERED_FIXTURE_CLASSES, TIERED_FIXTURE_PER_CLASS, class_color, coded_split, cub_class,
+                      write_cifar100, write_cub, write_flowers102, write_mini_csv, write_mini_folders,
+                      write_mini_pickle, write_omniglot, write_omniglot_small, write_tiered)
 
 
 def files(folder: Path) -> list[Path]:
@@ -148,6 +151,9 @@ def test_tiered_faults_are_data_errors(tmp_path, cache, monkeypatch):
             tar.add(Path(root) / "staging" / "tiered-imagenet", arcname="tiered-imagenet")
         shutil.rmtree(Path(root) / "staging")
     monkeypatch.setattr(common, "download_file_from_google_drive", download)
+    gdown = types.ModuleType("gdown")  # installed, as far as the check before a download sees
+    gdown.__spec__ = importlib.machinery.ModuleSpec("gdown", None)
+    monkeypatch.setitem(sys.modules, "gdown", gdown)
     with pytest.raises(DataError, match="6 train classes, expected 351"):  # the content check of a download
         common.load_split("tieredimagenet", "train", tmp_path / "dl", download=True, cache_dir=cache, verbose=False)
     assert not (tmp_path / "dl" / common.TIERED_ARCHIVE).exists()
@@ -634,3 +640,172 @@ def test_a_cache_conversion_killed_mid_write_leaves_nothing_behind_next_time(tmp
     split = common.load_split("miniimagenet", "test", tmp_path, cache_dir=cache, verbose=False)
     assert split.classes == MINI_FIXTURE_CLASSES["test"] and (folder / name).is_file()
     assert not list(folder.glob("*.tmp"))
+
+
+# ---- malformed content: a DataError saying what was expected, never a traceback, a MemoryError or a hang ----
+
+def rewrite_tiered(folder: Path, mutate, split: str = "train") -> None:
+    """Ren's pickles of write_tiered, rewritten as mutate(labels dict, PNG list) -> (labels, PNGs) gives them."""
+    with open(folder / f"{split}_labels.pkl", "rb") as f:
+        labels = pickle.load(f)
+    with open(folder / f"{split}_images_png.pkl", "rb") as f:
+        pngs = pickle.load(f)
+    labels, pngs = mutate(labels, pngs)
+    with open(folder / f"{split}_labels.pkl", "wb") as f:
+        pickle.dump(labels, f)
+    with open(folder / f"{split}_images_png.pkl", "wb") as f:
+        pickle.dump(pngs, f)
+
+
+HUGE_LABEL = 10 ** 12  # a class index whose per-class list or bincount would need terabytes
+
+
+@pytest.mark.parametrize("with_names", [True, False])
+def test_tiered_huge_label_is_checked_before_anything_per_class_is_allocated(tmp_path, cache, with_names):
+    write_tiered(tmp_path / "tiered-imagenet")
+
+    def huge(labels, pngs):
+        label = np.array(labels["label_specific"])
+        label[-1] = HUGE_LABEL
+        return ({"label_specific": label, "label_specific_str": labels["label_specific_str"]} if with_names
+                else {"label_specific": label}), pngs
+    rewrite_tiered(tmp_path / "tiered-imagenet", huge)
+    # the bound: the class names' count, else the images' (each class has an image)
+    bound = TIERED_FIXTURE_CLASSES["train"] * (1 if with_names else TIERED_FIXTURE_PER_CLASS)
+    with pytest.raises(DataError, match=rf"train_labels\.pkl: label_specific .*{HUGE_LABEL}.* \[0, {bound}\)"):
+        load("tieredimagenet", tmp_path, cache)
+    assert not files(cache)
+
+
+def test_data_root_with_non_utf8_bytes_works(shared_data, tmp_path, cache):
+    root = tmp_path / os.fsdecode(b"omniglot\xff")  # a folder name that is no UTF-8 text, holding the real zips
+    root.mkdir()
+    for name in common.OMNIGLOT_SMALL_ZIPS:  # links to the files: the folder itself is what resolve() keeps
+        (root / f"{name}.zip").symlink_to(shared_data / "omniglot-small" / f"{name}.zip")
+    split = load_split("omniglot", "val", root, cache_dir=cache, verbose=False)
+    assert split.classes == 4 * common.OMNIGLOT_CHARACTERS["omniglot-small"]["val"]
+    assert len(list(cache.rglob("*.pt"))) == 1
+    assert torch.equal(load_split("omniglot", "val", root, cache_dir=cache, verbose=False).images, split.images)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_cub_split_without_classes(tmp_path, cache, split):
+    folder = write_cub(tmp_path)
+    lines = (folder / "images.txt").read_text().splitlines()
+    (folder / "images.txt").write_text("\n".join(l for l in lines if f" {cub_class(0)}/" in l) + "\n")  # train only
+    with pytest.raises(DataError, match=rf"images\.txt lists 1 class folder.* no {split} class"):
+        load("cub", tmp_path, cache, split)
+
+
+def test_omniglot_character_folder_not_named_characterNN(tmp_path, cache):
+    write_omniglot(tmp_path / "omniglot-py", drawings=1)
+    with zipfile.ZipFile(tmp_path / "omniglot-py" / "images_evaluation.zip", "a") as z:
+        z.writestr("images_evaluation/Gurmukhi/character45b/0045_01.png", b"")
+    with pytest.raises(DataError, match=r"images_evaluation/Gurmukhi/character45b/0045_01\.png.*characterNN"):
+        load("omniglot", tmp_path, cache, "test")
+
+
+def dump(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
+
+
+@pytest.mark.parametrize("where", ["tiered labels", "mini top level", "mini class_dict"])
+def test_non_utf8_bytes_keys_name_the_file(tmp_path, cache, where):
+    if where == "tiered labels":
+        write_tiered(tmp_path / "tiered-imagenet")
+        rewrite_tiered(tmp_path / "tiered-imagenet", lambda labels, pngs: ({**labels, b"\xff": 0}, pngs))
+        dataset, name = "tieredimagenet", "train_labels.pkl"
+    else:
+        images, key = np.zeros((2, 84, 84, 3), np.uint8), b"\xff"
+        dump(tmp_path / "mini-imagenet-cache-train.pkl", {"image_data": images, "class_dict": {"n01": [0, 1]}, key: 0}
+             if where == "mini top level" else {"image_data": images, "class_dict": {key: [0, 1]}})
+        dataset, name = "miniimagenet", "mini-imagenet-cache-train.pkl"
+    with pytest.raises(DataError, match=rf"{name}: the name b'\\xff' is not UTF-8 text"):
+        load(dataset, tmp_path, cache)
+
+
+MINI_IMAGES = np.zeros((10, 84, 84, 3), np.uint8)
+
+
+@pytest.mark.parametrize("class_dict, message", [
+    ({"a": [], "b": []}, r"class a holds float64 of shape \(0,\)"),
+    ({"a": [0.5, 1.7]}, "class a holds float64"),
+    ({"a": [True, False]}, "class a holds bool"),
+    ({"a": [10 ** 30]}, "class a holds object"),
+    ({"a": [0, 1], "b": [1, 2]}, "each image listed once"),
+    ({"a": [0, 0]}, "each image listed once"),
+    ({5: [0, 1]}, "expected a name .*int 5"),
+    ({"a": [0], b"a": [1]}, "class a listed twice")],
+    ids=["empty", "floats", "bools", "huge", "shared", "repeated", "int-key", "str-and-bytes-key"])
+def test_malformed_mini_pickle_content(tmp_path, cache, class_dict, message):
+    dump(tmp_path / "mini-imagenet-cache-train.pkl", {"image_data": MINI_IMAGES, "class_dict": class_dict})
+    with pytest.raises(DataError, match=rf"mini-imagenet-cache-train\.pkl: .*{message}"):
+        load("miniimagenet", tmp_path, cache)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda lab, png: ({**lab, "label_specific": lab["label_specific"] + 0.5}, png), "label_specific .*float64"),
+    (lambda lab, png: ({**lab, "label_specific": [10 ** 30] * len(png)}, png), "label_specific .*object"),
+    (lambda lab, png: ({**lab, "label_specific_str": "abcdef"}, png), "label_specific_str .*str"),
+    (lambda lab, png: ({**lab, "label_specific_str": list(range(6))}, png), "expected a name .*int 0"),
+    (lambda lab, png: ({**lab, "label_specific_str": ["n01"] * 6}, png), "class n01 twice"),
+    (lambda lab, png: (lab, [np.frombuffer(p, np.uint8).astype(float) for p in png]), r"\(image \d+\): .*float64")],
+    ids=["float-labels", "huge-labels", "names-a-str", "int-names", "repeated-names", "float-pngs"])
+def test_malformed_tiered_content(tmp_path, cache, mutate, message):
+    write_tiered(tmp_path / "tiered-imagenet")
+    rewrite_tiered(tmp_path / "tiered-imagenet", mutate)
+    with pytest.raises(DataError, match=rf"train_(labels|images_png)\.pkl.*{message}"):
+        load("tieredimagenet", tmp_path, cache)
+
+
+@pytest.mark.parametrize("edit", [lambda rows: [rows[0], rows[1].split(",")[0] + ",", *rows[2:]],
+                                  lambda rows: [rows[0], "," + rows[1].split(",")[1], *rows[2:]],
+                                  lambda rows: [*rows, rows[1] + ",extra"], lambda rows: [*rows, rows[1]]],
+                         ids=["no-label", "no-filename", "three-fields", "repeated-row"])
+def test_malformed_mini_csv_rows(tmp_path, cache, edit):
+    write_mini_csv(tmp_path)
+    rows = (tmp_path / "train.csv").read_text().splitlines()
+    (tmp_path / "train.csv").write_text("\n".join(edit(rows)) + "\n")
+    with pytest.raises(DataError, match=r"train\.csv: .*one row per image"):
+        load("miniimagenet", tmp_path, cache)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda lines: [*lines, lines[0]], "id 1 twice"),
+    (lambda lines: [*lines, f"1 {lines[1].split()[1]}"], "id 1 twice"),
+    (lambda lines: [*lines, f"999 {lines[0].split()[1]}"], r"image 001\.Bird_1/Bird_1_0000\.jpg twice"),
+    (lambda lines: [f"x{lines[0]}", *lines[1:]], "should list '<id> <class>/<file>.jpg'"),
+    (lambda lines: ["1 Bird_1_0000.jpg", *lines[1:]], "should list '<id> <class>/<file>.jpg'")],
+    ids=["repeated-line", "repeated-id", "repeated-path", "id-not-a-number", "no-class-folder"])
+def test_malformed_cub_images_txt(tmp_path, cache, edit, message):
+    folder = write_cub(tmp_path)
+    (folder / "images.txt").write_text("\n".join(edit((folder / "images.txt").read_text().splitlines())) + "\n")
+    with pytest.raises(DataError, match=message):
+        load("cub", tmp_path, cache)
+
+
+def test_cub_infinite_box_is_a_data_error(tmp_path, cache):
+    folder = write_cub(tmp_path)
+    lines = (folder / "bounding_boxes.txt").read_text().splitlines()
+    (folder / "bounding_boxes.txt").write_text("\n".join([lines[0].split()[0] + " inf 0 5 5", *lines[1:]]) + "\n")
+    with pytest.raises(DataError, match="bounding_boxes.txt should list"):
+        common.load_split("cub", "train", tmp_path, cache_dir=cache, bbox_crop=True, verbose=False)
+
+
+@pytest.mark.parametrize("argv0, program", [("/home/u/metalearn/cml.py", "cml"), ("lwdgh.py", "lwdgh"),
+                                            ("/usr/bin/pytest", "<file>")])
+def test_missing_data_names_the_running_program(tmp_path, monkeypatch, argv0, program):
+    monkeypatch.setattr(common.sys, "argv", [argv0, "--dataset", "cub"])
+    with pytest.raises(DataError, match=rf"e\.g\. python {program}\.py --dataset cub"):
+        load_split("cub", "val", tmp_path / "nowhere", verbose=False)
+
+
+def test_tiered_download_without_gdown(tmp_path, cache, monkeypatch):
+    monkeypatch.setitem(common.sys.modules, "gdown", None)  # not installed: `import gdown` fails
+    monkeypatch.setattr(common, "download_file_from_google_drive", lambda *a, **k: pytest.fail("gdown is missing"))
+    with pytest.raises(DataError, match=rf"needs the gdown package.*pip install gdown.*by hand: .*"
+                                        rf"{common.TIERED_GDRIVE_ID}"):
+        common.load_split("tieredimagenet", "train", tmp_path / "dl", download=True, cache_dir=cache, verbose=False)
+    assert not (tmp_path / "dl").exists()
