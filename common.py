@@ -1924,9 +1924,10 @@ class Run:
             self._repair_tasks_csv()  # the file may have been cut or deleted during the epoch
             loop["tasks_size"] = append_csv(self.dir / "tasks.csv", rows, loop.get("tasks_size", 0))
         loop.update(epoch=epoch + 1, iteration=0, sums={}, skipped=0, seconds=0.0, task_log=[])
-        # Keep the best `ensemble` checkpoints by validation accuracy; ties: the later epoch first, as the
-        # MAML++ reference's ranking (np.argsort(val_acc)[::-1], experiment_builder.py) orders them.
-        ranked = sorted(loop["top"] + [[val_acc, epoch + 1]], key=lambda t: (-t[0], -t[1]))
+        # Keep the best `ensemble` checkpoints by validation accuracy; ties: the earlier epoch first, so that the
+        # best checkpoint is max_val_epoch's, the earliest epoch of the highest accuracy (paper 002's speed-up
+        # counts that epoch). The MAML++ reference (np.argsort(val_acc)[::-1]) orders ties the other way.
+        ranked = sorted(loop["top"] + [[val_acc, epoch + 1]], key=lambda t: (-t[0], t[1]))
         loop["top"], evicted = ranked[:args.ensemble], ranked[args.ensemble:]
         if [val_acc, epoch + 1] in loop["top"]:
             self.save(self.dir / f"epoch{epoch + 1:04d}.pt")
@@ -1949,8 +1950,8 @@ class Run:
         args, loop, history = self.args, self.loop, self.loop["history"]
         # during the meta-test, between its batches: no result.json; the run is complete, --resume meta-tests it again
         interrupted = f"interrupted during the meta-test; its checkpoints are saved: --resume {self.dir}"
-        # "best": the highest validation accuracy, the later epoch on ties, as the checkpoints' ranking (validate)
-        best = max(history, key=lambda row: (row["val_acc"], row["epoch"])) if history else None
+        # "best": the highest validation accuracy, the earliest epoch on ties, as the checkpoints' ranking (validate)
+        best = max(history, key=lambda row: (row["val_acc"], -row["epoch"])) if history else None
         result = {"status": loop["status"], "epochs_run": len(history),
                   "max_val_acc": best["val_acc"] if best else None, "max_val_epoch": best["epoch"] if best else None,
                   "test_acc_ensemble": None, "test_ci_ensemble": None, "test_acc_best": None, "test_ci_best": None,

@@ -116,7 +116,8 @@ def test_a_run_resumed_on_another_kind_of_device_finishes_and_says_its_tasks_dif
     (note,) = result["notes"]
     assert note.startswith("resumed at epoch 2, iteration 1: the run sampled its training tasks on cuda and this "
                            "session on cpu")
-    assert "warning: the run sampled its training tasks on cuda" in capsys.readouterr().err  # even with --quiet
+    assert "warning: resumed at epoch 2, iteration 1: the run sampled its training tasks on cuda" in \
+        capsys.readouterr().err  # even with --quiet
     assert run(["--resume", str(tmp_path / "again"), "--quiet"]) == result  # reproducible all the same
 
 

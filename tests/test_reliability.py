@@ -38,11 +38,10 @@ def test_divergence_after_some_epochs_still_reports_the_best_checkpoints(tmp_pat
 
     monkeypatch.setattr(maml_gs, "meta_gradient", poisoned(maml_gs.meta_gradient))
     result = maml_gs.main(TINY + ["--max-bad-steps", "4", "--out", str(tmp_path / "run")])
-    # Epoch 2 skips all 3 updates (the model is unchanged: the same validation accuracy, so epoch 1 is the
-    # earliest epoch of the best one), the first step of epoch 3 makes 4 in a row: diverged. The tie ranks the
-    # later epoch first in the ensemble, as the MAML++ reference's np.argsort(val_acc)[::-1] does.
+    # Epoch 2 skips all 3 updates (the model is unchanged: the same validation accuracy), the first step of epoch 3
+    # makes 4 in a row: diverged. The tie ranks the earlier epoch first, the best epoch (the earliest of the best).
     assert result["status"] == "diverged" and result["epochs_run"] == 2 and result["max_val_epoch"] == 1
-    assert result["test_acc_ensemble"] is not None and result["ensemble_epochs"] == [2, 1]
+    assert result["test_acc_ensemble"] is not None and result["ensemble_epochs"] == [1, 2]
     rows = metrics(tmp_path / "run")
     assert [r["skipped_steps"] for r in rows] == ["0", "3"] and rows[1]["train_loss"] == "nan"
     assert rows[0]["val_acc"] == rows[1]["val_acc"]

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Fault sweep: bad flags (every algorithm file), damaged data, run-directory faults; each case runs one command,
-# and a traceback in its output is a failure. DATA=../shared/data tools/fault_sweep.sh (about 30 min on 2 cores).
+# and a traceback in its output or a hang is a failure. DATA=../shared/data tools/fault_sweep.sh (30 min on 2 cores).
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 S=$(mktemp -d); trap 'rm -rf "$S"' EXIT
@@ -8,12 +8,14 @@ D=${DATA:?set DATA to the folder holding omniglot-small/}
 T="--dataset synthetic --synthetic-shape 1,16,16 --filters 8 --tasks 2 --ways 3 --queries 2 --inner-steps 2
    --epochs 2 --iters-per-epoch 2 --val-tasks 4 --test-tasks 4 --ensemble 2 --quiet"
 O="--data-root $D --epochs 1 --iters-per-epoch 1 --val-tasks 2 --test-tasks 2 --quiet --cache-dir $S/cache"
-n=0; bad=0
+n=0; bad=0; hung=0
 case_() { # name, command...
   local name="$1"; shift
   n=$((n+1))
   out=$(timeout 300 "$@" 2>&1); rc=$?
-  if grep -q "Traceback" <<<"$out"; then
+  if [ $rc -eq 124 ]; then
+    hung=$((hung+1)); echo "HANG [$name]: still running after 300 s"
+  elif grep -q "Traceback" <<<"$out"; then
     bad=$((bad+1)); echo "TRACEBACK [$name] rc=$rc"; echo "$out" | tail -4 | sed 's/^/    /'
   else
     echo "ok [$name] rc=$rc: $(echo "$out" | grep -i -m1 'error\|warning\|interrupted\|diverged' | cut -c1-150)"
@@ -84,5 +86,43 @@ case_ "empty epoch checkpoints at meta-test" $PY maml_gs.py --resume $S/bad4 --q
 cp -r $S/good $S/bad5; rm -f $S/bad5/epoch*.pt
 case_ "missing epoch checkpoints" $PY maml_gs.py --resume $S/bad5 --quiet
 case_ "tensorboard w/o package" $PY maml_gs.py $T --tensorboard --out $S/tb
-echo "faults: $n, tracebacks: $bad"
-[ "$bad" -eq 0 ]
+# issue 29: runs interrupted (SIGTERM after $1 s) and then damaged, resumed on other data, edited, absurd values
+term_() { # seconds, run directory, command...: SIGTERM after the seconds; the run must save and exit within 60 s
+  local secs="$1" dir="$2"; shift 2
+  "$@" --out "$dir" >"$dir.log" 2>&1 & local pid=$!
+  sleep "$secs"; kill -TERM $pid
+  for _ in $(seq 60); do kill -0 $pid 2>/dev/null || break; sleep 1; done
+  if kill -0 $pid 2>/dev/null; then kill -9 $pid; hung=$((hung+1)); echo "HANG [SIGTERM to $*]"; fi
+  wait $pid 2>/dev/null
+  grep -q Traceback "$dir.log" && { bad=$((bad+1)); echo "TRACEBACK [SIGTERM to $*]"; }
+}
+L="$T --epochs 300 --iters-per-epoch 5 --test-inner-steps 3"
+term_ 15 $S/t1 $PY lwdgh.py $L
+truncate -s 300 $S/t1/tasks.csv
+case_ "tasks.csv cut mid-row, resume" $PY lwdgh.py --resume $S/t1 --quiet
+[ "$(tr -cd '\000' < $S/t1/tasks.csv | wc -c)" -eq 0 ] || { bad=$((bad+1)); echo "NUL bytes in tasks.csv"; }
+term_ 15 $S/t2 $PY lwdgh.py $L
+rm $S/t2/tasks.csv
+case_ "tasks.csv deleted, resume" $PY lwdgh.py --resume $S/t2 --quiet
+case_ "resume on other data (full Omniglot)" $PY maml_gs.py --resume $S/ok --quiet --data-root $D/omniglot-full
+mkdir -p $S/mine; echo notes > $S/mine/notes.txt; echo '{"a": 1}' > $S/mine/config.json
+case_ "--out into a folder of the user's files" $PY maml_gs.py $T --out $S/mine
+[ "$(cat $S/mine/notes.txt)" = notes ] || { bad=$((bad+1)); echo "the user's file was changed"; }
+for edit in '"ways": "5"' '"epochs": null' '"synthetic_shape": 16' '"device": "tpu"' '"gs": 1'; do
+  cp -r $S/good $S/cfg$n; $PY -c "import json,sys; p=sys.argv[1]; c=json.load(open(p)); c.update(json.loads('{'+sys.argv[2]+'}'))
+json.dump(c, open(p, 'w'))" $S/cfg$n/config.json "$edit"
+  case_ "config.json $edit" $PY maml_gs.py --resume $S/cfg$n --quiet
+done
+for a in "maml_gs --filters 1$(printf '0%.0s' {1..200})" "maml_gs --resnet-width 1$(printf '0%.0s' {1..200})" \
+         "maml_gs --tasks 1$(printf '0%.0s' {1..400})" "mamlpp_gs --inner-steps 10000000000000000000" \
+         "metasgd_gs --inner-steps 10000000000000000000" "cml --colearner-blocks 10000000 --filters 48" \
+         "lwdgh --test-inner-steps 10000000000000000000" "lwdgh --no-ee --p-min 0.5"; do
+  case_ "${a:0:60}" $PY ${a%% *}.py $T ${a#* } --out $S/x$n
+done
+term_ 25 $S/t3 $PY maml_gs.py $T --epochs 1 --test-tasks 100000 --eval-batch 5
+grep -q "interrupted during the meta-test" $S/t3.log && [ ! -e $S/t3/result.json ] ||
+  { bad=$((bad+1)); echo "SIGTERM during the meta-test: not stopped between its batches"; }
+U="$S/d"$'\xff'; mkdir -p "$U"; cp -r $D/omniglot-small "$U/"
+case_ "non-UTF-8 --data-root" $PY maml_gs.py $O --data-root "$U" --out $S/u1
+echo "faults: $n, tracebacks: $bad, hangs: $hung"
+[ "$bad" -eq 0 ] && [ "$hung" -eq 0 ]
