@@ -1497,9 +1497,9 @@ def repair_csv(path: Path, size: int) -> tuple[int, str | None]:
     else:
         write_run_file(path, lambda f: f.write(keep))
     rows = max(keep.count(b"\n") - 1, 0)
+    kept = f"kept its first {rows} complete rows, the later ones" if rows else "started it again, its rows"
     return len(keep), (f"{path.name} held {have} of the {size} bytes the last checkpoint counts (lost in a crash, "
-                       f"or edited): kept its first {rows} complete rows; the rows after them of the epochs before "
-                       f"are gone")
+                       f"or edited): {kept} of the epochs before are gone")
 
 
 def load_checkpoint(path: Path, args: Args | None = None) -> dict:

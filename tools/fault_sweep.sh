@@ -119,7 +119,7 @@ for a in "maml_gs --filters 1$(printf '0%.0s' {1..200})" "maml_gs --resnet-width
          "lwdgh --test-inner-steps 10000000000000000000" "lwdgh --no-ee --p-min 0.5"; do
   case_ "${a:0:60}" $PY ${a%% *}.py $T ${a#* } --out $S/x$n
 done
-term_ 25 $S/t3 $PY maml_gs.py $T --epochs 1 --test-tasks 100000 --eval-batch 5
+term_ 25 $S/t3 $PY maml_gs.py $T --epochs 1 --test-tasks 100000 --eval-batch 5 --no-quiet
 grep -q "interrupted during the meta-test" $S/t3.log && [ ! -e $S/t3/result.json ] ||
   { bad=$((bad+1)); echo "SIGTERM during the meta-test: not stopped between its batches"; }
 U="$S/d"$'\xff'; mkdir -p "$U"; cp -r $D/omniglot-small "$U/"
