@@ -165,6 +165,7 @@ class Split:
     class_names: list[str]
     mean: tuple[float, ...]  # per channel, applied after /255
     std: tuple[float, ...]
+    source: str = "generated"  # the folder it was read from
 
     @property
     def classes(self) -> int:
@@ -242,7 +243,8 @@ def load_split(dataset: str, split: str, data_root: str | Path = "data", *, down
                   f"warning: no writable cache folder among {[str(d) for d in dirs]}; converting again next time")
     imagenet = dataset not in ("omniglot", "synthetic")  # natural RGB images: ImageNet's channel statistics
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else ((0.0,) * images.shape[1], (1.0,) * images.shape[1])
-    return Split(f"{source.variant}/{split}", images, torch.cumsum(count, 0) - count, count, names, mean, std)
+    return Split(f"{source.variant}/{split}", images, torch.cumsum(count, 0) - count, count, names, mean, std,
+                 str(source.directory))
 
 
 # -- caches --
@@ -1527,22 +1529,26 @@ def load_checkpoint(path: Path, args: Args | None = None) -> dict:
 
 # ---- Run: the training loop's plumbing, and its helpers ----
 class Progress:
-    """A live status line on a terminal; at most one line per epoch elsewhere; nothing with --quiet."""
-    REFRESH_S = 0.5
+    """A live status line on a terminal. Elsewhere (a log file, a pipe: a cluster job) a plain line every
+    PLAIN_EVERY_ITERS meta-iterations or every PLAIN_EVERY_S seconds, whichever comes later, with no control
+    characters. Nothing with --quiet."""
+    REFRESH_S = 0.5  # a terminal's line
+    PLAIN_EVERY_ITERS, PLAIN_EVERY_S = 50, 60.0  # a log's lines
 
     def __init__(self, quiet: bool, epochs: int, iters: int):
         self.quiet, self.epochs, self.iters, self.tty = quiet, epochs, iters, sys.stderr.isatty()
-        self.start, self.last, self.done = time.time(), 0.0, 0
+        self.start, self.last, self.done, self.since = time.time(), time.time(), 0, 0
 
-    def step(self, epoch: int, it: int, loss: float) -> None:
-        self.done += 1
-        now = time.time()
-        if self.quiet or not self.tty or now - self.last < self.REFRESH_S:
+    def step(self, epoch: int, it: int, loss: float, acc: float) -> None:
+        self.done, self.since, now = self.done + 1, self.since + 1, time.time()
+        wait = self.REFRESH_S if self.tty else self.PLAIN_EVERY_S
+        if self.quiet or now - self.last < wait or not (self.tty or self.since >= self.PLAIN_EVERY_ITERS):
             return
-        self.last, rate = now, self.done / (now - self.start)
+        self.last, self.since, rate = now, 0, self.done / (now - self.start)
         left = ((self.epochs - epoch) * self.iters - it - 1) / rate
-        sys.stderr.write(f"\repoch {epoch + 1}/{self.epochs} iter {it + 1}/{self.iters} {rate:.2f} it/s "
-                         f"ETA {left / 60:.1f} min loss {loss:.4f}   ")
+        line = (f"epoch {epoch + 1}/{self.epochs} iter {it + 1}/{self.iters}: loss {loss:.4f} acc {acc:.4f}, "
+                f"{rate:.2f} it/s, ETA {left / 60:.1f} min")
+        sys.stderr.write(f"\r{line}   " if self.tty else f"{line}\n")
         sys.stderr.flush()
 
     def message(self, text: str) -> None:
@@ -1710,8 +1716,9 @@ class Run:
                      "history": [], "top": [], "status": "running"}
         self.stop: list[int] = []  # signals received, acted on between steps
         self.dir: Path | None = None
+        self.variant, self.source = args.dataset, ""  # the data set variant (omniglot-small, ...) and its folder
         self.data: dict[str, dict] = {}  # each split's fingerprint, in config.json and every checkpoint
-        self.loss = math.nan  # the last meta-iteration's loss, for the progress line
+        self.loss = self.acc = math.nan  # the last meta-iteration's loss and accuracy, for the progress line
         self.started = time.time()  # this session's start of the current epoch
         self._exit = contextlib.ExitStack()
 
@@ -1741,6 +1748,7 @@ class Run:
                                         synthetic_shape=synthetic_shape(args.synthetic_shape), seed=args.eval_seed,
                                         verbose=not args.quiet) for split in SPLITS}
             self.data = {name: fingerprint(split) for name, split in splits.items()}  # checked on --resume
+            self.variant, self.source = splits["train"].name.split("/")[0], splits["train"].source
             splits = {name: split.to(self.device) for name, split in splits.items()}
             task_shape = (args.ways, args.shots, args.queries)
             data = Data(TaskSampler(splits["train"], *task_shape, args.tasks, seed=args.seed),
@@ -1749,6 +1757,10 @@ class Run:
                                   args.test_tasks, seed=args.eval_seed), splits["train"].image_shape)
         except DataError as e:
             raise SystemExit(f"error: {e}")
+        if self.variant == "omniglot-small":  # said on every run: its numbers are not full-Omniglot numbers
+            classes = "/".join(str(self.data[split]["classes"]) for split in SPLITS)
+            print(f"warning: no full Omniglot under --data-root {args.data_root}: this run uses the two small "
+                  f"subsets (omniglot-small, {classes} train/val/test classes), not the full set's", file=sys.stderr)
         # during the data's loading or first conversion (its cache is written atomically): nothing started
         self._interrupted("interrupted before training started; nothing was written to a run directory")
         if min(data.image_shape[1:]) < POOL ** BLOCKS:  # both backbones pool BLOCKS times
@@ -1763,7 +1775,7 @@ class Run:
         state (a dict, updated in place), adam, sampler, the global RNG and the loops' position."""
         args, self.params, self.state, self.adam, self.sampler = self.args, params, state, adam, sampler
         stamp = time.strftime("%Y%m%d-%H%M%S")  # a new run's directory name ends with its start time
-        new = f"{self.name}__{args.dataset}__{args.ways}w{args.shots}s__t{args.tasks}__{args.seed}__{stamp}"
+        new = f"{self.name}__{self.variant}__{args.ways}w{args.shots}s__t{args.tasks}__{args.seed}__{stamp}"
         self.dir = Path(args.resume or args.out or Path("runs") / new).expanduser()
         if not args.resume and (foreign := foreign_files(self.dir)):
             raise SystemExit(f"error: --out {self.dir} holds files that are not a run of this project ("
@@ -1772,6 +1784,7 @@ class Run:
         self._exit.enter_context(lock_run_dir(self.dir))  # held until the block ends: one writer per directory
         for leftover in self.dir.glob("*.tmp"):  # of a process killed while writing here (none can be writing now)
             leftover.unlink()
+        self.progress.message(self._start_line())
         last = self.dir / LAST
         if args.resume and last.exists():
             ckpt = load_checkpoint(last, args)
@@ -1802,10 +1815,20 @@ class Run:
             write_json(self.dir / "config.json", {"program": program_name(args), "algorithm": self.name,
                                                   **dataclasses.asdict(args), "out": str(self.dir), "resume": "",
                                                   "torch": torch.__version__, **provenance(self.device),
-                                                  "data": self.data})
+                                                  "data_variant": self.variant, "data": self.data})
         self.writer = tensorboard_writer(self.dir) if args.tensorboard else None
         if self.writer is not None:
             self._exit.callback(self.writer.close)
+
+    def _start_line(self) -> str:
+        """Where a run writes, on what, from which data: the first line of its log."""
+        args, device = self.args, self.device
+        machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+        counts = "/".join(f"{self.data[split]['classes']}" for split in SPLITS)
+        return (f"run {self.dir}: {program_name(args)}.py on {device.type} ({machine}); data {self.variant} from "
+                f"{self.source} ({counts} train/val/test classes); {args.ways}-way {args.shots}-shot, {args.queries} "
+                f"queries, {args.tasks} tasks per meta-iteration, {args.epochs} epochs x {args.iters_per_epoch} "
+                f"meta-iterations")
 
     def _note(self, text: str) -> None:
         """What makes this run's files differ from an uninterrupted one's: said even with --quiet; in result.json."""
@@ -1856,15 +1879,16 @@ class Run:
             if loop["status"] != "running":
                 return
             loop["iteration"] += 1
-            self.progress.step(loop["epoch"], loop["iteration"] - 1, self.loss)
+            self.progress.step(loop["epoch"], loop["iteration"] - 1, self.loss, self.acc)
 
     def accept(self, result: StepResult) -> bool:
         """Whether this meta-iteration's outer step may be taken: its loss and every meta-gradient finite (g² too: Adam
-        squares it). One device-to-host read (flag and loss), the step's only one: its numbers are summed on the device,
-        read once per epoch. A non-finite step is skipped, counted; --max-bad-steps in a row stop the run (diverged)."""
+        squares it). One device-to-host read (flag, loss, accuracy), the step's only one: its numbers are summed on the
+        device, read once per epoch. A non-finite step is skipped, counted; --max-bad-steps in a row stop the run (diverged)."""
         grads = [g for g in result.grads.values() if g is not None]
         finite = torch.stack([result.loss.isfinite()] + [g.square().isfinite().all() for g in grads]).all()
-        finite, self.loss = torch.stack([finite.to(result.loss.dtype), result.loss]).tolist()
+        finite, self.loss, self.acc = torch.stack([finite.to(result.loss.dtype), result.loss,
+                                                   result.accuracy.to(result.loss.dtype)]).tolist()
         loop = self.loop
         if finite:
             numbers = {"train_loss": result.loss, "train_acc": result.accuracy, **result.metrics}
@@ -1952,7 +1976,7 @@ class Run:
         interrupted = f"interrupted during the meta-test; its checkpoints are saved: --resume {self.dir}"
         # "best": the highest validation accuracy, the earliest epoch on ties, as the checkpoints' ranking (validate)
         best = max(history, key=lambda row: (row["val_acc"], -row["epoch"])) if history else None
-        result = {"status": loop["status"], "epochs_run": len(history),
+        result = {"status": loop["status"], "data_variant": self.variant, "epochs_run": len(history),
                   "max_val_acc": best["val_acc"] if best else None, "max_val_epoch": best["epoch"] if best else None,
                   "test_acc_ensemble": None, "test_ci_ensemble": None, "test_acc_best": None, "test_ci_best": None,
                   "ensemble_epochs": [epoch for _, epoch in loop["top"]], "test_tasks": len(tasks)}
