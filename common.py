@@ -1321,16 +1321,42 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+HELP_GROUPS = {  # --help's groups of the shared flags, after the method's own flags
+    "task shape": ("ways", "shots", "queries", "test_queries", "tasks"),
+    "data": ("dataset", "data_root", "download", "cache_dir", "bbox_crop", "synthetic_shape"),
+    "network": ("backbone", "filters", "resnet_width", "adapt_bn"),
+    "training": ("epochs", "iters_per_epoch", "outer_lr", "seed", "max_bad_steps"),
+    "evaluation": ("val_tasks", "test_tasks", "ensemble", "eval_batch", "eval_seed"),
+    "run": ("device", "vmap", "out", "resume", "quiet", "tensorboard")}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's default once: appended unless its help line already says it."""
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _parser(cls: type, description: str | None, defaults: bool = True) -> argparse.ArgumentParser:
-    """An argparse parser of a dataclass of arguments; defaults=False leaves out every flag not given."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+    """An argparse parser of a dataclass of arguments, its flags grouped for --help (the method's own first, then
+    HELP_GROUPS), two examples last; defaults=False leaves out every flag not given."""
+    program = f"{program_name(cls())}.py" if description else "<file>.py"
+    examples = (f"examples:\n  python {program} --dataset omniglot --data-root data --download --shots 1 --tasks 5\n"
+                f"  python {program} --resume runs/<the run directory>")
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter, epilog=examples)
+    docs, hints, shared = _field_docs(cls), typing.get_type_hints(cls), {f.name for f in dataclasses.fields(Args)}
+    groups = {"method": parser.add_argument_group(f"{program}'s own flags")}
+    groups.update({title: parser.add_argument_group(title) for title in HELP_GROUPS})
+    group_of = {name: title for title, names in HELP_GROUPS.items() for name in names}
     for f in dataclasses.fields(cls):
         flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
         default = f.default if defaults else argparse.SUPPRESS
         how = ({"action": argparse.BooleanOptionalAction} if kind is bool else {"choices": typing.get_args(kind)}
                if typing.get_origin(kind) is typing.Literal else {"type": kind})  # a switch, a choice or a value
-        parser.add_argument(flag, **how, default=default, help=docs[f.name])
+        group = groups[group_of[f.name] if f.name in shared else "method"]
+        group.add_argument(flag, **how, default=default, help=docs[f.name])
     return parser
 
 

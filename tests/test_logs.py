@@ -50,3 +50,23 @@ def test_the_omniglot_variant_is_recorded_named_and_warned_about(tmp_path, share
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith("maml_gs__omniglot-small__5w1s__t1__1__")
     assert json.loads((run_dir / "config.json").read_text())["data_variant"] == "omniglot-small"
+
+
+def test_every_shared_flag_is_in_one_help_group():
+    grouped = [name for names in common.HELP_GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(f.name for f in common.dataclasses.fields(common.Args))
+
+
+@pytest.mark.parametrize("program", ["maml_gs", "cml", "lwdgh"])
+def test_help_lists_the_methods_flags_first_then_the_groups_each_default_once_and_examples(program, capsys):
+    module = __import__(program)
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    text = capsys.readouterr().out
+    titles = [f"{program}.py's own flags:", *(f"{title}:" for title in common.HELP_GROUPS), "examples:"]
+    assert [text.index(f"\n{title}\n") for title in titles] == sorted(text.index(f"\n{t}\n") for t in titles)
+    own = text[text.index(titles[0]):text.index(titles[1])]
+    assert "--inner-steps" in own and "--ways" not in own
+    flags = re.split(r"\n  --", text[text.index(titles[0]):])
+    assert all(flag.count("default") <= 1 for flag in flags), [f for f in flags if f.count("default") > 1]
+    assert f"python {program}.py --resume" in text
