@@ -289,3 +289,17 @@ def test_an_interrupted_run_resumes_through_make_with_its_own_data_root(tmp_path
     resumed = subprocess.run(make + [f"DATA={tmp_path / 'nowhere'}"], cwd=REPO, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr  # with DATA pointing nowhere: the run's --data-root was used
     assert json.loads((run_dir / "result.json").read_text())["status"] == "finished"
+
+
+def flag_pairs(flags: str) -> set[str]:
+    return set(re.findall(r"--[\w-]+(?: [^-\s]\S*)?", flags))
+
+
+def test_the_documented_table1_commands_are_the_targets_commands():
+    """docs/reproducing.md's Table 1: each row's command is exactly (flag for flag) what its target runs."""
+    rows = re.findall(r"^\| [^|]+ \| `(table1-[\w-]+)` \| `python (\w+\.py) (.+?)` \|$",
+                      (REPO / "docs" / "reproducing.md").read_text(), flags=re.M)
+    assert len(rows) == 12
+    for target, program, flags in rows:
+        (run,) = [c for c in planned_runs(target, DATA="/data") if " --gs " in c]
+        assert flag_pairs(flags) == flag_pairs(make_flags(run, program)[0]), target
