@@ -402,10 +402,17 @@ def _download(urls: tuple[str, ...], dest: Path, expected: str, how: str, md5: s
                     f"\nGet it by hand: {how}, and put it at {dest}")
 
 
+NEEDED = {"miniimagenet": f"all three splits' files: {', '.join(MINI_PICKLE.format(s) for s in SPLITS)} (or "
+                          f"train/val/test.csv with images/, or train/val/test/<wnid>/*.jpg)",
+          "tieredimagenet": "all three splits' files: {train,val,test}_images_png.pkl and {train,val,test}_labels.pkl "
+                            "(or train/val/test/<wnid>/*.jpg)"}  # named at once, not found missing one run at a time
+
+
 def _missing(dataset: str, split: str, root: Path, looked_for: list[Path]) -> DataError:
     program = Path(sys.argv[0]).stem if sys.argv and Path(sys.argv[0]).stem in PROGRAMS else "<file>"
     return DataError(f"{dataset}/{split}: no data under {root}. Looked for any of:\n" +
                      "\n".join(f"  {p}" for p in looked_for) +
+                     (f"\nA run needs {NEEDED[dataset]}." if dataset in NEEDED else "") +
                      f"\nDownload it with --download, e.g. python {program}.py --dataset {dataset} "
                      f"--data-root {root} --download, or see {DOCS}.")
 
@@ -1572,7 +1579,7 @@ class Progress:
             return
         self.last, self.since, rate = now, 0, self.done / (now - self.start)
         left = ((self.epochs - epoch) * self.iters - it - 1) / rate
-        line = (f"epoch {epoch + 1}/{self.epochs} iter {it + 1}/{self.iters}: loss {loss:.4f} acc {acc:.4f}, "
+        line = (f"epoch {epoch + 1}/{self.epochs} iter {it + 1}/{self.iters}: loss {loss:.4f} acc {100 * acc:.2f}%, "
                 f"{rate:.2f} it/s, ETA {left / 60:.1f} min")
         sys.stderr.write(f"\r{line}   " if self.tty else f"{line}\n")
         sys.stderr.flush()
@@ -1910,7 +1917,8 @@ class Run:
     def accept(self, result: StepResult) -> bool:
         """Whether this meta-iteration's outer step may be taken: its loss and every meta-gradient finite (g² too: Adam
         squares it). One device-to-host read (flag, loss, accuracy), the step's only one: its numbers are summed on the
-        device, read once per epoch. A non-finite step is skipped, counted; --max-bad-steps in a row stop the run (diverged)."""
+        device, read once per epoch. A non-finite step is skipped, counted; --max-bad-steps in a row stop the run
+        (diverged)."""
         grads = [g for g in result.grads.values() if g is not None]
         finite = torch.stack([result.loss.isfinite()] + [g.square().isfinite().all() for g in grads]).all()
         finite, self.loss, self.acc = torch.stack([finite.to(result.loss.dtype), result.loss,
@@ -1992,7 +2000,7 @@ class Run:
             self.writer.flush()
         row = loop["history"][-1]
         self.progress.message(f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f} "
-                              f"acc {row['train_acc']:.4f}, val acc {val_acc:.4f} ± {val_ci:.4f}")
+                              f"acc {100 * row['train_acc']:.2f}%, val acc {100 * val_acc:.2f} ± {100 * val_ci:.2f}%")
 
     def meta_test(self, predict: Callable[[dict, dict, Tasks], torch.Tensor], tasks: EvalTasks) -> dict:
         """Meta-test the top checkpoints on the fixed test tasks, each model its own (params, state) in `predict`:
@@ -2020,8 +2028,8 @@ class Run:
                 models, tasks, args.eval_batch, functools.partial(self._interrupted, interrupted)))
             result.update(test_acc_ensemble=acc_ens, test_ci_ensemble=ci_ens, test_acc_best=acc_best,
                           test_ci_best=ci_best)
-            self.progress.message(f"meta-test: ensemble of {len(models)} {acc_ens:.4f} ± {ci_ens:.4f}, "
-                                  f"best single {acc_best:.4f} ± {ci_best:.4f}")
+            self.progress.message(f"meta-test: ensemble of {len(models)} {100 * acc_ens:.2f} ± {100 * ci_ens:.2f}%, "
+                                  f"best single {100 * acc_best:.2f} ± {100 * ci_best:.2f}% (result.json: fractions)")
         self._interrupted(interrupted)  # a signal while loading the checkpoints, or with none to test
         if loop["status"] == "diverged":
             self.progress.message(f"diverged: {args.max_bad_steps} non-finite meta-iterations in a row; stopped")

@@ -20,7 +20,7 @@ def test_under_a_pipe_progress_comes_as_plain_lines_at_the_set_pace(tmp_path, mo
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if re.match(r"epoch \d/3 iter \d/3: ", line)]
     assert len(lines) == 9 // 2 and "\r" not in err and "\x1b" not in err
-    assert all(re.fullmatch(r"epoch \d/3 iter \d/3: loss \d+\.\d{4} acc [01]\.\d{4}, \d+\.\d\d it/s, ETA \d+\.\d min",
+    assert all(re.fullmatch(r"epoch \d/3 iter \d/3: loss \d+\.\d{4} acc \d+\.\d\d%, \d+\.\d\d it/s, ETA \d+\.\d min",
                             line) for line in lines), lines
 
 
@@ -70,3 +70,9 @@ def test_help_lists_the_methods_flags_first_then_the_groups_each_default_once_an
     flags = re.split(r"\n  --", text[text.index(titles[0]):])
     assert all(flag.count("default") <= 1 for flag in flags), [f for f in flags if f.count("default") > 1]
     assert f"python {program}.py --resume" in text
+
+
+def test_a_missing_miniimagenet_names_the_files_of_every_split(tmp_path):
+    with pytest.raises(common.DataError) as info:
+        common.load_split("miniimagenet", "train", tmp_path)
+    assert all(f"mini-imagenet-cache-{split}.pkl" in str(info.value) for split in ("train", "val", "test"))
