@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--filters", "8", "--tasks", "2",
         "--ways", "3", "--queries", "2", "--inner-steps", "2", "--epochs", "3", "--iters-per-epoch", "3",
         "--val-tasks", "6", "--test-tasks", "6", "--ensemble", "2", "--quiet"]
-RESULT_KEYS = {"status", "data_variant", "epochs_run", "max_val_acc", "max_val_epoch", "test_acc_ensemble", "test_ci_ensemble",
-               "test_acc_best", "test_ci_best", "ensemble_epochs", "test_tasks"}
+RESULT_KEYS = {"status", "data_variant", "epochs_run", "max_val_acc", "max_val_epoch", "test_acc_ensemble",
+               "test_ci_ensemble", "test_acc_best", "test_ci_best", "ensemble_epochs", "test_tasks"}
 
 
 def run(argv: list[str]) -> dict:
