@@ -295,6 +295,7 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
                               for g in (g_meta, g_co))
         metrics.update(grad_cos=F.cosine_similarity(flat_meta, flat_co, dim=0),
                        grad_norm_ratio=flat_co.norm() / flat_meta.norm())
+    # train_loss is the outer objective L_meta + γ·L_co; metrics.csv's loss_meta and loss_co give the two apart
     return common.StepResult((loss_meta + args.gamma * loss_co).detach(), acc, grads,
                              {"epoch": epoch, "steps": steps + 1}, metrics)
 
