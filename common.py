@@ -1381,7 +1381,8 @@ def parse_args(cls: type, argv: list[str] | None = None, description: str | None
     return resumed_args(args, given_flags(cls, argv)) if args.resume else args
 
 
-ADDED_LATER = {"backbone": "conv4", "resnet_width": 64}  # result flags newer than some runs: the value those ran with
+ADDED_LATER = {"backbone": "conv4", "resnet_width": 64,  # result flags newer than some runs: the value those ran with
+               "gs_source": "both"}
 RESUME_FREE = ("resume", "quiet", "device", "vmap", "out", "data_root", "cache_dir", "download", "eval_batch",
                "tensorboard")
 

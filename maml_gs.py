@@ -12,6 +12,11 @@ Gradient sharing at inner step k = 1..K, for the T tasks of a batch (names in `i
     θ_{t,k} = θ_{t,k-1} − α Δ_{t,k}                                           `fast`, α = --inner-lr
 Outer step: Adam on (θ, m, λ) with the loss (1/T) Σ_t L_t^query(θ_{t,K})   (Eq. 5)  `meta_gradient`
 Meta-validation and meta-test (Algorithm 2) use the stored ĝ_k and never change it  `predict`
+--gs-source (default both, the paper, as above) takes the two sources of the shared direction apart:
+    batch:   ĝ_k = g_k at every meta-iteration (no running mean, no m_k): `both` with σ(m_k) = 1
+    history: Δ_{t,k} = σ(λ_k) ĝ_k^old + (1 − σ(λ_k)) ∇L_t: the earlier batches' mean only (on the first
+             meta-iteration, with none yet, no sharing); g_k only updates it for the next one: ĝ_k = ½ g_k +
+             ½ ĝ_k^old, a fixed momentum (m_k's start), since no gradient can reach m_k (the mean is stored detached)
 Names in every function: `theta` = θ's tensors the inner loop adapts, `frozen` = the others (read, never adapted).
 
 Decisions where the paper is silent: m, λ ∈ R^K start at 0 (σ = 0.5); second order by default, so the
@@ -36,7 +41,7 @@ MiniImagenet: 250 or 1250. E.g.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -48,6 +53,8 @@ import common
 class Args(common.Args):
     gs: bool = True
     """gradient sharing (--gs), or none (--no-gs)"""
+    gs_source: Literal["both", "batch", "history"] = "both"
+    """what --gs shares: both (the paper: this batch's g_k and the earlier batches' ĝ_k), batch (g_k), or history"""
     inner_steps: int = 5
     """inner-loop steps K, at meta-training and meta-test"""
     inner_lr: float = 0.1
@@ -63,25 +70,30 @@ class Args(common.Args):
             problems.append(f"--inner-steps must be a positive integer, got {self.inner_steps}")
         if not self.inner_lr > 0:
             problems.append(f"--inner-lr must be positive, got {self.inner_lr}")
+        if not self.gs and self.gs_source != "both":
+            problems.append(f"--gs-source {self.gs_source} applies to --gs only")
         return problems
 
 
-GS_PARAMS = ("m", "lambda")  # meta-learned momentum and gate, one per inner step (K,)
+GS_PARAMS = ("m", "lambda")  # meta-learned momentum and gate, one per inner step (K,); m: --gs-source both only
+HISTORY_MOMENTUM = 0.5  # --gs-source history: σ(m_k) at m_k's start, 0, since no gradient reaches m_k there
 
 
 class Sharing(NamedTuple):
     """Gradient sharing's inputs to one inner loop (None in its place: no sharing)."""
-    m: torch.Tensor  # (K,) σ(m_k) weighs this batch's g_k against the stored ĝ_k (Eq. 3)
+    m: torch.Tensor | None  # (K,) σ(m_k) weighs this batch's g_k against the stored ĝ_k (Eq. 3); both only
     lam: torch.Tensor  # (K,) σ(λ_k) weighs ĝ_k against each task's own gradient (Eq. 4)
     ghat: list[dict[str, torch.Tensor]] | None  # the stored ĝ_1..ĝ_K (detached, like θ); None before the first
     update: bool  # Algorithm 1: ĝ_k from this batch's g_k (Eq. 1-3); Algorithm 2 (False): the stored ĝ_k as it is
+    source: str = "both"  # --gs-source: what the inner steps of Algorithm 1 share
 
 
 def init_params(args: Args, image_shape: tuple[int, int, int], device: torch.device) -> dict[str, torch.Tensor]:
     """The meta-parameters, leaves on `device`: θ (--backbone) from the seed; with sharing m = λ = 0 (σ = 0.5)."""
     params = common.init_backbone(args, image_shape)
     if args.gs:
-        params.update({name: torch.zeros(args.inner_steps) for name in GS_PARAMS})
+        params.update({name: torch.zeros(args.inner_steps) for name in GS_PARAMS
+                       if name == "lambda" or args.gs_source == "both"})
     return {name: p.to(device).requires_grad_() for name, p in params.items()}
 
 
@@ -107,17 +119,20 @@ def inner_step(k: int, fast: dict[str, torch.Tensor], frozen: dict[str, torch.Te
     grads = common.support_grads(common.FORWARD[args.backbone], fast, tasks.x_s, tasks.y_s, create_graph=create_graph,
                                  use_vmap=args.vmap == "on", frozen=frozen)  # ∇L_t(θ_{t,k}), (tasks, ...)
     delta, ghat_k = grads, None  # without sharing: Δ_{t,k} = ∇L_t
-    if sharing is not None and (sharing.update or sharing.ghat is not None):
-        if sharing.update:
-            total = {name: g.sum(0) for name, g in grads.items()}  # Σ_t ∇L_t
-            norm = torch.sqrt(sum(g.square().sum() for g in total.values()))  # over the whole parameter vector
-            ghat_k = {name: g / norm for name, g in total.items()}  # Eq. 1: g_k; Eq. 2: ĝ_k = g_k at first
-            if sharing.ghat is not None:
-                momentum = torch.sigmoid(sharing.m[k])
-                ghat_k = {name: momentum * g + (1 - momentum) * sharing.ghat[k][name]
-                          for name, g in ghat_k.items()}  # Eq. 3
+    stored = sharing.ghat if sharing is not None else None  # ĝ^old_1..K of the earlier meta-iterations, or None
+    if sharing is not None and sharing.update:
+        total = {name: g.sum(0) for name, g in grads.items()}  # Σ_t ∇L_t
+        norm = torch.sqrt(sum(g.square().sum() for g in total.values()))  # over the whole parameter vector
+        ghat_k = {name: g / norm for name, g in total.items()}  # Eq. 1: g_k; Eq. 2: ĝ_k = g_k at first
+        if stored is not None and sharing.source != "batch":  # Eq. 3 (batch: ĝ_k = g_k, σ(m_k) = 1 as it were)
+            momentum = torch.sigmoid(sharing.m[k]) if sharing.source == "both" else HISTORY_MOMENTUM
+            ghat_k = {name: momentum * g + (1 - momentum) * stored[k][name] for name, g in ghat_k.items()}
+    # What this step shares: the new ĝ_k in training (history: the stored one only, which the new ĝ_k replaces
+    # for the next meta-iteration), the stored one in evaluation (Algorithm 2); none before any is stored.
+    shared = ghat_k if sharing is not None and sharing.update and sharing.source != "history" else (
+        stored[k] if stored is not None else None)
+    if shared is not None:
         gate = torch.sigmoid(sharing.lam[k])
-        shared = ghat_k if sharing.update else sharing.ghat[k]  # Algorithm 2 uses the stored running mean, unchanged
         delta = {name: gate * shared[name] + (1 - gate) * g for name, g in grads.items()}  # Eq. 4, ĝ broadcast
     return {name: w - args.inner_lr * delta[name] for name, w in fast.items()}, ghat_k
 
@@ -150,7 +165,7 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
                   args: Args) -> common.StepResult:
     """One meta-iteration of Algorithm 1: adapt every task; the query loss (Eq. 5) and its meta-gradient."""
     theta, frozen, m, lam = split_params(params, args)
-    sharing = Sharing(m, lam, state["ghat"], update=True) if lam is not None else None
+    sharing = Sharing(m, lam, state["ghat"], update=True, source=args.gs_source) if lam is not None else None
     fast, ghat = inner_loop(theta, frozen, tasks, sharing, args, create_graph=not args.first_order)
     # (1/T) Σ_t L_t^query(θ_{t,K}) and its gradient w.r.t. every meta-parameter, through the inner loop
     logits = common.forward_tasks(common.FORWARD[args.backbone], fast, tasks.x_q, args.vmap == "on",
@@ -161,7 +176,9 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
     if ghat is not None:
         state = {"ghat": [{name: g.detach() for name, g in ghat_k.items()} for ghat_k in ghat]}
         # The paper's Figures 3, 5, 7, 9, 11: σ(m_k), σ(λ_k), mean over k (tensors: read once per epoch)
-        metrics.update(sigma_m=torch.sigmoid(m).mean().detach(), sigma_lambda=torch.sigmoid(lam).mean().detach())
+        if m is not None:
+            metrics["sigma_m"] = torch.sigmoid(m).mean().detach()
+        metrics["sigma_lambda"] = torch.sigmoid(lam).mean().detach()
     return common.StepResult(loss.detach(), acc, dict(zip(params, grads)), state, metrics)
 
 
@@ -179,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Meta-train (Algorithm 1) with the outer Adam, meta-validate after every epoch, meta-test the top-5 ensemble
     (Algorithm 2). common.Run is the plumbing: run directory, checkpoints, signals, logs. Returns result.json's dict."""
     args = common.parse_args(Args, argv, __doc__.splitlines()[0])  # --resume: the run's own arguments
-    with common.Run(args, "maml_gs" if args.gs else "maml") as run:  # SIGINT/SIGTERM: save at the next step
+    name = f"maml_gs{'' if args.gs_source == 'both' else '_' + args.gs_source}" if args.gs else "maml"
+    with common.Run(args, name) as run:  # SIGINT/SIGTERM: save at the next step
         args = run.args  # --vmap auto decided for the device
         data = run.load_data()  # training task sampler, fixed validation and test tasks, on the device
         params = init_params(args, data.image_shape, run.device)  # what the outer Adam learns

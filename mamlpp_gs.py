@@ -23,6 +23,11 @@ MAML++ (each feature has its flag; in parentheses the code name):
     clamp  each meta-gradient element of the network (θ, BN) to ±--clip-grad  (`meta_gradient`)
 Outer step: Adam on (θ, BN, LSLR, m, λ) with the loss above (Eq. 5 with MSL)   `meta_gradient`
 Meta-validation and meta-test (Algorithm 2) use the stored ĝ_k and never change it  `predict`
+--gs-source (default both, the paper, as above) takes the two sources of the shared direction apart:
+    batch:   ĝ_k = g_k at every meta-iteration (no running mean, no m_k): `both` with σ(m_k) = 1
+    history: Δ_{t,k} = σ(λ_k) ĝ_k^old + (1 − σ(λ_k)) ∇L_t: the earlier batches' mean only (on the first
+             meta-iteration, with none yet, no sharing); g_k only updates it for the next one: ĝ_k = ½ g_k +
+             ½ ĝ_k^old, a fixed momentum (m_k's start), since no gradient can reach m_k (the mean is stored detached)
 Names: `theta` = θ's tensors the inner loop adapts, `frozen` = the others (BN tensors; row k of each: `frozen_k`).
 
 Decisions (reference = the MAML++ code): g_k and ĝ_k span the tensors the inner loop adapts, so not the
@@ -59,7 +64,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -71,6 +76,8 @@ import common
 class Args(common.Args):
     gs: bool = True
     """gradient sharing (--gs), or none (--no-gs)"""
+    gs_source: Literal["both", "batch", "history"] = "both"
+    """what --gs shares: both (the paper: this batch's g_k and the earlier batches' ĝ_k), batch (g_k), or history"""
     inner_steps: int = 5
     """inner-loop steps K, at meta-training and meta-test"""
     inner_lr: float = 0.1
@@ -99,6 +106,8 @@ class Args(common.Args):
             problems.append(f"--inner-steps must be a positive integer, got {self.inner_steps}")
         if not self.inner_lr > 0:
             problems.append(f"--inner-lr must be positive, got {self.inner_lr}")
+        if not self.gs and self.gs_source != "both":
+            problems.append(f"--gs-source {self.gs_source} applies to --gs only")
         for name in ("msl_epochs", "first_order_epochs", "clip_grad"):
             if not getattr(self, name) >= 0:
                 problems.append(f"--{name.replace('_', '-')} must be 0 (off) or positive, got {getattr(self, name)}")
@@ -109,7 +118,8 @@ class Args(common.Args):
         return problems
 
 
-GS_PARAMS = ("m", "lambda")  # meta-learned momentum and gate, one per inner step (K,)
+GS_PARAMS = ("m", "lambda")  # meta-learned momentum and gate, one per inner step (K,); m: --gs-source both only
+HISTORY_MOMENTUM = 0.5  # --gs-source history: σ(m_k) at m_k's start, 0, since no gradient reaches m_k there
 LSLR = "lslr."  # lslr.<name>: the learned inner learning rates of adapted tensor <name>, one per step (K,)
 BN = common.BN  # Conv4's BatchNorm tensors bn{i}.weight and bn{i}.bias; per-step: (K, C), else (C,)
 MSL_FLOOR = 0.03  # MSL: each non-final weight falls to at least MSL_FLOOR / K (the reference's value)
@@ -117,10 +127,11 @@ MSL_FLOOR = 0.03  # MSL: each non-final weight falls to at least MSL_FLOOR / K (
 
 class Sharing(NamedTuple):
     """Gradient sharing's inputs to one inner loop (None in its place: no sharing)."""
-    m: torch.Tensor  # (K,) σ(m_k) weighs this batch's g_k against the stored ĝ_k (Eq. 3)
+    m: torch.Tensor | None  # (K,) σ(m_k) weighs this batch's g_k against the stored ĝ_k (Eq. 3); both only
     lam: torch.Tensor  # (K,) σ(λ_k) weighs ĝ_k against each task's own gradient (Eq. 4)
     ghat: list[dict[str, torch.Tensor]] | None  # the stored ĝ_1..ĝ_K (detached, like θ); None before the first
     update: bool  # Algorithm 1: ĝ_k from this batch's g_k (Eq. 1-3); Algorithm 2 (False): the stored ĝ_k as it is
+    source: str = "both"  # --gs-source: what the inner steps of Algorithm 1 share
 
 
 def init_params(args: Args, image_shape: tuple[int, int, int], device: torch.device) -> dict[str, torch.Tensor]:
@@ -134,7 +145,8 @@ def init_params(args: Args, image_shape: tuple[int, int, int], device: torch.dev
         adapted, _ = common.split_adapted(params, args.adapt_bn and not args.per_step_bn)
         params.update({LSLR + name: torch.full((args.inner_steps,), args.inner_lr) for name in adapted})
     if args.gs:
-        params.update({name: torch.zeros(args.inner_steps) for name in GS_PARAMS})
+        params.update({name: torch.zeros(args.inner_steps) for name in GS_PARAMS
+                       if name == "lambda" or args.gs_source == "both"})
     return {name: p.to(device).requires_grad_() for name, p in params.items()}
 
 
@@ -168,17 +180,20 @@ def inner_step(k: int, fast: dict[str, torch.Tensor], frozen_k: dict[str, torch.
     grads = common.support_grads(common.conv4_forward, fast, tasks.x_s, tasks.y_s, create_graph=create_graph,
                                  use_vmap=args.vmap == "on", frozen=frozen_k)  # ∇L_t(θ_{t,k}) with BN row k
     delta, ghat_k = grads, None  # without sharing: Δ_{t,k} = ∇L_t
-    if sharing is not None and (sharing.update or sharing.ghat is not None):
-        if sharing.update:
-            total = {name: g.sum(0) for name, g in grads.items()}  # Σ_t ∇L_t
-            norm = torch.sqrt(sum(g.square().sum() for g in total.values()))  # over the whole adapted vector
-            ghat_k = {name: g / norm for name, g in total.items()}  # Eq. 1: g_k; Eq. 2: ĝ_k = g_k at first
-            if sharing.ghat is not None:
-                momentum = torch.sigmoid(sharing.m[k])
-                ghat_k = {name: momentum * g + (1 - momentum) * sharing.ghat[k][name]
-                          for name, g in ghat_k.items()}  # Eq. 3
+    stored = sharing.ghat if sharing is not None else None  # ĝ^old_1..K of the earlier meta-iterations, or None
+    if sharing is not None and sharing.update:
+        total = {name: g.sum(0) for name, g in grads.items()}  # Σ_t ∇L_t
+        norm = torch.sqrt(sum(g.square().sum() for g in total.values()))  # over the whole adapted vector
+        ghat_k = {name: g / norm for name, g in total.items()}  # Eq. 1: g_k; Eq. 2: ĝ_k = g_k at first
+        if stored is not None and sharing.source != "batch":  # Eq. 3 (batch: ĝ_k = g_k, σ(m_k) = 1 as it were)
+            momentum = torch.sigmoid(sharing.m[k]) if sharing.source == "both" else HISTORY_MOMENTUM
+            ghat_k = {name: momentum * g + (1 - momentum) * stored[k][name] for name, g in ghat_k.items()}
+    # What this step shares: the new ĝ_k in training (history: the stored one only, which the new ĝ_k replaces
+    # for the next meta-iteration), the stored one in evaluation (Algorithm 2); none before any is stored.
+    shared = ghat_k if sharing is not None and sharing.update and sharing.source != "history" else (
+        stored[k] if stored is not None else None)
+    if shared is not None:
         gate = torch.sigmoid(sharing.lam[k])
-        shared = ghat_k if sharing.update else sharing.ghat[k]  # Algorithm 2 uses the stored running mean, unchanged
         delta = {name: gate * shared[name] + (1 - gate) * g for name, g in grads.items()}  # Eq. 4, ĝ broadcast
     return {name: w - lslr[name][k] * delta[name] for name, w in fast.items()}, ghat_k  # LSLR: per tensor, step
 
@@ -234,7 +249,7 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
 
     By epoch: first order while epoch < --first-order-epochs (DA), the MSL weights of `msl_weights` (MSL)."""
     theta, frozen, lslr, m, lam = split_params(params, args)
-    sharing = Sharing(m, lam, state["ghat"], update=True) if lam is not None else None
+    sharing = Sharing(m, lam, state["ghat"], update=True, source=args.gs_source) if lam is not None else None
     trajectory, ghat = inner_loop(theta, frozen, lslr, tasks, sharing, args,
                                   create_graph=epoch >= args.first_order_epochs)
     # MSL: Σ_j w_j (1/T) Σ_t L_t^query(θ_{t,j}) with BN row j − 1; else (Eq. 5) the final step's alone
@@ -255,7 +270,9 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
         metrics["lslr_mean"] = torch.stack([p.detach() for p in lslr.values()]).mean()  # (tensors, K)
     if ghat is not None:
         state = {"ghat": [{name: g.detach() for name, g in ghat_k.items()} for ghat_k in ghat]}
-        metrics.update(sigma_m=torch.sigmoid(m).mean().detach(), sigma_lambda=torch.sigmoid(lam).mean().detach())
+        if m is not None:
+            metrics["sigma_m"] = torch.sigmoid(m).mean().detach()
+        metrics["sigma_lambda"] = torch.sigmoid(lam).mean().detach()
     return common.StepResult(loss.detach(), acc, grads, state, metrics)
 
 
@@ -273,7 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Meta-train (Algorithm 1) with the outer Adam, meta-validate after every epoch, meta-test the top-5 ensemble
     (Algorithm 2). common.Run is the plumbing: run directory, checkpoints, signals, logs. Returns result.json's dict."""
     args = common.parse_args(Args, argv, __doc__.splitlines()[0])  # --resume: the run's own arguments
-    with common.Run(args, "mamlpp_gs" if args.gs else "mamlpp") as run:  # SIGINT/SIGTERM: save at the next step
+    name = f"mamlpp_gs{'' if args.gs_source == 'both' else '_' + args.gs_source}" if args.gs else "mamlpp"
+    with common.Run(args, name) as run:  # SIGINT/SIGTERM: save at the next step
         args = run.args  # --vmap auto decided for the device
         data = run.load_data()  # training task sampler, fixed validation and test tasks, on the device
         params = init_params(args, data.image_shape, run.device)  # what the outer Adam learns
