@@ -62,7 +62,8 @@ seeds = for seed in $(SEEDS); do $(call run,$(1),$(3) --seed $$seed,$(2)__$$seed
 pair = $(call seeds,$(1)_gs.py,$(RUNS)/$(2)/$(1)_og__$(3),$(4) --no-gs) && \
 	$(call seeds,$(1)_gs.py,$(RUNS)/$(2)/$(1)_gs__$(3),$(4) --gs)
 
-# Paper 002 (gradient sharing, arXiv 2312.08398), Table 1: 5-way 5-shot, rows method/task batch, OG and GS.
+# O. Chang and H. Lipson, "Accelerating Meta-Learning by Sharing Gradients" (gradient sharing, arXiv 2312.08398),
+# Table 1: 5-way 5-shot, rows method/task batch, OG and GS.
 # Epochs: appendix A.3 (task batch 5: 150 on CUB, 250 on MiniImagenet; task batch 1: five times as many).
 # MAML++ clamps meta-gradients to ±10 on MiniImagenet, as its reference code does, and anneals to no lower lr.
 CUB_T5 = --dataset cub --ways 5 --tasks 5 --epochs 150
@@ -90,7 +91,7 @@ table1-mamlpp-cub-t1: setup ; $(call pair,mamlpp,table1,cub__5w5s__t1,$(CUB_T1) 
 table1-mamlpp-miniimagenet-t5: setup ; $(call pair,mamlpp,table1,miniimagenet__5w5s__t5,$(MINI_T5) --shots 5 $(PP_MINI))
 table1-mamlpp-miniimagenet-t1: setup ; $(call pair,mamlpp,table1,miniimagenet__5w5s__t1,$(MINI_T1) --shots 5 $(PP_MINI))
 
-# Paper 002, Figures 4-11 (appendix C): meta-validation curves (4, 6, 8, 10) and σ(m), σ(λ) (5, 7, 9, 11) of
+# Chang & Lipson (arXiv 2312.08398), Figures 4-11 (appendix C): meta-validation curves (4, 6, 8, 10) and σ(m), σ(λ) (5, 7, 9, 11) of
 # every panel: method × {1, 5}-shot × task batch {5, 1}, OG and GS; CUB (Figures 4, 5, 8, 9), MiniImagenet (6,
 # 7, 10, 11); inner lr 0.1 (4-7) and 1.0 (8-11). The 5-shot panels at inner lr 0.1 are Table 1's runs.
 FIGURES = figures-cub-lr0.1 figures-miniimagenet-lr0.1 figures-cub-lr1.0 figures-miniimagenet-lr1.0
@@ -113,10 +114,11 @@ figures-miniimagenet-lr0.1: $(filter %-miniimagenet-t5 %-miniimagenet-t1,$(TABLE
 figures-cub-lr1.0: setup ; $(call figures,cub,1 5,1.0)
 figures-miniimagenet-lr1.0: setup ; $(call figures,miniimagenet,1 5,1.0)
 
-# Paper 003 (CML, arXiv 2406.04639), 5-way 1- and 5-shot: each base alone (--gamma 0) and with the co-learner, on
-# the image data sets the paper names (MiniImagenet, Omniglot, CIFAR-FS, FC100, VGG Flower). The commands of
-# cml.py's docstring: MAML and BOIL with the reference's settings (task batch 4, one inner step of 0.5, 64
-# filters, 300 x 100 meta-iterations), MAML++ with mamlpp_gs.py's defaults and task batch 2.
+# "Cooperative Meta-Learning with Gradient Augmentation" (CML, arXiv 2406.04639; code JJongyn/CML), 5-way 1- and
+# 5-shot: each base alone (--gamma 0) and with the co-learner, on the image data sets the paper names
+# (MiniImagenet, Omniglot, CIFAR-FS, FC100, VGG Flower). The commands of cml.py's docstring: MAML and BOIL with
+# the reference's settings (task batch 4, one inner step of 0.5, 64 filters, 300 x 100 meta-iterations), MAML++
+# with mamlpp_gs.py's defaults and task batch 2.
 CML_DIR = $(RUNS)/cml/
 CML_REF = --tasks 4 --inner-steps 1 --inner-lr 0.5 --filters 64 --epochs 300 --iters-per-epoch 100
 CML_MAMLPP = --tasks 2 --epochs 250 --clip-grad 10
@@ -132,7 +134,8 @@ CML_FLAGS_boil = $(CML_REF)
 $(CML): cml-%: setup  # cml-<dataset>: each base × 1- and 5-shot
 	$(foreach base,maml mamlpp boil,$(foreach shots,1 5,$(call cml,$(base),$*,$(shots),$(CML_FLAGS_$(base))) &&)) true
 
-# Paper 004 (LWDGH): the commands of lwdgh.py's docstring, MAML (--p-min 1 --p-max 1: always explore, plain
+# "Cross-Task Gradient Harmonization for Meta-Learning" (LWDGH; anonymous, under double-blind review, no arXiv
+# id; code built on fmu2/PyTorch-MAML): the commands of lwdgh.py's docstring, MAML (--p-min 1 --p-max 1: always explore, plain
 # MAML with the GCI logged), LWDGH alone (--no-ee) and LWDGH+EE. 5-way, 300 epochs of 200 meta-iterations (fmu2's
 # configs: the paper gives none) in Table 1 (MiniImagenet), Table 2 (tieredImageNet; Convnet4 is fmu2's tiered
 # configs' wide-convnet4, 64 filters; ResNet-12 1-shot), Table 3 (MiniImagenet, ResNet-12) and Table 4 (CUB);
@@ -236,7 +239,7 @@ omniglot-report: setup
 	$(PY) tools/omniglot_report.py --check $(RUNS)/omniglot-check/maml__omniglot__5w1s__t8__1 \
 		--study $(RUNS)/gs-study --out results
 
-# Paper 002's Table 1 grid scaled down to Omniglot (the omniglot-small subsets where the full zips are absent),
+# Chang & Lipson's (arXiv 2312.08398) Table 1 grid scaled down to Omniglot (the omniglot-small subsets where the full zips are absent),
 # 5-way 1-shot, to check the paper's qualitative claims in about 30 minutes on 2 CPU cores: every method ×
 # task batch {5, 1} × OG/GS at inner lr 0.1, and MAML at 10× (1.0). Conv4-32, 3 inner steps, 5 queries per
 # class, 20 meta-iterations per epoch, 10 epochs with task batch 5 and five times as many with task batch 1
@@ -258,7 +261,7 @@ quick-maml-t5-lr1.0: setup ; $(call pair,maml,quick,omniglot__5w1s__t5__lr1.0,$(
 reproduce-quick: setup
 	OMP_NUM_THREADS=1 $(MAKE) -j $(QUICK_JOBS) $(QUICK)
 	$(PY) tools/report.py --runs $(RUNS)/quick --name quick --only-found \
-		--title "Quick reproduction: paper 002's Table 1 grid on Omniglot, 5-way 1-shot, scaled down"
+		--title "Quick reproduction: Chang & Lipson's (arXiv 2312.08398) Table 1 grid on Omniglot, 5-way 1-shot, scaled down"
 
 # The report: every run under RUNS but the quick grid and the demo, in the papers' layout beside the
 # papers' numbers, as results/report.md and its figures in results/report/.

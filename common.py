@@ -1007,8 +1007,9 @@ BN = "bn"  # the BatchNorm tensors' names start so: bn{i}.weight (scale), bn{i}.
 
 def conv4_init(image_shape: tuple[int, int, int], ways: int, filters: int = 48, blocks: int = BLOCKS,
                generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The Conv4 of MAML / MAML++ (paper 002, appendix A.2) for (C, H, W) images: Xavier-uniform conv and head weights,
-    zero biases, BatchNorm scale 1, shift 0 (the MAML++ reference code). 84×84 -> 5×5×filters features; 28×28 -> 1×1."""
+    """The Conv4 of MAML / MAML++ (O. Chang and H. Lipson, "Accelerating Meta-Learning by Sharing Gradients", arXiv
+    2312.08398, appendix A.2) for (C, H, W) images: Xavier-uniform conv and head weights, zero biases, BatchNorm
+    scale 1, shift 0 (the MAML++ reference code). 84×84 -> 5×5×filters features; 28×28 -> 1×1."""
     channels, height, width = image_shape
     if min(height, width) < POOL ** blocks:
         raise ValueError(f"{blocks} pooling blocks need images of at least {POOL ** blocks} pixels, got {image_shape}")
@@ -1053,7 +1054,8 @@ RESNET_SLOPE = 0.1  # LeakyReLU's negative slope
 def resnet12_init(image_shape: tuple[int, int, int], ways: int, width: int = 64,
                   generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
                   ) -> dict[str, torch.Tensor]:
-    """The ResNet-12 of fmu2/PyTorch-MAML (models/encoders/resnet12.py, the LWDGH paper's code). Block i: 3×3
+    """The ResNet-12 of fmu2/PyTorch-MAML (models/encoders/resnet12.py, the code the LWDGH paper, "Cross-Task
+    Gradient Harmonization for Meta-Learning" (anonymous, under double-blind review), built on). Block i: 3×3
     convolutions without bias, width·2^i channels (64-128-256-512: about 8 million parameters), Kaiming-normal
     (fan_out, leaky_relu) as there; BatchNorm scale 1, shift 0; a 1×1 convolution + BatchNorm shortcut. Head: linear
     on the spatial mean, initialised as torch.nn.Linear. Names: conv{i}.{j}.weight, bn{i}.{j}.weight / .bias (j = 0,
@@ -1468,7 +1470,8 @@ def evaluate(predicts: list[Callable[[Tasks], torch.Tensor]], tasks: EvalTasks, 
 CHECKPOINT_FORMAT = "metalearn-gs checkpoint v1"
 CHECKPOINT_KEYS = ("program", "algorithm", "args", "params", "state", "optimizer", "sampler", "torch_rng", "loop")
 LAST, LOCK = "last.pt", ".lock"  # the run's newest state (for --resume); held by the one process writing the directory
-TASK_LOG = 25  # StepResult.per_task of an epoch's first 25 steps -> tasks.csv (paper 004's Fig. 2: 25 batches of 4)
+# StepResult.per_task of an epoch's first 25 steps -> tasks.csv (the LWDGH paper's Fig. 2: 25 batches of 4)
+TASK_LOG = 25
 
 
 def write_run_file(path: Path, write: Callable[[typing.BinaryIO], None]) -> None:
@@ -1984,8 +1987,8 @@ class Run:
             loop["tasks_size"] = append_csv(self.dir / "tasks.csv", rows, loop.get("tasks_size", 0))
         loop.update(epoch=epoch + 1, iteration=0, sums={}, skipped=0, seconds=0.0, task_log=[])
         # Keep the best `ensemble` checkpoints by validation accuracy; ties: the earlier epoch first, so that the
-        # best checkpoint is max_val_epoch's, the earliest epoch of the highest accuracy (paper 002's speed-up
-        # counts that epoch). The MAML++ reference (np.argsort(val_acc)[::-1]) orders ties the other way.
+        # best checkpoint is max_val_epoch's, the earliest epoch of the highest accuracy (Chang & Lipson's
+        # speed-up counts that epoch). The MAML++ reference (np.argsort(val_acc)[::-1]) orders ties the other way.
         ranked = sorted(loop["top"] + [[val_acc, epoch + 1]], key=lambda t: (-t[0], t[1]))
         loop["top"], evicted = ranked[:args.ensemble], ranked[args.ensemble:]
         if [val_acc, epoch + 1] in loop["top"]:

@@ -283,7 +283,8 @@ def test_a_kill_after_tasks_csv_grew_but_before_its_checkpoint_repeats_no_row(tm
 
 
 def test_tasks_csv_holds_the_first_meta_iterations_of_every_epoch(tmp_path, monkeypatch):
-    """common.Run keeps StepResult.per_task of the first TASK_LOG meta-iterations per epoch (paper 004's Figure 2)."""
+    """common.Run keeps StepResult.per_task of the first TASK_LOG meta-iterations per epoch (Figure 2 of the LWDGH
+    paper, "Cross-Task Gradient Harmonization for Meta-Learning")."""
     monkeypatch.setattr(common, "TASK_LOG", 2)
     lwdgh.main(TINY + ["--out", str(tmp_path / "run")])  # 3 epochs × 3 iterations
     rows = task_rows(tmp_path / "run")

@@ -1,4 +1,5 @@
-"""tools/report.py on a fixture of run directories: the tables' rows, SPEED-UP as paper 002 defines it,
+"""tools/report.py on a fixture of run directories: the tables' rows, SPEED-UP as O. Chang and H. Lipson,
+"Accelerating Meta-Learning by Sharing Gradients" (arXiv 2312.08398) define it,
 "not yet run" and "unfinished" cells, and the figure files.
 
 Two runs are real (maml_gs.py --gs / --no-gs on synthetic data, as test_cli.py runs it); the others are
@@ -10,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,7 +119,8 @@ def runs(real_runs: Path) -> Path:
     # Figures 8 (CUB, 10x inner lr), MAML 1-shot task batch 5: GS best at 5, OG at 25 -> (25 − 5) / 5 = 400%.
     write_gs(root, "maml", "cub", 1, 5, False, 1, 150, 25, (0.5511, 0.0180), lr=1.0, folder="figures")
     write_gs(root, "maml", "cub", 1, 5, True, 1, 150, 5, (0.6022, 0.0175), lr=1.0, folder="figures")
-    # Paper 004, Table 5 (MiniImagenet 1-shot, 20 epochs): the three variants, GCI 5.0/4.8/4.6 per epoch.
+    # "Cross-Task Gradient Harmonization for Meta-Learning" (the LWDGH paper), Table 5 (MiniImagenet 1-shot,
+    # 20 epochs): the three variants, GCI 5.0/4.8/4.6 per epoch.
     for variant, flags, acc, gci in (("maml", dict(p_min=1.0, p_max=1.0), 0.4801, (5.0, 4.8, 4.6)),
                                      ("lwdgh", dict(ee=False), 0.4955, (4.9, 4.7, 4.5)),
                                      ("lwdgh_ee", {}, 0.5012, (4.8, 4.6, 4.4))):
@@ -138,7 +141,8 @@ def runs(real_runs: Path) -> Path:
                            **flags)
         write_run(run_dir, config, [0.40, 0.45, 0.47], {"test_acc_ensemble": acc, "test_ci_ensemble": 0.0175 if
                                                         name.startswith("table6") else 0.018}, {"gci_mean": [gci] * 3})
-    # Paper 003: CML on MAML++, MiniImagenet 5-shot (the config: maml_gs.Args' fields plus base, gamma).
+    # "Cooperative Meta-Learning with Gradient Augmentation" (the CML paper, arXiv 2406.04639): CML on MAML++,
+    # MiniImagenet 5-shot (the config: maml_gs.Args' fields plus base, gamma).
     run_dir = root / "cml" / "cml_mamlpp__miniimagenet__5w5s__t2__1"
     config = {**config_of(maml_gs, "cml", "cml_mamlpp", run_dir, dataset="miniimagenet", shots=5, tasks=2, epochs=250),
               "base": "mamlpp", "gamma": 1.0}
@@ -180,7 +184,7 @@ def test_speed_up_is_paper_002s_definition():
 
 def test_table1_rows_paper_beside_ours(written):
     text, _ = written
-    table = lines_after(text, "### 5-way 5-shot, inner lr 0.1 (paper 002, Table 1")
+    table = lines_after(text, "### 5-way 5-shot, inner lr 0.1 (Chang & Lipson, Table 1")
     header = table[2]
     assert header == row("METHOD/TASKS", "source", "CUB ORIGINAL", "CUB GRADSHARE", "CUB SPEED-UP",
                          "MINIIMAGENET ORIGINAL", "MINIIMAGENET GRADSHARE", "MINIIMAGENET SPEED-UP")
@@ -204,15 +208,15 @@ def test_table1_rows_paper_beside_ours(written):
 
 def test_figure_panels_tables_and_unfinished_runs(written):
     text, _ = written
-    table = lines_after(text, "### 5-way 1-shot, inner lr 0.1 (paper 002, the 1-shot panels of Figures 4-7")
+    table = lines_after(text, "### 5-way 1-shot, inner lr 0.1 (Chang & Lipson, the 1-shot panels of Figures 4-7")
     assert table[2].startswith("| METHOD/TASKS | CUB ORIGINAL")
     # Meta-SGD/1: the GS run has 4 of its 750 epochs.
-    table = lines_after(text, "### 5-way 5-shot, inner lr 0.1 (paper 002, Table 1")
+    table = lines_after(text, "### 5-way 5-shot, inner lr 0.1 (Chang & Lipson, Table 1")
     metasgd_1 = table[table.index(row("META-SGD/1", "paper", "81.6 ± 1.5", "79.6 ± 1.6", "54%", "64.8 ± 1.9",
                                       "64.9 ± 1.9", "37%")) + 1]
     assert metasgd_1 == row("", "ours", "80.12 ± 1.51", "unfinished: epoch 4/750", "—", "not yet run",
                             "not yet run", "—")
-    table = lines_after(text, "### 5-way 1-shot, inner lr 1.0 (paper 002, the 1-shot panels of Figures 8-11")
+    table = lines_after(text, "### 5-way 1-shot, inner lr 1.0 (Chang & Lipson, the 1-shot panels of Figures 8-11")
     assert table[4] == row("MAML/5", "55.11 ± 1.80", "60.22 ± 1.75", "400% (OG ep 25, GS ep 5)",
                            "not yet run", "not yet run", "—")
 
@@ -229,33 +233,34 @@ def test_real_runs_make_their_own_table(written, real_runs):
 
 def test_lwdgh_and_cml_tables(written):
     text, _ = written
-    table = lines_after(text, "### MiniImagenet 5-way, Convnet4, 20 epochs (paper 004, Table 5")
+    table = lines_after(text, "### MiniImagenet 5-way, Convnet4, 20 epochs (the LWDGH paper, Table 5")
     assert table[2] == row("Method", "source", "1-shot", "1-shot GCI")
     assert table[4:10] == [
         row("MAML", "paper", "48.17 ± 1.75", "4.8171"), row("", "ours", "48.01 ± 1.75", "4.8000"),
         row("MAML + LWDGH", "paper", "50.73 ± 1.63", "4.7545"), row("", "ours", "49.55 ± 1.75", "4.7000"),
         row("MAML + LWDGH + EE", "paper", "51.33 ± 1.76", "4.7146"), row("", "ours", "50.12 ± 1.75", "4.6000")]
-    table = lines_after(text, "### MiniImagenet 5-way, Convnet4, 300 epochs (paper 004, Table 1")
+    table = lines_after(text, "### MiniImagenet 5-way, Convnet4, 300 epochs (the LWDGH paper, Table 1")
     assert table[4:8] == [row("MAML", "paper", "48.17 ± 1.75", "—", "63.11 ± 0.91", "—"),
                           row("", "ours", "not yet run", "—", "not yet run", "—"),
                           row("MAML + LWDGH + EE", "paper", "51.40 ± 1.76", "—", "67.06 ± 0.97", "—"),
                           row("", "ours", "not yet run", "—", "not yet run", "—")]
-    assert "### CUB 5-way, Convnet4, 300 epochs (paper 004, Table 4)" in text
+    assert "### CUB 5-way, Convnet4, 300 epochs (the LWDGH paper, Table 4)" in text
     # Table 6 shares the 20-epoch runs: its 33%-cosine row is Table 5's LWDGH + EE run, the other rows its own.
-    table = lines_after(text, "### MiniImagenet 5-way, Convnet4, 20 epochs (paper 004, Table 6")
+    table = lines_after(text, "### MiniImagenet 5-way, Convnet4, 20 epochs (the LWDGH paper, Table 6")
     assert table[4:6] == [row("MAML + LWDGH + EE, E 20% fixed", "paper", "50.43 ± 1.96", "—"),
                           row("", "ours", "52.00 ± 1.75", "4.5000")]
     assert table[10:12] == [row("MAML + LWDGH + EE, E 33% cosine", "paper", "51.33 ± 1.76", "—"),
                             row("", "ours", "50.12 ± 1.75", "4.6000")]
     assert len(table[2:table.index("", 2)]) == 2 + 2 * 6  # header, rule, 6 rows of paper and ours
-    for title, cells in (("### tieredImageNet 5-way, Convnet4, 300 epochs (paper 004, Table 2, the Convnet4 rows", 6),
-                         ("### tieredImageNet 5-way, ResNet-12, 300 epochs (paper 004, Table 2, the Resnet12 row", 4),
-                         ("### MiniImagenet 5-way, ResNet-12, 300 epochs (paper 004, Table 3", 4)):
+    lwdgh = "the LWDGH paper"
+    for title, cells in ((f"### tieredImageNet 5-way, Convnet4, 300 epochs ({lwdgh}, Table 2, the Convnet4 rows", 6),
+                         (f"### tieredImageNet 5-way, ResNet-12, 300 epochs ({lwdgh}, Table 2, the Resnet12 row", 4),
+                         ("### MiniImagenet 5-way, ResNet-12, 300 epochs (the LWDGH paper, Table 3", 4)):
         assert len(lines_after(text, title)[2].split("|")) - 2 == cells, title  # Method, source, (acc, GCI) per shots
-    table = lines_after(text, "### MiniImagenet 5-way, ResNet-12, 300 epochs (paper 004, Table 3")
+    table = lines_after(text, "### MiniImagenet 5-way, ResNet-12, 300 epochs (the LWDGH paper, Table 3")
     assert table[4:8] == [row("MAML", "paper", "54.87 ± 1.82", "—"), row("", "ours", "55.00 ± 1.80", "4.0000"),
                           row("MAML + LWDGH + EE", "paper", "59.13 ± 2.01", "—"), row("", "ours", "not yet run", "—")]
-    table = lines_after(text, "### MiniImagenet 5-way (paper 003)")
+    table = lines_after(text, "### MiniImagenet 5-way (the CML paper)")
     assert table[2] == row("Method", "source", "1-shot ensemble", "1-shot best single", "5-shot ensemble",
                            "5-shot best single")
     # The paper's number is the reference code's best single model: it stands beside ours. Every base's rows, with
@@ -264,7 +269,7 @@ def test_lwdgh_and_cml_tables(written):
     assert table[10:12] == [row("MAML++ + CML", "paper", "—", "—", "—", "70.08"),
                             row("", "ours", "not yet run", "not yet run", "69.50 ± 1.60", "68.50 ± 1.60")]
     for name in ("Omniglot", "CIFAR-FS", "FC100", "VGG Flower"):
-        table = lines_after(text, f"### {name} 5-way (paper 003's rows; our copy gives no numbers)")
+        table = lines_after(text, f"### {name} 5-way (the CML paper's rows; our copy gives no numbers)")
         assert table[4:6] == [row("MAML", "paper", "—", "—", "—", "—"),
                               row("", "ours", "not yet run", "not yet run", "not yet run", "not yet run")]
 
@@ -319,7 +324,7 @@ def test_report_reads_the_columns_the_algorithms_write(tmp_path):
 
 def test_lwdgh_figures_from_real_runs(tmp_path):
     """Tiny real lwdgh.py runs (MAML and MAML + LWDGH + EE on Conv4, LWDGH + EE on a ResNet-12, synthetic data):
-    the training loss (paper 004's Figure 4), loss against GCI (Figure 2) and predictions (Figure 5) are drawn;
+    the training loss (the LWDGH paper's Figure 4), loss against GCI (Figure 2) and predictions (Figure 5) are drawn;
     Figure 5's predictions are the best single checkpoint's meta-test, so their accuracy is result.json's
     test_acc_best; the ResNet-12 run trains and has a table of its own."""
     tiny = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--filters", "4", "--tasks", "2", "--ways", "3",
@@ -363,3 +368,45 @@ def test_full_omniglot_beside_the_published_numbers(written):
                           row("", "ours", "not yet run", "not yet run", "—")]
     table = lines_after(text, "### 20-way 5-shot, inner lr 0.1, Omniglot (reproduce-omniglot")
     assert table[4] == row("MAML/8", "published", "98.9 ± 0.2", "—", "—")
+
+
+def test_papers_cited_by_title_and_arxiv_id(written):
+    """The report cites each paper in full (title, authors, arXiv id) once, then by a short form; it names no
+    file of a private folder and no internal paper number."""
+    text, _ = written
+    assert not re.search(r"papers?/|paper 0\d\d", text, re.IGNORECASE)
+    for citation in (report.PAPER_002, report.PAPER_003, report.PAPER_004):
+        assert text.count(f"Paper: {citation}.") == 1, citation
+    assert "Accelerating Meta-Learning by Sharing Gradients" in text and "arXiv 2312.08398" in text
+    assert "Cooperative Meta-Learning with Gradient Augmentation" in text and "arXiv 2406.04639" in text
+    assert "Cross-Task Gradient Harmonization for Meta-Learning" in text
+
+
+@pytest.mark.parametrize("make_folder", [False, True])
+def test_no_runs_names_the_folder(tmp_path, capsys, make_folder):
+    """`make report` with no runs (RUNS missing or empty): the report and the message name the folder searched."""
+    folder = tmp_path / "runs"
+    if make_folder:
+        folder.mkdir()
+    assert report.main(["--runs", str(folder), "--out", str(tmp_path / "results"), "--name", "r",
+                        "--exclude", "quick", "demo"]) == 0
+    err = capsys.readouterr().err
+    assert f"no runs under {folder} (excluding quick, demo)" in err
+    text = (tmp_path / "results" / "r.md").read_text()
+    assert f"no runs under {folder} (excluding quick, demo)" in text and "under :" not in text
+    assert "No run directories found." in text
+
+
+def test_compare_heads_each_column_by_its_run_directory(real_runs, tmp_path, capsys):
+    """tools/compare.py on two runs of one file and configuration (both record the algorithm maml_gs, as two
+    seeds would): each column is headed by its run directory's name, each summary line names its algorithm."""
+    import shutil
+
+    import compare
+    second = tmp_path / "gs-again"
+    shutil.copytree(real_runs / "smoke" / "gs", second)
+    compare.main([str(real_runs / "smoke" / "gs"), str(second)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["epoch", "gs", "gs-again"]
+    assert [line.split()[:2] for line in out[-2:]] == [["gs", "(maml_gs)"], ["gs-again", "(maml_gs)"]]
+    assert compare.labels([Path("a/run"), Path("b/run"), Path("c/other")]) == ["a/run", "b/run", "other"]

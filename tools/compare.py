@@ -1,6 +1,9 @@
 """Print runs side by side: validation accuracy per epoch, then the meta-test results.
 
     python tools/compare.py runs/demo/maml runs/demo/maml_gs
+
+A column is headed by its run directory's name (the whole path where two names are alike), as two runs of one
+algorithm file (e.g. maml_gs.py with --gs and with --no-gs) record the same algorithm name.
 """
 from __future__ import annotations
 
@@ -24,12 +27,19 @@ def percent(value) -> str:
     return "-" if value in (None, "") else f"{100 * float(value):.2f}"
 
 
-def main() -> None:
+def labels(run_dirs: list[Path]) -> list[str]:
+    """Distinct column headers: each run directory's name, or its whole path where names repeat."""
+    names = [run_dir.name or str(run_dir) for run_dir in run_dirs]
+    return [name if names.count(name) == 1 else str(run_dir) for name, run_dir in zip(names, run_dirs)]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories")
-    runs = [load(run_dir) for run_dir in parser.parse_args().runs]
-    names = [config["algorithm"] for config, _, _ in runs]
-    width = max(12, *(len(n) for n in names))
+    run_dirs = parser.parse_args(argv).runs
+    runs = [load(run_dir) for run_dir in run_dirs]
+    names = labels(run_dirs)
+    width = max(12, *(len(n) + 1 for n in names))  # a space at least between columns
     print("meta-validation accuracy (%) per epoch")
     print("epoch " + "".join(f"{n:>{width}}" for n in names))
     for epoch in range(max(len(rows) for _, rows, _ in runs)):
@@ -37,9 +47,9 @@ def main() -> None:
                  for _, rows, _ in runs]
         print(f"{epoch + 1:>5} " + "".join(cells))
     print()
-    for name, (_, _, result) in zip(names, runs):
-        print(f"{name:<{width}} {result['status']}: max val {percent(result['max_val_acc'])} at epoch "
-              f"{result['max_val_epoch']}; test ensemble {percent(result['test_acc_ensemble'])} ± "
+    for name, (config, _, result) in zip(names, runs):
+        print(f"{name:<{width}} ({config['algorithm']}) {result['status']}: max val {percent(result['max_val_acc'])} "
+              f"at epoch {result['max_val_epoch']}; test ensemble {percent(result['test_acc_ensemble'])} ± "
               f"{percent(result['test_ci_ensemble'])}, best single {percent(result['test_acc_best'])} ± "
               f"{percent(result['test_ci_best'])} ({result['test_tasks']} tasks)")
 

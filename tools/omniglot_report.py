@@ -9,8 +9,9 @@ MAML++ 99.47% (Antoniou et al. 2019, the number issue 22 quotes), the meta-itera
 a pair OG/GS on the same validation and test tasks; per pair the mean validation accuracy over the first third
 of the epochs (the area under the early curve), the epoch of the best validation accuracy, the meta-test
 accuracy; across seeds the mean difference GS − OG with its 95% t-interval (paired), and a figure of the mean ±
-sd curves over seeds. Paper 002's claims, each against those intervals: GS is higher early in meta-training,
-more so at task batch 5 than 1, and reaches its best validation accuracy in fewer epochs.
+sd curves over seeds. The claims of O. Chang and H. Lipson, "Accelerating Meta-Learning by Sharing Gradients"
+(arXiv 2312.08398), each against those intervals: GS is higher early in meta-training, more so at task batch 5
+than 1, and reaches its best validation accuracy in fewer epochs.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import report  # noqa: E402  (its run reader)
 
 PERCENT = 100.0
 CONFIDENCE = 0.95
-EARLY = 1 / 3  # the first third of the epochs: paper 002's "early in meta-training"
+EARLY = 1 / 3  # the first third of the epochs: Chang & Lipson's (arXiv 2312.08398) "early in meta-training"
 LATE = 0.9  # best epochs all this late: still rising, the best-epoch comparison is censored
 PUBLISHED = {"MAML, Finn et al. 2017 (arXiv 1703.03400), Table 1, Omniglot 5-way 1-shot": "98.7 ± 0.4",
              "MAML++, Antoniou et al. 2019 (arXiv 1810.09502), Omniglot 5-way 1-shot (as issue 22 quotes it)": "99.47"}
@@ -71,7 +72,7 @@ def check_section(path: Path, figure_dir: Path) -> list[str]:
     rows = [f"| {int(e)} | {PERCENT * v:.2f} ± {PERCENT * ci:.2f} |"
             for e, v, ci in zip(epochs, run.column("val_acc"), run.column("val_ci"))]
     hours = sum(run.column("seconds")) / 3600
-    lines = ["## 2. The CPU check: MAML on full Omniglot, 5-way 1-shot", "",
+    lines = ["## 1. The CPU check: MAML on full Omniglot, 5-way 1-shot", "",
              f"Run: `{path}` ({run.status}), {iterations:,} meta-iterations ({c['epochs']} epochs of "
              f"{c['iters_per_epoch']}) in {hours:.2f} h of training on {c.get('machine', 'not recorded')}, "
              f"commit {c.get('commit', 'not recorded')}; the papers train {PAPER_ITERATIONS}.",
@@ -98,7 +99,7 @@ def study_section(root: Path, figure_dir: Path) -> list[str]:
         m = STUDY_NAME.search(run.path.name)
         if m and run.result is not None:
             pairs.setdefault(int(m.group(3)), {}).setdefault(int(m.group(4)), {})[m.group(1)] = run
-    lines = ["## 3. Does gradient sharing accelerate meta-training? Paired seeds on full Omniglot", ""]
+    lines = ["## 2. Does gradient sharing accelerate meta-training? Paired seeds on full Omniglot", ""]
     if not pairs:
         return lines + ["No finished study runs found.", ""]
     any_run = next(iter(next(iter(pairs.values())).values()))["og"]

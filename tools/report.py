@@ -9,7 +9,8 @@ metrics.csv, result.json). Runs whose configurations differ only in the seed or 
 change the numbers (IGNORED: device, paths, ...) form a group; a group's seeds are summarised together.
 The report, results/<name>.md, has one section per paper:
 
-- Paper 002 (gradient sharing): one table per (ways, shots, inner lr) in the layout of the paper's
+- Gradient sharing (O. Chang and H. Lipson, "Accelerating Meta-Learning by Sharing Gradients", arXiv
+  2312.08398): one table per (ways, shots, inner lr) in the layout of the paper's
   Table 1: rows METHOD/TASKS, per dataset the columns ORIGINAL (--no-gs), GRADSHARE (--gs) and SPEED-UP
   (CUB and MiniImagenet share a table; any other dataset, e.g. Omniglot, has tables of its own).
   5-way 5-shot at inner lr 0.1 is Table 1 itself, with the paper's numbers in a "paper" row above ours;
@@ -18,12 +19,14 @@ The report, results/<name>.md, has one section per paper:
   (dataset, ways, inner lr) a grid of meta-validation curves, rows shots/task batch, columns methods, OG
   and GS with their 95% CI shaded and the legend "MaxVal A Ep B, Test C±D" (Figures 4, 6, 8, 10), and the
   same grid of σ(m), σ(λ) of the GS runs (Figures 5, 7, 9, 11).
-- Paper 003 (CML): one table per data set (MiniImagenet, Omniglot, CIFAR-FS, FC100, VGG Flower), rows the
-  bases MAML, MAML++ and BOIL, each alone and with CML; accuracy per shots, of the top-5 ensemble and of the best single
-  checkpoint (the reference code's protocol, beside which the paper's headline number stands); loss curves
+- CML ("Cooperative Meta-Learning with Gradient Augmentation", arXiv 2406.04639): one table per data set
+  (MiniImagenet, Omniglot, CIFAR-FS, FC100, VGG Flower), rows the bases MAML, MAML++ and BOIL, each alone and
+  with CML; accuracy per shots, of the top-5 ensemble and of the best single checkpoint (the reference code's
+  protocol, beside which the paper's headline number stands); loss curves
   (L_meta, L_co), cos(g_meta, g_co) and the validation curve of each run.
-- Paper 004 (LWDGH): Tables 1 (MiniImagenet), 2 (tieredImageNet, one table per backbone), 3 (ResNet-12),
-  4 (CUB), 5 (ablation, with the GCI column) and 6 (transition epoch; it shares Table 5's runs). Per table
+- LWDGH ("Cross-Task Gradient Harmonization for Meta-Learning", anonymous, no arXiv id): Tables 1
+  (MiniImagenet), 2 (tieredImageNet, one table per backbone), 3 (ResNet-12), 4 (CUB), 5 (ablation, with the
+  GCI column) and 6 (transition epoch; it shares Table 5's runs). Per table
   the validation accuracy, GCI and training loss per epoch (Figure 4), the per-task loss against GCI from
   tasks.csv (Figure 2) and, where both checkpoints and the test data are at hand, MAML's and LWDGH + EE's
   predictions on the meta-test tasks where they differ most (Figure 5).
@@ -32,9 +35,10 @@ The report, results/<name>.md, has one section per paper:
 Numbers: accuracies in %, the top-5 ensemble's meta-test accuracy (result.json's test_acc_ensemble) ±
 the 95% confidence half-width over the test tasks (test_ci_ensemble). With several seeds: mean over
 seeds ± their sample standard deviation ("sd"), the seeds counted, and the mean task CI.
-SPEED-UP is paper 002's (Section 3, the paragraph after Figure 2's): (Epoch_OG − Epoch_GS) / Epoch_GS, where Epoch is
-the earliest epoch at which a run reached its highest meta-validation accuracy (result.json's
-max_val_epoch). With several seeds, the means of the two sides' epochs go into that formula.
+SPEED-UP is Chang & Lipson's (arXiv 2312.08398, Section 3, the paragraph after Figure 2's):
+(Epoch_OG − Epoch_GS) / Epoch_GS, where Epoch is the earliest epoch at which a run reached its highest
+meta-validation accuracy (result.json's max_val_epoch). With several seeds, the means of the two sides'
+epochs go into that formula.
 A cell with no run says "not yet run"; a run without result.json is marked "unfinished" (with its
 epoch); a diverged run (status "diverged", it still has a meta-test) is marked "diverged".
 With --only-found, only what was found is shown (no "not yet run" rows for the papers' grids).
@@ -87,11 +91,17 @@ def _r2(acc: float, ci: float | None) -> Reported:
     return Reported(acc, ci, 2)
 
 
-PAPER_002 = "paper 002 (Chang & Lipson, arXiv 2312.08398; papers/002_f4d12484676832a0.txt)"
-PAPER_003 = "paper 003 (CML, arXiv 2406.04639; papers/003_f4dcbc584e5ad768.txt)"
-PAPER_004 = "paper 004 (cross-task gradient harmonization; papers/004_94902181bbafe65b.txt)"
+# The papers as the report cites them: in full once per section, then by a short form.
+PAPER_002 = "O. Chang and H. Lipson, \"Accelerating Meta-Learning by Sharing Gradients\", arXiv 2312.08398"
+PAPER_003 = ("\"Cooperative Meta-Learning with Gradient Augmentation\", arXiv 2406.04639 (the CML paper; "
+             "code JJongyn/CML)")
+PAPER_004 = ("\"Cross-Task Gradient Harmonization for Meta-Learning\" (the LWDGH paper: anonymous, under double-blind "
+             "review, no arXiv id; code built on fmu2/PyTorch-MAML)")
+PAPER_002_SHORT = "Chang & Lipson"
+PAPER_003_SHORT = "the CML paper"
+PAPER_004_SHORT = "the LWDGH paper"
 
-# Paper 002, Table 1 (5-way 5-shot, inner lr 0.1): (method, task batch, dataset) -> (ORIGINAL, GRADSHARE,
+# Chang & Lipson, Table 1 (5-way 5-shot, inner lr 0.1): (method, task batch, dataset) -> (ORIGINAL, GRADSHARE,
 # SPEED-UP in %).
 PAPER_002_TABLE1: dict[tuple[str, int, str], tuple[Reported, Reported, int]] = {
     ("MAML", 5, "cub"): (_r1(83.2, 1.4), _r1(83.4, 1.4), 66),
@@ -108,11 +118,11 @@ PAPER_002_TABLE1: dict[tuple[str, int, str], tuple[Reported, Reported, int]] = {
     ("MAML++", 1, "miniimagenet"): (_r1(69.1, 1.8), _r1(66.8, 1.8), 71),
 }
 
-# Paper 003: only the headline is in the project's copy (its "Key outcome"): CML on MAML++, MiniImagenet
+# The CML paper: only the headline is in the project's copy (its "Key outcome"): CML on MAML++, MiniImagenet
 # 5-way 5-shot, 70.08%, no CI given. (method, shots) -> accuracy.
 PAPER_003_MINIIMAGENET: dict[tuple[str, int], Reported] = {("MAML++ + CML", 5): _r2(70.08, None)}
 
-# Paper 004. Table 1 (MiniImagenet, Convnet4), MAML rows: "MAML Finn et al. (2017)" and "MAML+LWDGH (ours)";
+# The LWDGH paper. Table 1 (MiniImagenet, Convnet4), MAML rows: "MAML Finn et al. (2017)" and "MAML+LWDGH (ours)";
 # Table 2 (tieredImageNet: Convnet4 1- and 5-shot, Resnet12 1-shot); Table 3 (MiniImagenet, Resnet12, 1-shot,
 # the rows "MAML" and "MAML+LWDGH"); Table 4 (Cub200, Convnet4); Table 5 (ablation, MiniImagenet 5-way 1-shot,
 # 20 epochs; GCI column); Table 6 (the transition epoch, MiniImagenet 5-way 1-shot, Convnet4: its 33%-cosine
@@ -211,6 +221,8 @@ def find_runs(roots: Iterable[Path], exclude: Iterable[str] = ()) -> list[Run]:
     skipped = [Path(e).parts for e in exclude]
     runs = []
     for root in roots:
+        if not Path(root).is_dir():  # a missing folder holds no runs (main warns about it)
+            continue
         for config in sorted(Path(root).rglob("config.json")):
             relative = config.parent.relative_to(root).parts
             if any(relative[:len(parts)] == parts for parts in skipped):
@@ -257,8 +269,9 @@ def group_runs(runs: Iterable[Run]) -> list[Group]:
 
 
 def speed_up(epoch_og: float, epoch_gs: float) -> float:
-    """Paper 002, Section 3: Speed-up = (Epoch_OG − Epoch_GS) / Epoch_GS, each the earliest epoch at which
-    the highest meta-validation accuracy is achieved (OG: the original method, GS: gradient sharing)."""
+    """Chang & Lipson (arXiv 2312.08398), Section 3: Speed-up = (Epoch_OG − Epoch_GS) / Epoch_GS, each the
+    earliest epoch at which the highest meta-validation accuracy is achieved (OG: the original method, GS: gradient
+    sharing)."""
     return (epoch_og - epoch_gs) / epoch_gs
 
 
@@ -397,7 +410,7 @@ def panel_grid(rows: int, cols: int) -> tuple[plt.Figure, list[list[plt.Axes]]]:
     return fig, [list(row) for row in axes]
 
 
-# ---- Paper 002: gradient sharing ----------------------------------------------------------------------
+# ---- Gradient sharing (Chang & Lipson, arXiv 2312.08398) -----------------------------------------------
 
 GS_PROGRAMS = {"maml_gs": "MAML", "metasgd_gs": "Meta-SGD", "mamlpp_gs": "MAML++"}
 GS_METHOD_ORDER = list(GS_PROGRAMS.values())
@@ -411,13 +424,13 @@ DEFAULT_INNER_LR = 0.1
 PAPER_WAYS = 5
 # The paper's grid: (ways, shots, inner lr, PAPER) -> where the paper shows it.
 GS_PAPER_TABLES = {
-    (PAPER_WAYS, 5, DEFAULT_INNER_LR, PAPER): "paper 002, Table 1; also the 5-shot panels of Figures 4-7",
-    (PAPER_WAYS, 1, DEFAULT_INNER_LR, PAPER): "paper 002, the 1-shot panels of Figures 4-7; "
+    (PAPER_WAYS, 5, DEFAULT_INNER_LR, PAPER): f"{PAPER_002_SHORT}, Table 1; also the 5-shot panels of Figures 4-7",
+    (PAPER_WAYS, 1, DEFAULT_INNER_LR, PAPER): f"{PAPER_002_SHORT}, the 1-shot panels of Figures 4-7; "
                                               "the paper's numbers only in the figures' legends",
-    (PAPER_WAYS, 5, 10 * DEFAULT_INNER_LR, PAPER): "paper 002, the 5-shot panels of Figures 8-11, 10× inner lr; "
-                                                   "the paper's numbers only in the figures' legends",
-    (PAPER_WAYS, 1, 10 * DEFAULT_INNER_LR, PAPER): "paper 002, the 1-shot panels of Figures 8-11, 10× inner lr; "
-                                                   "the paper's numbers only in the figures' legends",
+    (PAPER_WAYS, 5, 10 * DEFAULT_INNER_LR, PAPER): f"{PAPER_002_SHORT}, the 5-shot panels of Figures 8-11, "
+                                                   "10× inner lr; the paper's numbers only in the figures' legends",
+    (PAPER_WAYS, 1, 10 * DEFAULT_INNER_LR, PAPER): f"{PAPER_002_SHORT}, the 1-shot panels of Figures 8-11, "
+                                                   "10× inner lr; the paper's numbers only in the figures' legends",
 }
 TABLE1 = (PAPER_WAYS, 5, DEFAULT_INNER_LR, PAPER)
 # Full Omniglot (`make reproduce-omniglot`: the MAML++ reference's configs, task batch 8), beside the published
@@ -489,7 +502,8 @@ def _ordered(found: Iterable, preferred: Iterable) -> list:
 
 def gs_section(cells: dict[tuple, list[Pair]], only_found: bool, figure_dir: Path,
                link_dir: str) -> tuple[str, set[int]]:
-    """Paper 002's tables and figures; returns the markdown and the ids of the groups it shows."""
+    """Chang & Lipson's (gradient sharing) tables and figures; returns the markdown and the ids of the groups it
+    shows."""
     shown: set[int] = set()
     chosen = {cell: pairs[0] for cell, pairs in cells.items()}
     for pair in chosen.values():
@@ -497,11 +511,12 @@ def gs_section(cells: dict[tuple, list[Pair]], only_found: bool, figure_dir: Pat
     tables = {cell[:4] for cell in chosen} | (set() if only_found else set(GS_PAPER_TABLES) | set(OMNIGLOT_TABLES))
     if not tables:
         return "", shown
-    source = f"The paper's numbers: {PAPER_002}, Table 1. " if TABLE1 in tables else ""
-    out = ["## Paper 002: gradient sharing (MAML, Meta-SGD, MAML++)", "",
-           source + "ORIGINAL: the method without gradient sharing (`--no-gs`), GRADSHARE: with it (`--gs`); "
-           "accuracy (%) of the top-5 ensemble on the meta-test tasks ± 95% CI; SPEED-UP = (Epoch_OG − Epoch_GS) / "
-           "Epoch_GS with Epoch the earliest epoch of the highest meta-validation accuracy (paper 002, Section 3).", ""]
+    source = "The paper's numbers: its Table 1. " if TABLE1 in tables else ""
+    out = ["## Gradient sharing (MAML, Meta-SGD, MAML++)", "",
+           f"Paper: {PAPER_002}. " + source + "ORIGINAL: the method without gradient sharing (`--no-gs`), "
+           "GRADSHARE: with it (`--gs`); accuracy (%) of the top-5 ensemble on the meta-test tasks ± 95% CI; "
+           "SPEED-UP = (Epoch_OG − Epoch_GS) / Epoch_GS with Epoch the earliest epoch of the highest meta-validation "
+           f"accuracy ({PAPER_002_SHORT}, Section 3).", ""]
     for table in sorted(tables, key=lambda t: (t[3] != PAPER, t[3], t[0], t[2], -t[1])):
         ways, shots, lr, family = table
         in_table = {cell: pair for cell, pair in chosen.items() if cell[:4] == table}
@@ -617,20 +632,20 @@ def _plot_sigma_panel(ax: plt.Axes, pair: Pair, title: str) -> None:
     ax.legend(fontsize=LEGEND_SIZE)
 
 
-# ---- Papers 003 (CML) and 004 (LWDGH): rows = methods, columns = shots --------------------------------
+# ---- The CML and LWDGH papers: rows = methods, columns = shots --------------------------------
 
 CML_BASES = {"maml": "MAML", "mamlpp": "MAML++", "boil": "BOIL"}
 CML_METHOD_ORDER = ["MAML", "MAML + CML", "MAML++", "MAML++ + CML", "BOIL", "BOIL + CML"]
-# Paper 003's image data sets (the Makefile's reproduce-cml rows); only the MiniImagenet headline is in our copy.
+# The CML paper's image data sets (the Makefile's reproduce-cml rows); only the MiniImagenet headline is in our copy.
 CML_DATASETS = ("miniimagenet", "omniglot", "cifarfs", "fc100", "vggflower")
 LWDGH_METHOD_ORDER = ["MAML", "MAML + LWDGH", "MAML + LWDGH + EE"]
 CML_LOSSES = ("loss_meta", "loss_co", "train_loss")
-LWDGH_GCI = "gci_mean"  # paper 004 Table 5's GCI: Eq. 3 w.r.t. the plain mean gradient, summed over tasks
-# Paper 004's epochs as lwdgh.py's docstring and the Makefile run them: Tables 1 and 4, 300 (our assumption:
+LWDGH_GCI = "gci_mean"  # the LWDGH paper's Table 5's GCI: Eq. 3 w.r.t. the plain mean gradient, summed over tasks
+# The LWDGH paper's epochs as lwdgh.py's docstring and the Makefile run them: Tables 1 and 4, 300 (our assumption:
 # the paper gives none); Table 5, 20 (the paper's).
 LWDGH_EPOCHS, LWDGH_ABLATION_EPOCHS = 300, 20
 def lwdgh_rank(method: str) -> int:
-    """A row's place among paper 004's methods (Table 6's variants after them)."""
+    """A row's place among the LWDGH paper's methods (Table 6's variants after them)."""
     return LWDGH_METHOD_ORDER.index(method) if method in LWDGH_METHOD_ORDER else len(LWDGH_METHOD_ORDER)
 
 
@@ -679,12 +694,13 @@ class Family:
     """A program whose results form tables of rows = methods, columns = shots."""
     program: str
     heading: str
-    source: str
+    citation: str  # the paper, in full (title, authors, arXiv id)
+    source: str  # where the paper's numbers are in it
     table_key: Callable[[dict], tuple]
     table_title: Callable[[tuple], str]
     method: Callable[[dict], str]
     order: list[str]
-    paper: dict[tuple, list[PaperTable]]  # a table key's tables (paper 004's Tables 5 and 6 share runs)
+    paper: dict[tuple, list[PaperTable]]  # a table key's tables (the LWDGH paper's Tables 5 and 6 share runs)
     extra_column: str | None  # a metrics.csv column averaged over epochs, shown beside each accuracy
     best_single: bool  # also show the best single checkpoint's meta-test accuracy (result.json's test_acc_best)
     figure: Callable[[tuple, dict[tuple[str, int], Group], Path], list[Path]]
@@ -709,7 +725,8 @@ def method_section(family: Family, groups: list[Group], only_found: bool, figure
         return "", shown
     source = f"The paper's numbers: {family.source}. " if any(t in family.paper for t in tables) else ""
     out = [f"## {family.heading}", "",
-           source + "Accuracy (%) of the top-5 ensemble on the meta-test tasks ± 95% CI.", ""]
+           f"Paper: {family.citation}. " + source
+           + "Accuracy (%) of the top-5 ensemble on the meta-test tasks ± 95% CI.", ""]
     paper_order = list(family.paper)
     for table in sorted(tables, key=lambda t: (paper_order.index(t) if t in paper_order else len(paper_order), str(t))):
         mine = {(m, s): g for (t, m, s), g in chosen.items() if t == table}
@@ -789,7 +806,7 @@ def _cml_figure(table: tuple, cells: dict[tuple[str, int], Group], figure_dir: P
 
 
 def _lwdgh_figure(table: tuple, cells: dict[tuple[str, int], Group], figure_dir: Path) -> list[Path]:
-    """Per LWDGH table: validation accuracy, GCI and training loss (paper 004's Figure 4) per epoch, a column per
+    """Per LWDGH table: validation accuracy, GCI and training loss (the LWDGH paper's Figure 4) per epoch, a column per
     shots; each run's per-task query loss against its GCI (Figure 2); MAML's and LWDGH's predictions (Figure 5)."""
     dataset, ways, epochs, backbone = table
     shots = sorted({s for _, s in cells})
@@ -810,7 +827,7 @@ def _lwdgh_figure(table: tuple, cells: dict[tuple[str, int], Group], figure_dir:
         val.set_ylabel("accuracy (%)")
         gci.set_title(f"GCI (w.r.t. the mean gradient), {s}-shot", fontsize=9)
         gci.set_ylabel("GCI, epoch mean")
-        loss.set_title(f"training query loss (paper 004, Figure 4), {s}-shot", fontsize=9)
+        loss.set_title(f"training query loss (LWDGH paper, Figure 4), {s}-shot", fontsize=9)
         loss.set_ylabel("loss, epoch mean")
         for ax in (val, gci, loss):
             ax.set_xlabel("epoch")
@@ -832,7 +849,7 @@ def read_tasks(run: Run) -> list[dict[str, float]]:
 
 
 def _loss_against_gci(cells: dict[tuple[str, int], Group], name: str, figure_dir: Path) -> list[Path]:
-    """Paper 004's Figure 2 for every cell's first run: the tasks logged in its first and in its last epoch, query
+    """The LWDGH paper's Figure 2 for every cell's first run: the tasks logged in its first and in its last epoch, query
     loss against GCI (Eq. 3: the task's gradient against the batch's mean gradient, whole θ), each epoch with its
     least-squares line."""
     ordered = sorted(cells.items(), key=lambda cell: (cell[0][1], lwdgh_rank(cell[0][0])))  # by shots, then method
@@ -854,7 +871,7 @@ def _loss_against_gci(cells: dict[tuple[str, int], Group], name: str, figure_dir
         ax.set_xlabel("GCI of the task (Eq. 3, whole θ)")
         ax.set_ylabel("query loss of the task")
         ax.legend(fontsize=LEGEND_SIZE)
-    fig.suptitle("Loss against GCI (paper 004, Figure 2)", fontsize=SUPTITLE_SIZE)
+    fig.suptitle("Loss against GCI (LWDGH paper, Figure 2)", fontsize=SUPTITLE_SIZE)
     return [save_figure(fig, figure_dir / f"lwdgh_loss_gci_{name}.png", integer_x=False)]
 
 
@@ -908,7 +925,7 @@ def predict_test_tasks(run: Run, count: int) -> dict:
 
 
 def _predictions(cells: dict[tuple[str, int], Group], name: str, figure_dir: Path) -> list[Path]:
-    """Paper 004's Figure 5: meta-test tasks where MAML errs and MAML + LWDGH + EE does not, both models'
+    """The LWDGH paper's Figure 5: meta-test tasks where MAML errs and MAML + LWDGH + EE does not, both models'
     predictions under each query image, the wrong ones in red. Needs both runs' checkpoints and test data."""
     found = [s for s in sorted({s for _, s in cells}) if all(
         (m, s) in cells and cells[(m, s)].runs[0].tested for m in LWDGH_PAIR)]
@@ -919,10 +936,10 @@ def _predictions(cells: dict[tuple[str, int], Group], name: str, figure_dir: Pat
     try:
         maml, ours = (predict_test_tasks(run, EXAMPLE_SCAN) for run in runs)
     except (SystemExit, OSError) as e:  # no data here, a deleted checkpoint (common's messages): the report goes on
-        print(f"warning: paper 004's Figure 5 for {name} not drawn: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"warning: the LWDGH paper's Figure 5 for {name} not drawn: {str(e).splitlines()[0]}", file=sys.stderr)
         return []
     if not torch_equal(maml["classes"], ours["classes"]):
-        print(f"warning: paper 004's Figure 5 for {name} not drawn: the two runs' meta-test tasks differ",
+        print(f"warning: the LWDGH paper's Figure 5 for {name} not drawn: the two runs' meta-test tasks differ",
               file=sys.stderr)
         return []
     wrong = {k: (run["predictions"] != run["labels"])[:, :EXAMPLE_QUERIES] for k, run in (("maml", maml),
@@ -947,7 +964,7 @@ def _predictions(cells: dict[tuple[str, int], Group], name: str, figure_dir: Pat
                     spine.set_linewidth(2 if bad else 0.5)
             axes[2 * i + j][0].set_ylabel(f"task {t + 1}\n{label}", fontsize=7)
     fig.suptitle(f"Meta-test predictions, {s}-shot, best single checkpoints (epochs {maml['epoch']} and "
-                 f"{ours['epoch']}); wrong ones red (paper 004, Figure 5)", fontsize=SUPTITLE_SIZE)
+                 f"{ours['epoch']}); wrong ones red (LWDGH paper, Figure 5)", fontsize=SUPTITLE_SIZE)
     return [save_figure(fig, figure_dir / f"lwdgh_predictions_{name}.png", integer_x=False)]
 
 
@@ -958,37 +975,39 @@ def torch_equal(a, b) -> bool:
 LWDGH_PAIR = ["MAML", "MAML + LWDGH + EE"]  # the rows of Tables 1 to 4: MAML and the full method
 PAPER_004_TABLES = {  # (dataset, ways, epochs, backbone) -> the paper's tables of those runs
     ("miniimagenet", PAPER_WAYS, LWDGH_EPOCHS, "conv4"): [
-        PaperTable("paper 004, Table 1, the MAML rows", LWDGH_PAIR, [1, 5], PAPER_004_TABLE1)],
+        PaperTable(f"{PAPER_004_SHORT}, Table 1, the MAML rows", LWDGH_PAIR, [1, 5], PAPER_004_TABLE1)],
     ("tieredimagenet", PAPER_WAYS, LWDGH_EPOCHS, "conv4"): [
-        PaperTable("paper 004, Table 2, the Convnet4 rows; ours with fmu2's 64 filters", LWDGH_PAIR, [1, 5],
+        PaperTable(f"{PAPER_004_SHORT}, Table 2, the Convnet4 rows; ours with fmu2's 64 filters", LWDGH_PAIR, [1, 5],
                    PAPER_004_TABLE2_CONV4)],
     ("tieredimagenet", PAPER_WAYS, LWDGH_EPOCHS, "resnet12"): [
-        PaperTable("paper 004, Table 2, the Resnet12 row", LWDGH_PAIR, [1], PAPER_004_TABLE2_RESNET12)],
+        PaperTable(f"{PAPER_004_SHORT}, Table 2, the Resnet12 row", LWDGH_PAIR, [1], PAPER_004_TABLE2_RESNET12)],
     ("miniimagenet", PAPER_WAYS, LWDGH_EPOCHS, "resnet12"): [
-        PaperTable("paper 004, Table 3, the MAML rows", LWDGH_PAIR, [1], PAPER_004_TABLE3)],
+        PaperTable(f"{PAPER_004_SHORT}, Table 3, the MAML rows", LWDGH_PAIR, [1], PAPER_004_TABLE3)],
     ("cub", PAPER_WAYS, LWDGH_EPOCHS, "conv4"): [
-        PaperTable("paper 004, Table 4", LWDGH_PAIR, [1, 5], PAPER_004_TABLE4)],
+        PaperTable(f"{PAPER_004_SHORT}, Table 4", LWDGH_PAIR, [1, 5], PAPER_004_TABLE4)],
     ("miniimagenet", PAPER_WAYS, LWDGH_ABLATION_EPOCHS, "conv4"): [
-        PaperTable("paper 004, Table 5, the ablation", LWDGH_METHOD_ORDER, [1], PAPER_004_TABLE5, PAPER_004_TABLE5_GCI),
-        PaperTable("paper 004, Table 6, the transition epoch", [transition_name(*row) for row in PAPER_004_TABLE6], [1],
+        PaperTable(f"{PAPER_004_SHORT}, Table 5, the ablation", LWDGH_METHOD_ORDER, [1], PAPER_004_TABLE5,
+                   PAPER_004_TABLE5_GCI),
+        PaperTable(f"{PAPER_004_SHORT}, Table 6, the transition epoch",
+                   [transition_name(*row) for row in PAPER_004_TABLE6], [1],
                    {(transition_name(*row), 1): value for row, value in PAPER_004_TABLE6.items()},
                    labels={transition_name(LWDGH_TRANSITION, LWDGH_SCHEDULE): "MAML + LWDGH + EE, E 33% cosine"})],
 }
 
 FAMILIES = [
-    Family(program="cml", heading="Paper 003: Cooperative Meta-Learning (CML)",
-           source=PAPER_003 + ", its headline result; the reference code meta-tests the single best validation model "
+    Family(program="cml", heading="Cooperative Meta-Learning (CML)", citation=PAPER_003,
+           source="its headline result; the reference code meta-tests the single best validation model "
            "(cml.py's docstring), so the paper's number stands beside our best single model",
            table_key=lambda c: (str(c["dataset"]), int(c["ways"])),
            table_title=lambda t: f"{dataset_name(t[0])} {t[1]}-way",
            method=cml_method, order=CML_METHOD_ORDER,
            paper={(dataset, PAPER_WAYS): [PaperTable(
-               "paper 003" if dataset == "miniimagenet" else "paper 003's rows; our copy gives no numbers",
+               PAPER_003_SHORT if dataset == "miniimagenet" else f"{PAPER_003_SHORT}'s rows; our copy gives no numbers",
                CML_METHOD_ORDER, [1, 5], PAPER_003_MINIIMAGENET if dataset == "miniimagenet" else {}, model=BEST)]
                for dataset in CML_DATASETS},
            extra_column=None, best_single=True, figure=_cml_figure),
-    Family(program="lwdgh", heading="Paper 004: layer-wise dynamic gradient harmonisation (LWDGH)", source=PAPER_004
-           + ", Tables 1 to 6; GCI = the mean over epochs of metrics.csv's gci_mean",
+    Family(program="lwdgh", heading="Layer-wise dynamic gradient harmonisation (LWDGH)", citation=PAPER_004,
+           source="its Tables 1 to 6; GCI = the mean over epochs of metrics.csv's gci_mean",
            table_key=lambda c: (str(c["dataset"]), int(c["ways"]), int(c["epochs"]), str(c.get("backbone", "conv4"))),
            table_title=lambda t: f"{dataset_name(t[0])} {t[1]}-way, {BACKBONES.get(t[3], t[3])}, {t[2]} epochs",
            method=lwdgh_method, order=LWDGH_METHOD_ORDER, paper=PAPER_004_TABLES,
@@ -1052,9 +1071,14 @@ def write_report(roots: list[Path], out: Path, name: str, exclude: list[str] = (
         old.unlink()
     where = ", ".join(str(r) for r in roots) + (f" (excluding {', '.join(exclude)})" if exclude else "")
     finished = sum(run.result is not None for run in runs)
-    parts = [f"# {title or 'Reproduction report'}",
-             f"Generated by `tools/report.py` from {len(runs)} run directories under {where}: {finished} with a "
-             f"result.json, {len(runs) - finished} unfinished. Accuracies in %, one seed unless a cell says otherwise."]
+    if runs:
+        summary = (f"Generated by `tools/report.py` from {len(runs)} run directories under {where}: {finished} with "
+                   f"a result.json, {len(runs) - finished} unfinished. Accuracies in %, one seed unless a cell says "
+                   "otherwise.")
+    else:
+        print(f"no runs under {where}: no folder there holds a config.json", file=sys.stderr)
+        summary = f"Generated by `tools/report.py`: no runs under {where} (no folder there holds a config.json)."
+    parts = [f"# {title or 'Reproduction report'}", summary]
     provenance = {key: sorted({str(run.config.get(key, "not recorded")) for run in runs})
                   for key in ("machine", "commit")}
     if runs:  # config.json records both (common.provenance); older runs may not
@@ -1089,7 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(r) for r in args.runs if not r.is_dir()]
     if missing:
         print(f"warning: no such folder: {', '.join(missing)}", file=sys.stderr)
-    path = write_report([r for r in args.runs if r.is_dir()], args.out, args.name, args.exclude, args.only_found,
+    path = write_report(args.runs, args.out, args.name, args.exclude, args.only_found,
                         args.title)
     print(f"wrote {path} and its figures in {args.out / args.name}/")
     return 0
