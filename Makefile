@@ -91,9 +91,24 @@ table1-mamlpp-cub-t1: setup ; $(call pair,mamlpp,table1,cub__5w5s__t1,$(CUB_T1) 
 table1-mamlpp-miniimagenet-t5: setup ; $(call pair,mamlpp,table1,miniimagenet__5w5s__t5,$(MINI_T5) --shots 5 $(PP_MINI))
 table1-mamlpp-miniimagenet-t1: setup ; $(call pair,mamlpp,table1,miniimagenet__5w5s__t1,$(MINI_T1) --shots 5 $(PP_MINI))
 
-# Chang & Lipson (arXiv 2312.08398), Figures 4-11 (appendix C): meta-validation curves (4, 6, 8, 10) and σ(m), σ(λ) (5, 7, 9, 11) of
-# every panel: method × {1, 5}-shot × task batch {5, 1}, OG and GS; CUB (Figures 4, 5, 8, 9), MiniImagenet (6,
-# 7, 10, 11); inner lr 0.1 (4-7) and 1.0 (8-11). The 5-shot panels at inner lr 0.1 are Table 1's runs.
+# The --gs-source ablation at Table 1's full protocol (task batch 5; a GPU's work): each row's OG and GS runs (the
+# same runs as reproduce-table1's) and GS with the batch's g_k alone and with the earlier batches' mean alone.
+ABLATION_TABLE1 = ablation-maml-cub ablation-maml-miniimagenet ablation-metasgd-cub ablation-metasgd-miniimagenet \
+	ablation-mamlpp-cub ablation-mamlpp-miniimagenet
+.PHONY: reproduce-gs-ablation $(ABLATION_TABLE1)
+reproduce-gs-ablation: $(ABLATION_TABLE1)
+ablation-maml-cub: setup ; $(call sources,maml,table1,cub__5w5s__t5,$(CUB_T5) --shots 5)
+ablation-maml-miniimagenet: setup ; $(call sources,maml,table1,miniimagenet__5w5s__t5,$(MINI_T5) --shots 5)
+ablation-metasgd-cub: setup ; $(call sources,metasgd,table1,cub__5w5s__t5,$(CUB_T5) --shots 5)
+ablation-metasgd-miniimagenet: setup ; $(call sources,metasgd,table1,miniimagenet__5w5s__t5,$(MINI_T5) --shots 5)
+ablation-mamlpp-cub: setup ; $(call sources,mamlpp,table1,cub__5w5s__t5,$(CUB_T5) --shots 5 $(PP))
+ablation-mamlpp-miniimagenet: setup
+	$(call sources,mamlpp,table1,miniimagenet__5w5s__t5,$(MINI_T5) --shots 5 $(PP_MINI))
+
+# Chang & Lipson (arXiv 2312.08398), Figures 4-11 (appendix C): meta-validation curves (4, 6, 8, 10) and σ(m), σ(λ)
+# (5, 7, 9, 11) of every panel: method × {1, 5}-shot × task batch {5, 1}, OG and GS; CUB (Figures 4, 5, 8, 9),
+# MiniImagenet (6, 7, 10, 11); inner lr 0.1 (4-7) and 1.0 (8-11). The 5-shot panels at inner lr 0.1 are Table 1's
+# runs.
 FIGURES = figures-cub-lr0.1 figures-miniimagenet-lr0.1 figures-cub-lr1.0 figures-miniimagenet-lr1.0
 .PHONY: reproduce-figures $(FIGURES)
 reproduce-figures: $(FIGURES)
@@ -134,14 +149,14 @@ CML_FLAGS_boil = $(CML_REF)
 $(CML): cml-%: setup  # cml-<dataset>: each base × 1- and 5-shot
 	$(foreach base,maml mamlpp boil,$(foreach shots,1 5,$(call cml,$(base),$*,$(shots),$(CML_FLAGS_$(base))) &&)) true
 
-# "Cross-Task Gradient Harmonization for Meta-Learning" (LWDGH; anonymous, under double-blind review, no arXiv
-# id; code built on fmu2/PyTorch-MAML): the commands of lwdgh.py's docstring, MAML (--p-min 1 --p-max 1: always explore, plain
-# MAML with the GCI logged), LWDGH alone (--no-ee) and LWDGH+EE. 5-way, 300 epochs of 200 meta-iterations (fmu2's
-# configs: the paper gives none) in Table 1 (MiniImagenet), Table 2 (tieredImageNet; Convnet4 is fmu2's tiered
-# configs' wide-convnet4, 64 filters; ResNet-12 1-shot), Table 3 (MiniImagenet, ResNet-12) and Table 4 (CUB);
-# Table 5, the ablation, and Table 6, the transition epoch (20/33/50% of the epochs, fixed or cosine), 20 epochs,
-# 1-shot: Table 6's 33%-cosine row is Table 5's LWDGH+EE run (the paper prints 51.33 for both), run once.
-# Meta-test queries per class as fmu2's test configs: 1 at 1-shot, 5 at 5-shot (lwdgh.py's docstring).
+# "Cross-Task Gradient Harmonization for Meta-Learning" (LWDGH; anonymous, under double-blind review, no arXiv id;
+# code built on fmu2/PyTorch-MAML): the commands of lwdgh.py's docstring, MAML (--p-min 1 --p-max 1: always explore,
+# plain MAML with the GCI logged), LWDGH alone (--no-ee) and LWDGH+EE. 5-way, 300 epochs of 200 meta-iterations
+# (fmu2's configs: the paper gives none) in Table 1 (MiniImagenet), Table 2 (tieredImageNet; Convnet4 is fmu2's tiered
+# configs' wide-convnet4, 64 filters; ResNet-12 1-shot), Table 3 (MiniImagenet, ResNet-12) and Table 4 (CUB); Table 5,
+# the ablation, and Table 6, the transition epoch (20/33/50% of the epochs, fixed or cosine), 20 epochs, 1-shot: Table
+# 6's 33%-cosine row is Table 5's LWDGH+EE run (the paper prints 51.33 for both), run once. Meta-test queries per
+# class as fmu2's test configs: 1 at 1-shot, 5 at 5-shot (lwdgh.py's docstring).
 LW_ITERS = --iters-per-epoch 200
 LW = --filters 32 $(LW_ITERS)
 LW_MINI = $(LW) --dataset miniimagenet
@@ -233,18 +248,36 @@ gs-study: setup
 	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory SEEDS="$(STUDY_SEEDS)" gs-study-t5 gs-study-t1
 gs-study-t5: setup ; $(call pair,maml,gs-study,omniglot__5w1s__t5,$(STUDY) --tasks 5 --iters-per-epoch 30)
 gs-study-t1: setup ; $(call pair,maml,gs-study,omniglot__5w1s__t1,$(STUDY) --tasks 1 --iters-per-epoch 150)
+# The gradient-sharing ablation (--gs-source): where GS's help comes from, with the gs-study's settings and
+# ABLATION_SEEDS paired seeds. At task batch 5, OG against GS sharing both (the paper), the batch's g_k alone and the
+# earlier batches' mean alone; then OG against GS at task batches 1, 10 and 20, all with the same 450 meta-iterations
+# (15 epochs x 30), so that a run sees 450 x T tasks. One thread per run: make -j 2 gs-ablation DATA=<full Omniglot>.
+ABLATION_SEEDS ?= 1 2 3 4 5
+ABLATION = $(STUDY) --iters-per-epoch 30
+# $(call sources,<method>,<folder>,<run name>,<flags>): pair, then GS with --gs-source batch and history
+sources = $(call pair,$(1),$(2),$(3),$(4)) && \
+	$(call seeds,$(1)_gs.py,$(RUNS)/$(2)/$(1)_gs_batch__$(3),$(4) --gs --gs-source batch) && \
+	$(call seeds,$(1)_gs.py,$(RUNS)/$(2)/$(1)_gs_history__$(3),$(4) --gs --gs-source history)
+GS_ABLATION = gs-ablation-sources gs-ablation-t1 gs-ablation-t10 gs-ablation-t20
+.PHONY: gs-ablation $(GS_ABLATION)
+gs-ablation: setup
+	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory SEEDS="$(ABLATION_SEEDS)" $(GS_ABLATION)
+gs-ablation-sources: setup ; $(call sources,maml,gs-ablation,omniglot__5w1s__t5,$(ABLATION) --tasks 5)
+$(filter-out gs-ablation-sources,$(GS_ABLATION)): gs-ablation-t%: setup
+	$(call pair,maml,gs-ablation,omniglot__5w1s__t$*,$(ABLATION) --tasks $*)
+
 omniglot-study: omniglot-check gs-study
 	$(MAKE) --no-print-directory omniglot-report
 omniglot-report: setup
 	$(PY) tools/omniglot_report.py --check $(RUNS)/omniglot-check/maml__omniglot__5w1s__t8__1 \
 		--study $(RUNS)/gs-study --out results
 
-# Chang & Lipson's (arXiv 2312.08398) Table 1 grid scaled down to Omniglot (the omniglot-small subsets where the full zips are absent),
-# 5-way 1-shot, to check the paper's qualitative claims in about 30 minutes on 2 CPU cores: every method ×
-# task batch {5, 1} × OG/GS at inner lr 0.1, and MAML at 10× (1.0). Conv4-32, 3 inner steps, 5 queries per
-# class, 20 meta-iterations per epoch, 10 epochs with task batch 5 and five times as many with task batch 1
-# (as appendix A.3: the same tasks seen), 100 validation and 200 test tasks. QUICK_JOBS single-threaded
-# rows at once (small tensors: one thread per run uses 2 cores best), then results/quick.md and its figures.
+# Chang & Lipson's (arXiv 2312.08398) Table 1 grid scaled down to Omniglot (the omniglot-small subsets where the full
+# zips are absent), 5-way 1-shot, to check the paper's qualitative claims in about 30 minutes on 2 CPU cores: every
+# method × task batch {5, 1} × OG/GS at inner lr 0.1, and MAML at 10× (1.0). Conv4-32, 3 inner steps, 5 queries per
+# class, 20 meta-iterations per epoch, 10 epochs with task batch 5 and five times as many with task batch 1 (as
+# appendix A.3: the same tasks seen), 100 validation and 200 test tasks. QUICK_JOBS single-threaded rows at once
+# (small tensors: one thread per run uses 2 cores best), then results/quick.md and its figures.
 QUICK_JOBS ?= 2
 Q = --dataset omniglot --ways 5 --shots 1 --queries 5 --filters 32 --inner-steps 3 --iters-per-epoch 20 \
 	--val-tasks 100 --test-tasks 200 --cache-dir .cache --quiet

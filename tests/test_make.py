@@ -303,3 +303,23 @@ def test_the_documented_table1_commands_are_the_targets_commands():
     for target, program, flags in rows:
         (run,) = [c for c in planned_runs(target, DATA="/data") if " --gs " in c]
         assert flag_pairs(flags) == flag_pairs(make_flags(run, program)[0]), target
+
+
+def test_gs_ablation_is_og_against_each_source_at_5_and_against_both_at_1_10_20_with_paired_seeds():
+    runs = planned_runs("gs-ablation-sources", "gs-ablation-t1", "gs-ablation-t10", "gs-ablation-t20",
+                        DATA="/data", SEEDS="1 2")
+    assert len(runs) == 2 * (4 + 3 * 2)
+    kinds = {(flag(c, "--tasks"), "og" if "--no-gs" in c else flag(c, "--gs-source") or "both") for c in runs}
+    assert kinds == {("5", "og"), ("5", "both"), ("5", "batch"), ("5", "history")} | {
+        (t, side) for t in ("1", "10", "20") for side in ("og", "both")}
+    assert {flag(c, "--iters-per-epoch") for c in runs} == {"30"} and {flag(c, "--epochs") for c in runs} == {"15"}
+    assert {out_dir(c).split("__")[0].split("/")[-1] for c in runs} == {"maml_og", "maml_gs", "maml_gs_batch",
+                                                                        "maml_gs_history"}
+
+
+def test_the_full_protocol_ablation_adds_the_two_sources_to_table1s_task_batch_5_rows():
+    runs = planned_runs("reproduce-gs-ablation", DATA="/data")
+    table1 = [c for c in planned_runs("reproduce-table1", DATA="/data") if flag(c, "--tasks") == "5"]
+    assert len(runs) == 6 * 4 and set(table1) <= set(runs)
+    extra = [c for c in runs if c not in table1]
+    assert sorted(flag(c, "--gs-source") for c in extra) == ["batch"] * 6 + ["history"] * 6

@@ -96,7 +96,7 @@ term_() { # seconds, run directory, command...: SIGTERM after the seconds; the r
   wait $pid 2>/dev/null
   grep -q Traceback "$dir.log" && { bad=$((bad+1)); echo "TRACEBACK [SIGTERM to $*]"; }
 }
-L="$T --epochs 300 --iters-per-epoch 5 --test-inner-steps 3"
+L="$T --epochs 60 --iters-per-epoch 5 --test-inner-steps 3"
 term_ 15 $S/t1 $PY lwdgh.py $L
 truncate -s 300 $S/t1/tasks.csv
 case_ "tasks.csv cut mid-row, resume" $PY lwdgh.py --resume $S/t1 --quiet
