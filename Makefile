@@ -260,8 +260,9 @@ sources = $(call pair,$(1),$(2),$(3),$(4)) && \
 	$(call seeds,$(1)_gs.py,$(RUNS)/$(2)/$(1)_gs_history__$(3),$(4) --gs --gs-source history)
 GS_ABLATION = gs-ablation-sources gs-ablation-t1 gs-ablation-t10 gs-ablation-t20
 .PHONY: gs-ablation $(GS_ABLATION)
-gs-ablation: setup
+gs-ablation: setup  # the runs, then results/gs_ablation.md
 	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory SEEDS="$(ABLATION_SEEDS)" $(GS_ABLATION)
+	$(PY) tools/gs_ablation_report.py --runs $(RUNS)/gs-ablation --out results
 gs-ablation-sources: setup ; $(call sources,maml,gs-ablation,omniglot__5w1s__t5,$(ABLATION) --tasks 5)
 $(filter-out gs-ablation-sources,$(GS_ABLATION)): gs-ablation-t%: setup
 	$(call pair,maml,gs-ablation,omniglot__5w1s__t$*,$(ABLATION) --tasks $*)
