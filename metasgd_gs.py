@@ -15,10 +15,13 @@ Gradient sharing at inner step k = 1..K, for the T tasks of a batch (names in `i
 Outer step: Adam on (θ, α, m, λ) with the loss (1/T) Σ_t L_t^query(θ_{t,K})   (Eq. 5)  `meta_gradient`
 Meta-validation and meta-test (Algorithm 2) use the stored ĝ_k and never change it  `predict`
 --gs-source (default both, the paper, as above) takes the two sources of the shared direction apart:
-    batch:   ĝ_k = g_k at every meta-iteration (no running mean, no m_k): `both` with σ(m_k) = 1
+    batch:   ĝ_k = g_k at every meta-iteration (no running mean, no m_k): `both` with σ(m_k) = 1; the stored ĝ_k
+             that Algorithm 2 uses is the last training batch's g_k
     history: Δ_{t,k} = σ(λ_k) ĝ_k^old + (1 − σ(λ_k)) ∇L_t: the earlier batches' mean only (on the first
-             meta-iteration, with none yet, no sharing); g_k only updates it for the next one: ĝ_k = ½ g_k +
-             ½ ĝ_k^old, a fixed momentum (m_k's start), since no gradient can reach m_k (the mean is stored detached)
+             meta-iteration, with none yet, no sharing, and λ gets no gradient); g_k only updates it for the next one:
+             ĝ_k = ½ g_k + ½ ĝ_k^old, a fixed momentum (`HISTORY_MOMENTUM`, m_k's start), since no gradient can reach
+             m_k (the mean is stored detached); Algorithm 2 uses that mean, the last training batch included
+    In `inner_step`: `stored` = ĝ^old, `shared` = the direction Eq. 4 mixes in, `Sharing.source` = the mode.
 Names in every function: `theta` = θ's tensors the inner loop adapts, `frozen` = the others (read, never adapted).
 
 Decisions where the papers are silent: every element of α starts at --inner-lr (0.1: arXiv 2312.08398,
@@ -82,7 +85,7 @@ class Args(common.Args):
 
 
 GS_PARAMS = ("m", "lambda")  # meta-learned momentum and gate, one per inner step (K,); m: --gs-source both only
-HISTORY_MOMENTUM = 0.5  # --gs-source history: σ(m_k) at m_k's start, 0, since no gradient reaches m_k there
+HISTORY_MOMENTUM = 0.5  # --gs-source history: σ(0) = ½, the σ(m_k) m_k starts at; no gradient reaches m_k there
 ALPHA = "alpha."  # alpha.<name>: the learned inner learning rate of θ tensor <name>, same shape
 
 
@@ -132,7 +135,8 @@ def inner_step(k: int, fast: dict[str, torch.Tensor], frozen: dict[str, torch.Te
     delta, ghat_k = grads, None  # without sharing: Δ_{t,k} = ∇L_t
     stored = sharing.ghat if sharing is not None else None  # ĝ^old_1..K of the earlier meta-iterations, or None
     if sharing is not None and sharing.update:
-        total = {name: g.sum(0) for name, g in grads.items()}  # Σ_t ∇L_t
+        # Σ_t ∇L_t; history: g_k only feeds the stored mean, which is detached: no graph to keep
+        total = {name: (g.detach() if sharing.source == "history" else g).sum(0) for name, g in grads.items()}
         norm = torch.sqrt(sum(g.square().sum() for g in total.values()))  # over the whole parameter vector
         ghat_k = {name: g / norm for name, g in total.items()}  # Eq. 1: g_k; Eq. 2: ĝ_k = g_k at first
         if stored is not None and sharing.source != "batch":  # Eq. 3 (batch: ĝ_k = g_k, σ(m_k) = 1 as it were)

@@ -48,7 +48,31 @@ def test_batch_is_both_with_the_momentum_pinned_to_one(module):
     for new, old in zip(batch.state["ghat"], both.state["ghat"]):
         for name in new:
             torch.testing.assert_close(new[name], old[name], rtol=1e-12, atol=1e-15)
-    assert "m" not in params and "sigma_m" not in batch.metrics
+    assert "sigma_m" not in batch.metrics
+    assert "m" not in module.init_params(args, (1, 16, 16), torch.device("cpu"))  # Conv4: 16×16 at least
+
+
+@pytest.mark.parametrize("module", MODULES, ids=IDS)
+def test_history_adapts_with_the_stored_mean_as_algorithm_2_does(module):
+    """history's training step shares the stored ĝ only: its query loss is predict's (Algorithm 2) on the batch.
+    MAML++ past its multi-step-loss epochs, where the loss is the last step's alone."""
+    params, state, tasks, args = setup(module, "history")
+    epoch = tpp.MSL_EPOCHS if module is mamlpp_gs else 0
+    step = module.meta_gradient(params, state, tasks, epoch, args)
+    logits = module.predict(params, state, tasks, args)
+    want = torch.stack([F.cross_entropy(logits[t], tasks.y_q[t]) for t in range(len(logits))]).mean()
+    torch.testing.assert_close(step.loss, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["batch", "history"])
+@pytest.mark.parametrize("module", MODULES, ids=IDS)
+def test_predict_is_algorithm_2_in_every_mode_and_leaves_the_stored_mean(module, mode):
+    params, state, tasks, args = setup(module, mode)
+    before = [{name: g.clone() for name, g in ghat_k.items()} for ghat_k in state["ghat"]]
+    with_m, _, _, both_args = setup(module, "both")
+    torch.testing.assert_close(module.predict(params, state, tasks, args),
+                               module.predict(with_m, state, tasks, both_args), rtol=0, atol=0)
+    assert all(torch.equal(state["ghat"][k][n], before[k][n]) for k in range(len(before)) for n in before[k])
 
 
 def history_reference(params, ghat, tasks):
@@ -137,3 +161,19 @@ def test_gs_source_without_gs_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         metasgd_gs.main(TINY + ["--no-gs", "--gs-source", "batch"])
     assert info.value.code == 2 and "--gs-source batch applies to --gs only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["batch", "history"])
+def test_a_killed_run_of_each_mode_resumes_to_the_same_numbers(tmp_path, monkeypatch, mode):
+    from test_cli import Crash, interrupt_after, metrics
+    argv = TINY + ["--gs-source", mode]
+    reference = maml_gs.main(argv + ["--out", str(tmp_path / "ref")])
+
+    def crash():
+        raise Crash()
+    interrupt_after(monkeypatch, 5, crash)  # in epoch 2, after one checkpoint: the stored ĝ must survive
+    with pytest.raises(Crash):
+        maml_gs.main(argv + ["--out", str(tmp_path / "run")])
+    monkeypatch.undo()
+    assert maml_gs.main(["--resume", str(tmp_path / "run"), "--quiet"]) == reference
+    assert metrics(tmp_path / "run") == metrics(tmp_path / "ref")

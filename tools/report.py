@@ -482,8 +482,8 @@ def gs_cells(groups: list[Group]) -> dict[tuple, list[Pair]]:
     pairs: dict[tuple, dict[str, Pair]] = defaultdict(dict)
     for group in groups:
         c = group.config
-        if c.get("program") not in GS_PROGRAMS:
-            continue
+        if c.get("program") not in GS_PROGRAMS or c.get("gs_source", "both") != "both":
+            continue  # --gs-source batch / history: the ablation's runs, beside these (reproduce-gs-ablation)
         cell = (int(c["ways"]), int(c["shots"]), float(c["inner_lr"]), dataset_family(str(c["dataset"])),
                 GS_PROGRAMS[c["program"]], int(c["tasks"]), str(c["dataset"]))
         pair = pairs[cell].setdefault(experiment_key(c, drop=("gs", "algorithm")), Pair())
