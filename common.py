@@ -2,11 +2,12 @@
 whose main() parses its Args and, inside `with common.Run(...)`, meta-trains with the outer Adam, meta-validates every
 epoch on a fixed task set and meta-tests the top-5 checkpoints' ensemble. Sections, and what algorithm files use:
   Files: atomic_write (a crash leaves the old file or the new one, never half), for data caches and run files.
-  Data: load_split (zip/tgz/pickle/jpg -> uint8 Split, cached), TaskSampler, EvalTasks on the device; files get Tasks.
+  Data: load_split (zip/tgz/pickle/jpg -> uint8 Split, cached), fingerprint, TaskSampler, EvalTasks; files get Tasks.
   Model: pure Conv4/ResNet-12 (FORWARD, init_backbone, conv*), split_adapted, forward_tasks, support_grads, query_loss.
-  Arguments: Args (the shared flags; each file subclasses it) and parse_args (checks; --resume: resumed_args).
+  Arguments: Args (the shared flags; each file subclasses it) and parse_args (checks, --help's groups; --resume:
+    resumed_args, which checks config.json's types).
   Evaluation: evaluate (an ensemble's per-task accuracies) and mean_ci, used by Run.
-  Run directory and checkpoints: write_json, write_csv, append_csv, load_checkpoint, used by Run.
+  Run directory and checkpoints: write_json, write_csv, append_csv and repair_csv, load_checkpoint, used by Run.
   Run: StepResult, and the plumbing main calls: load_data, restore, epochs, iterations, accept, validate, meta_test.
 """
 from __future__ import annotations
