@@ -49,6 +49,11 @@ def find(root: Path) -> dict[int, dict[int, dict[str, report.Run]]]:
     return runs
 
 
+def shown(mean: float, half: float) -> str:
+    """mean ± half, or the mean alone with one seed (no interval)."""
+    return f"{mean:+.2f} ± {half:.2f}" if half == half else f"{mean:+.2f} (one seed)"
+
+
 def paired(seeds: dict[int, dict[str, report.Run]], a: str, b: str, metric) -> tuple[float, float, int]:
     """Mean of metric(a) − metric(b) over the seeds that have both, its 95% half-width, and their count."""
     both = [s for s in seeds.values() if a in s and b in s]
@@ -65,9 +70,9 @@ def sources_section(seeds: dict[int, dict[str, report.Run]], figure_dir: Path) -
         cells, count = [], 0
         for name, metric in METRICS.items():
             mean, half, count = paired(seeds, a, b, metric)
-            cells.append(f"{mean:+.2f} ± {half:.2f}")
+            cells.append(shown(mean, half))
             if name.startswith("early"):
-                claims.append(f"- {SIDES[a]} higher early than {SIDES[b]}: {mean:+.2f} ± {half:.2f} points: "
+                claims.append(f"- {SIDES[a]} higher early than {SIDES[b]}: {shown(mean, half)} points: "
                               + (verdict(mean, half, higher_is_claim=True) if count else "no runs"))
         lines.append(f"| {SIDES[a]} − {SIDES[b]} | {count} | " + " | ".join(cells) + " |")
     fig, axes = plt.subplots(1, 2, figsize=(10.4, 3.6))
@@ -105,12 +110,12 @@ def task_batch_section(runs: dict[int, dict[int, dict[str, report.Run]]]) -> lis
         cells, count = [], 0
         for name, metric in METRICS.items():
             mean, half, count = paired(seeds, "gs", "og", metric)
-            cells.append(f"{mean:+.2f} ± {half:.2f}")
+            cells.append(shown(mean, half))
             if name.startswith("early"):
                 early[tasks] = (mean, half)
         lines.append(f"| {tasks} | {seen:,} | {count} | " + " | ".join(cells) + " |")
     lines += ["", "Claim by claim (both − OG, early mean validation accuracy):", ""]
-    lines += [f"- task batch {t}: {m:+.2f} ± {h:.2f} points: {verdict(m, h, higher_is_claim=True)}"
+    lines += [f"- task batch {t}: {shown(m, h)} points: {verdict(m, h, higher_is_claim=True)}"
               for t, (m, h) in early.items()]
     order = [early[t][0] for t in sorted(early)]
     grows = all(b > a for a, b in zip(order, order[1:]))
