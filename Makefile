@@ -248,17 +248,20 @@ gs-study: setup
 	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory SEEDS="$(STUDY_SEEDS)" gs-study-t5 gs-study-t1
 gs-study-t5: setup ; $(call pair,maml,gs-study,omniglot__5w1s__t5,$(STUDY) --tasks 5 --iters-per-epoch 30)
 gs-study-t1: setup ; $(call pair,maml,gs-study,omniglot__5w1s__t1,$(STUDY) --tasks 1 --iters-per-epoch 150)
-# The gradient-sharing ablation (--gs-source): where GS's help comes from, with the gs-study's settings and
-# ABLATION_SEEDS paired seeds. At task batch 5, OG against GS sharing both (the paper), the batch's g_k alone and the
-# earlier batches' mean alone; then OG against GS at task batches 1, 10 and 20, all with the same 450 meta-iterations
-# (15 epochs x 30), so that a run sees 450 x T tasks. One thread per run: make -j 2 gs-ablation DATA=<full Omniglot>.
+# The gradient-sharing ablation (--gs-source): where GS's help comes from, with the gs-study's network and task
+# shape and ABLATION_SEEDS paired seeds. At task batch 5, OG against GS sharing both (the paper), the batch's g_k alone
+# and the earlier batches' mean alone; then OG against GS at task batches 1, 10 and 20, all with the same 300
+# meta-iterations (15 epochs x 20), so that a run sees 300 x T tasks. Sized to fit 2 cores: 100 validation tasks per
+# epoch, and the longest targets first so that make -j 2 keeps both busy. One thread per run:
+# make -j 2 gs-ablation DATA=<full Omniglot>.
 ABLATION_SEEDS ?= 1 2 3 4 5
-ABLATION = $(STUDY) --iters-per-epoch 30
+ABLATION = --dataset omniglot --ways 5 --shots 1 --queries 5 --filters 32 --inner-steps 3 --inner-lr 0.1 --epochs 15 \
+	--iters-per-epoch 20 --val-tasks 100 --test-tasks 600 --cache-dir .cache --quiet
 # $(call sources,<method>,<folder>,<run name>,<flags>): pair, then GS with --gs-source batch and history
 sources = $(call pair,$(1),$(2),$(3),$(4)) && \
 	$(call seeds,$(1)_gs.py,$(RUNS)/$(2)/$(1)_gs_batch__$(3),$(4) --gs --gs-source batch) && \
 	$(call seeds,$(1)_gs.py,$(RUNS)/$(2)/$(1)_gs_history__$(3),$(4) --gs --gs-source history)
-GS_ABLATION = gs-ablation-sources gs-ablation-t1 gs-ablation-t10 gs-ablation-t20
+GS_ABLATION = gs-ablation-t20 gs-ablation-sources gs-ablation-t10 gs-ablation-t1
 .PHONY: gs-ablation $(GS_ABLATION)
 gs-ablation: setup  # the runs, then results/gs_ablation.md
 	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory SEEDS="$(ABLATION_SEEDS)" $(GS_ABLATION)

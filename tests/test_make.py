@@ -312,7 +312,8 @@ def test_gs_ablation_is_og_against_each_source_at_5_and_against_both_at_1_10_20_
     kinds = {(flag(c, "--tasks"), "og" if "--no-gs" in c else flag(c, "--gs-source") or "both") for c in runs}
     assert kinds == {("5", "og"), ("5", "both"), ("5", "batch"), ("5", "history")} | {
         (t, side) for t in ("1", "10", "20") for side in ("og", "both")}
-    assert {flag(c, "--iters-per-epoch") for c in runs} == {"30"} and {flag(c, "--epochs") for c in runs} == {"15"}
+    assert {flag(c, "--iters-per-epoch") for c in runs} == {"20"} and {flag(c, "--epochs") for c in runs} == {"15"}
+    assert {flag(c, "--seed") for c in runs} == {"1", "2"} and {flag(c, "--val-tasks") for c in runs} == {"100"}
     assert {out_dir(c).split("__")[0].split("/")[-1] for c in runs} == {"maml_og", "maml_gs", "maml_gs_batch",
                                                                         "maml_gs_history"}
 
