@@ -86,7 +86,7 @@ class Args(common.Args):
     """mamlpp base: clamp each meta-gradient element of the network to ±this value; 0: off"""
     recompute: bool = False
     """gradient checkpointing: recompute the query pass and each inner step but the last in the backward pass"""
-    backbones = ("conv4",)  # φ continues Conv4's last block (and the reference's network is Conv4)
+    backbones = ("conv4", "mlp")  # φ continues Conv4's last block (the reference's network), or the MLP's last layer
 
     def check(self) -> list[str]:
         problems = super().check()
@@ -97,6 +97,9 @@ class Args(common.Args):
         for name in ("msl_epochs", "first_order_epochs", "clip_grad", "grad_stats_every", "colearner_blocks", "gamma"):
             if not getattr(self, name) >= 0:
                 problems.append(f"--{name.replace('_', '-')} must be 0 or positive, got {getattr(self, name)}")
+        if self.base == "mamlpp" and self.dataset in common.REGRESSION:
+            problems.append(f"--base mamlpp: MAML++'s per-step BatchNorm is part of its Conv4 (the {self.dataset}'s "
+                            f"MLP has none); run the {self.dataset} with --base maml or boil")
         if self.adapt_bn and self.base == "mamlpp" and self.per_step_bn:
             problems.append("--adapt-bn needs --no-per-step-bn: per-step BN rows are learned by the outer loop only")
         if self.base == "mamlpp" and self.cosine and not 0 <= self.min_outer_lr <= self.outer_lr:
@@ -106,7 +109,9 @@ class Args(common.Args):
                      if f.name in BASE_ONLY[other] and getattr(self, f.name) != f.default]
         return problems
 
-    def extra_weights(self) -> int:  # φ: its conv blocks (weight, bias, BN scale and shift); its head is θ's size
+    def extra_weights(self) -> int:  # φ: its conv blocks (weight, bias, BN scale and shift) or hidden layers; its
+        if self.backbone == "mlp":  # head is θ's size
+            return self.colearner_blocks * (common.MLP_HIDDEN[-1] + 1) * common.MLP_HIDDEN[-1]
         return self.colearner_blocks * (self.filters ** 2 * common.CONV_KERNEL ** 2 + 3 * self.filters)
 
 
@@ -116,12 +121,17 @@ LSLR = "lslr."  # lslr.<name>: the learned inner learning rates of adapted tenso
 MSL_FLOOR = 0.03  # MSL: each non-final weight falls to at least MSL_FLOOR / K (the reference's value)
 COLEARNER = "colearner."  # colearner.<name>: the co-learner's tensors φ, meta-parameters like θ
 COLEARNER_SEED_OFFSET = 1  # φ's init generator: --seed + this
-EXTRACTOR = ("conv", "bn")  # θ's feature extractor: conv{i}.* and bn{i}.*, not the head
+EXTRACTOR = ("conv", "bn", "fc")  # θ's feature extractor: conv{i}.* and bn{i}.* (the MLP: fc{i}.*), not the head
 
 
 def colearner_init(net: dict[str, torch.Tensor], generator: torch.Generator, blocks: int) -> dict[str, torch.Tensor]:
-    """φ for a Conv4 θ: `blocks` conv blocks and a linear layer; Xavier-uniform weights, zero biases, BN 1 and 0."""
+    """φ for a Conv4 θ: `blocks` conv blocks and a linear layer; Xavier-uniform weights, zero biases, BN 1 and 0.
+    For the sinusoid's MLP θ: `blocks` hidden layers of its width and a linear layer, initialised as θ."""
     head = net["head.weight"]  # (ways, filters·h'·w'), the same input size as φ's linear layer
+    if "bn0.weight" not in net:  # the MLP: common.mlp_init's layers, from the last hidden layer to the output
+        width, outputs = head.shape[1], head.shape[0]
+        phi = common.mlp_init(width, outputs, (width,) * blocks, generator=generator, dtype=head.dtype)
+        return {COLEARNER + name: p for name, p in phi.items()}
     filters, kw = net["bn0.weight"].shape[-1], dict(dtype=head.dtype)
     phi = {}
     for i in range(blocks):
@@ -138,7 +148,7 @@ def colearner_init(net: dict[str, torch.Tensor], generator: torch.Generator, blo
 def init_params(args: Args, image_shape: tuple[int, int, int], device: torch.device) -> dict[str, torch.Tensor]:
     """The meta-parameters, leaves on `device`: θ from the seed; mamlpp: BN rows as its BN, LSLR rates --inner-lr;
     φ from its own seed."""
-    params = common.conv4_init(image_shape, args.ways, args.filters, generator=torch.Generator().manual_seed(args.seed))
+    params = common.init_backbone(args, image_shape)  # Conv4 (or the sinusoid's MLP) from --seed
     if per_step_bn(args):  # K copies of conv4_init's BN scale 1 and shift 0, in place of the (C,) tensors
         params.update({name: p.expand(args.inner_steps, *p.shape).clone() for name, p in params.items()
                        if name.startswith(common.BN)})
@@ -182,7 +192,7 @@ def inner_step(k: int, fast: dict[str, torch.Tensor], frozen_k: dict[str, torch.
     """Inner step k+1 for every task of the batch (k counts from 0 and indexes the rates and BN rows).
 
     fast: θ_{t,k}, frozen_k: frozen_at(frozen, k), (tasks, ...) each. Returns θ_{t,k+1}."""
-    grads = common.support_grads(common.conv4_forward, fast, tasks.x_s, tasks.y_s, create_graph=create_graph,
+    grads = common.support_grads(common.FORWARD[args.backbone], fast, tasks.x_s, tasks.y_s, create_graph=create_graph,
                                  use_vmap=args.vmap == "on", frozen=frozen_k)  # ∇L_t(θ_{t,k}) with BN row k
     return {name: w - lslr[name][k] * grads[name] for name, w in fast.items()}  # LSLR: a rate per tensor, step
 
@@ -232,7 +242,10 @@ def cosine_lr(epoch: int, args: Args) -> float:
 
 
 def prepool_features(net: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) images -> z (N, filters, h, w): common.conv4_forward's blocks, the last one before its pooling."""
+    """(N, C, H, W) images -> z (N, filters, h, w): common.conv4_forward's blocks, the last one before its pooling.
+    The MLP's points (N, 1) -> z (N, width): its last hidden layer, the head's input."""
+    if "bn0.weight" not in net:
+        return common.mlp_features(net, x)
     blocks = common.conv4_blocks(net)
     for i in range(blocks - 1):
         x = F.max_pool2d(common.conv_block(net, i, x), common.POOL)
@@ -240,7 +253,10 @@ def prepool_features(net: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Ten
 
 
 def colearner_forward(phi: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
-    """φ on a pre-pooling feature map z (N, filters, h, w) -> (N, ways) logits: blocks, max-pool, linear."""
+    """φ on a pre-pooling feature map z (N, filters, h, w) -> (N, ways) logits: blocks, max-pool, linear. The MLP's:
+    z (N, width) -> (N, 1) predictions: hidden layers, linear."""
+    if z.dim() == 2:
+        return common.mlp_forward(phi, z)
     for i in range(common.conv4_blocks(phi)):
         z = common.conv_block(phi, i, z)
     z = F.max_pool2d(z, common.POOL)  # only the last block pools: (N, filters, h // 2, w // 2)
@@ -250,7 +266,8 @@ def colearner_forward(phi: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Te
 def both_heads(phi: dict[str, torch.Tensor]):  # (net, x) -> the meta-learner's and the co-learner's logits, one z
     def forward(net: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:  # (N, 2·ways)
         z = prepool_features(net, x)
-        meta = F.linear(F.max_pool2d(z, common.POOL).flatten(1), net["head.weight"], net["head.bias"])
+        pooled = z if z.dim() == 2 else F.max_pool2d(z, common.POOL).flatten(1)  # the head's input
+        meta = F.linear(pooled, net["head.weight"], net["head.bias"])
         return torch.cat([meta, colearner_forward(phi, z)], dim=-1)
     return forward
 
@@ -269,7 +286,7 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
             both = common.forward_tasks(both_heads(phi), trajectory[j], tasks.x_q, args.vmap == "on", args.recompute)
             logits, co_logits = both.chunk(2, dim=-1)
         elif weight:
-            logits = common.forward_tasks(common.conv4_forward, trajectory[j], tasks.x_q, args.vmap == "on",
+            logits = common.forward_tasks(common.FORWARD[args.backbone], trajectory[j], tasks.x_q, args.vmap == "on",
                                           args.recompute)
         if weight:
             step_loss, acc = common.query_loss(logits, tasks.y_q)  # acc: at θ_{t,K}, the last step
@@ -306,7 +323,7 @@ def predict(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, a
     with torch.enable_grad():
         trajectory = inner_loop(theta, frozen, lslr, tasks, args, create_graph=False)
     with torch.no_grad():
-        return common.forward_tasks(common.conv4_forward, trajectory[-1], tasks.x_q, args.vmap == "on")
+        return common.forward_tasks(common.FORWARD[args.backbone], trajectory[-1], tasks.x_q, args.vmap == "on")
 
 
 def main(argv: list[str] | None = None) -> dict:

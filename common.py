@@ -67,6 +67,8 @@ def atomic_write(path: Path, write: Callable[[typing.BinaryIO], None]) -> None:
 
 
 # ---- Data ----
+REGRESSION = ("sinusoid",)  # generated regression task families: no files, a network of points (--backbone mlp)
+REGRESSION_DEFAULTS = {"backbone": "mlp", "ways": 1}  # what the image defaults become for them
 DATASETS = ("omniglot", "miniimagenet", "tieredimagenet", "cub", "cifarfs", "fc100", "vggflower", "synthetic")
 SPLITS = ("train", "val", "test")
 PROGRAMS = ("maml_gs", "metasgd_gs", "mamlpp_gs", "cml", "lwdgh")  # the algorithm files, named in hints
@@ -881,6 +883,8 @@ def _synthetic(split: str, shape: tuple[int, int, int], classes: tuple[int, int,
 
 # -- task sampling --
 class Tasks(NamedTuple):
+    """A batch of tasks. Classification: images and labels. Regression (sinusoid): ways = 1, the points x and the
+    targets y, (tasks, shots, 1) and (tasks, queries, 1) float32 each."""
     x_s: torch.Tensor  # (tasks, ways*shots, C, H, W) float32, normalised
     y_s: torch.Tensor  # (tasks, ways*shots) int64 in [0, ways)
     x_q: torch.Tensor  # (tasks, ways*queries, C, H, W)
@@ -996,6 +1000,71 @@ class EvalTasks:
             yield _gather_tasks(self.split, index, self.shots)
 
 
+# -- the sinusoid task family (regression) --
+# C. Finn, P. Abbeel and S. Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks", arXiv
+# 1703.03400, Section 5.1: a task is y = A sin(x - φ), its points x drawn anew per task.
+SINUSOID_AMPLITUDE = (0.1, 5.0)  # A ~ U[0.1, 5.0]
+SINUSOID_PHASE = (0.0, math.pi)  # φ ~ U[0, π]
+SINUSOID_X = (-5.0, 5.0)  # x ~ U[-5, 5]
+SINUSOID_SHAPE = (1,)  # one input, one output per point
+SINUSOID_STREAMS = {"train": 0, "val": 1, "test": 2}  # the fixed task sets' streams, each its own from --eval-seed
+SINUSOID = {"name": "sinusoid", "amplitude": list(SINUSOID_AMPLITUDE), "phase": list(SINUSOID_PHASE),
+            "x": list(SINUSOID_X)}  # a run's record of its task family (config.json, checkpoints: as fingerprint)
+
+
+def _uniform(bounds: tuple[float, float], shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    low, high = bounds
+    return low + (high - low) * torch.rand(shape, generator=generator, device=generator.device)
+
+
+def sinusoid_tasks(tasks: int, shots: int, queries: int, generator: torch.Generator) -> Tasks:
+    """`tasks` sinusoids y = A sin(x - φ), each with its own `shots` support and `queries` query points, drawn on the
+    generator's device: x_s, y_s (tasks, shots, 1), x_q, y_q (tasks, queries, 1), float32."""
+    amplitude = _uniform(SINUSOID_AMPLITUDE, (tasks, 1, 1), generator)
+    phase = _uniform(SINUSOID_PHASE, (tasks, 1, 1), generator)
+    x = _uniform(SINUSOID_X, (tasks, shots + queries, 1), generator)
+    y = amplitude * torch.sin(x - phase)
+    return Tasks(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
+
+
+def _check_points(shots: int, queries: int, tasks: int) -> None:
+    for name, value in (("shots", shots), ("queries", queries), ("tasks", tasks)):
+        if not isinstance(value, int) or value < 1:
+            raise DataError(f"{name} must be a positive integer, got {value!r}")
+
+
+class SinusoidSampler(TaskSampler):
+    """Training sinusoids, drawn on `device` from the sampler's own generator; checkpoints as TaskSampler's."""
+
+    def __init__(self, shots: int, queries: int, tasks: int, seed: int, device: torch.device | str):
+        _check_points(shots, queries, tasks)
+        self.shots, self.queries, self.tasks, self.seed, self.draws = shots, queries, tasks, seed, 0
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def sample(self) -> Tasks:
+        self.draws += 1
+        return sinusoid_tasks(self.tasks, self.shots, self.queries, self.generator)
+
+
+class SinusoidEvalTasks(EvalTasks):
+    """A fixed set of sinusoids, drawn once on the CPU from (seed, split): the same on every device, run and method;
+    the validation and the test set differ."""
+
+    def __init__(self, split: str, shots: int, queries: int, num_tasks: int, seed: int, device: torch.device | str):
+        _check_points(shots, queries, num_tasks)
+        generator = torch.Generator().manual_seed(hash((seed, SINUSOID_STREAMS[split])) % 2 ** 63)  # ints: stable
+        self.tasks, self.device = sinusoid_tasks(num_tasks, shots, queries, generator), device
+
+    def __len__(self) -> int:
+        return len(self.tasks.x_s)
+
+    def batches(self, batch_size: int) -> Iterator[Tasks]:
+        if batch_size < 1:
+            raise DataError(f"batch_size must be positive, got {batch_size}")
+        for first in range(0, len(self), batch_size):
+            yield Tasks(*(t[first:first + batch_size].to(self.device) for t in self.tasks))
+
+
 # ---- Model: Conv4 and ResNet-12, functional; the inner-loop helpers ----
 # One pure function over a parameter dict, so that the inner loop can differentiate through fast weights (torch.func
 # style). Names are the checkpoint keys: conv{i}.weight, conv{i}.bias, bn{i}.weight, bn{i}.bias, head.weight, head.bias.
@@ -1102,12 +1171,45 @@ def resnet12_forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.
     return F.linear(x.mean((2, 3)), params["head.weight"], params["head.bias"])
 
 
-FORWARD = {"conv4": conv4_forward, "resnet12": resnet12_forward}  # --backbone -> its pure forward function
+MLP_HIDDEN = (40, 40)  # Finn et al. (arXiv 1703.03400) Section 5.1: two hidden layers of 40 ReLU units
+MLP_INIT_STD = 0.01  # their code (cbfinn/maml, maml.py construct_fc_weights): truncated normal, 2 std, zero biases
+
+
+def mlp_init(inputs: int, outputs: int, hidden: tuple[int, ...] = MLP_HIDDEN, generator: torch.Generator | None = None,
+             dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The sinusoid network of MAML and Meta-SGD, inputs-40-40-outputs: fc{i}.weight, fc{i}.bias, head.weight,
+    head.bias; weights ~ N(0, MLP_INIT_STD²) cut at 2 std, biases zero."""
+    params: dict[str, torch.Tensor] = {}
+    sizes = (inputs, *hidden, outputs)
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        name = "head" if i == len(hidden) else f"fc{i}"
+        w = torch.empty(b, a, dtype=dtype)
+        params[f"{name}.weight"] = torch.nn.init.trunc_normal_(w, std=MLP_INIT_STD, a=-2 * MLP_INIT_STD,
+                                                               b=2 * MLP_INIT_STD, generator=generator)
+        params[f"{name}.bias"] = torch.zeros(b, dtype=dtype)
+    return params
+
+
+def mlp_features(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """(N, inputs) points -> (N, hidden[-1]): every hidden layer linear -> ReLU; the input of the head."""
+    for i in range(sum(1 for name in params if name.startswith("fc") and name.endswith(".weight"))):
+        x = F.relu(F.linear(x, params[f"fc{i}.weight"], params[f"fc{i}.bias"]))
+    return x
+
+
+def mlp_forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """(N, inputs) points -> (N, outputs) predictions: the hidden layers, then the linear head."""
+    return F.linear(mlp_features(params, x), params["head.weight"], params["head.bias"])
+
+
+FORWARD = {"conv4": conv4_forward, "resnet12": resnet12_forward, "mlp": mlp_forward}  # --backbone -> its forward
 
 
 def init_backbone(args: Args, image_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
     """θ of --backbone for (C, H, W) images, drawn from --seed."""
     generator = torch.Generator().manual_seed(args.seed)
+    if args.backbone == "mlp":  # regression: image_shape is a point's, (1,)
+        return mlp_init(math.prod(image_shape), math.prod(image_shape), generator=generator)
     if args.backbone == "resnet12":
         return resnet12_init(image_shape, args.ways, args.resnet_width, generator=generator)
     return conv4_init(image_shape, args.ways, args.filters, generator=generator)
@@ -1142,14 +1244,23 @@ def support_grads(forward: Callable, fast: dict[str, torch.Tensor], x_s: torch.T
     One backward of Σ_t L_t (L_t: the mean over task t's support set) gives them all: tasks share nothing in the forward
     pass. frozen: tensors the forward also reads, (tasks, ...) too, not adapted (e.g. BatchNorm's scale and shift)."""
     logits = forward_tasks(forward, {**fast, **(frozen or {})}, x_s, use_vmap)  # (tasks, ways*shots, ways)
-    loss = F.cross_entropy(logits.flatten(0, 1), y_s.flatten(), reduction="sum") / y_s.shape[1]
+    loss = task_loss(logits.flatten(0, 1), y_s.flatten(0, 1), reduction="sum") / y_s.shape[1]
     return dict(zip(fast, torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)))
 
 
+def task_loss(outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The papers' task loss: cross-entropy of logits (N, ways) against labels (N,); for real-valued targets (N, 1)
+    (regression) the squared error of the predictions (N, 1), MAML's and Meta-SGD's sinusoid loss."""
+    if targets.is_floating_point():
+        return F.mse_loss(outputs, targets, reduction=reduction)
+    return F.cross_entropy(outputs, targets, reduction=reduction)
+
+
 def query_loss(logits: torch.Tensor, y_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1/T) Σ_t L_t^query and the mean accuracy: logits (tasks, ways*queries, ways), y_q (tasks, ways*queries).
-    Every task has as many queries, so the mean over all of them is the mean over tasks of each task's mean."""
-    return F.cross_entropy(logits.flatten(0, 1), y_q.flatten()), accuracy(logits.detach(), y_q).mean()
+    """(1/T) Σ_t L_t^query and the mean score (accuracy; regression: MSE): logits (tasks, ways*queries, ways), y_q
+    (tasks, ways*queries). Every task has as many queries, so the mean over all of them is the mean over tasks of
+    each task's mean."""
+    return task_loss(logits.flatten(0, 1), y_q.flatten(0, 1)), score(logits.detach(), y_q).mean()
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -1157,12 +1268,20 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == labels).double().mean(-1)  # exact fractions k / N
 
 
+def score(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each task's score, (tasks,): its accuracy, or for real-valued targets (tasks, N, 1) its mean squared error."""
+    if targets.is_floating_point():
+        return (outputs.double() - targets.double()).square().mean((1, 2))
+    return accuracy(outputs, targets)
+
+
 # ---- Arguments: a typed dataclass, one docstring line per field (CleanRL style) ----
 @dataclass
 class Args:
     dataset: Literal["omniglot", "miniimagenet", "tieredimagenet", "cub", "cifarfs", "fc100", "vggflower",
-                     "synthetic"] = "omniglot"
-    """dataset: omniglot, miniimagenet, tieredimagenet, cub, cifarfs, fc100, vggflower or synthetic"""
+                     "synthetic", "sinusoid"] = "omniglot"
+    """dataset: omniglot, miniimagenet, tieredimagenet, cub, cifarfs, fc100, vggflower, synthetic, or sinusoid
+    (regression, generated)"""
     data_root: str = "data"
     """folder that holds the datasets (see docs/datasets.md for the layout looked for)"""
     download: bool = False
@@ -1176,19 +1295,19 @@ class Args:
     adapt_bn: bool = False
     """adapt BatchNorm's scale and shift in the inner loop too (default: the outer loop only, as the references)"""
     ways: int = 5
-    """classes per task"""
+    """classes per task (sinusoid: 1, one function)"""
     shots: int = 1
-    """support examples per class"""
+    """support examples per class (sinusoid: support points K)"""
     queries: int = 15
-    """query examples per class"""
+    """query examples per class (sinusoid: query points)"""
     test_queries: int = 0
     """query examples per class of the meta-test tasks (0: --queries)"""
     tasks: int = 5
     """task batch size: tasks per meta-iteration"""
     filters: int = 48
     """channels of each Conv4 block"""
-    backbone: Literal["conv4", "resnet12"] = "conv4"
-    """conv4, or resnet12 (fmu2/PyTorch-MAML's) where the algorithm file offers it"""
+    backbone: Literal["conv4", "resnet12", "mlp"] = "conv4"
+    """conv4, or resnet12 (fmu2/PyTorch-MAML's) where the algorithm file offers it; mlp: sinusoid's (its default)"""
     resnet_width: int = 64
     """ResNet-12 only: channels of its first block, doubled in each next one (fmu2's 64-128-256-512)"""
     epochs: int = 250
@@ -1223,7 +1342,8 @@ class Args:
     """no progress line"""
     tensorboard: bool = False
     """also write the per-epoch scalars as TensorBoard events into the run directory (pip install tensorboard)"""
-    backbones = ("conv4", "resnet12")  # the --backbone values a file offers (no annotation: not a flag)
+    backbones = ("conv4", "resnet12", "mlp")  # the --backbone values a file offers (no annotation: not a flag)
+    images_only = ""  # why a file that offers no mlp cannot run --dataset sinusoid (no annotation: not a flag)
 
     def check(self) -> list[str]:
         """Problems with the values, each saying what is expected (subclasses add their own)."""
@@ -1234,9 +1354,18 @@ class Args:
                      "test_tasks", "ensemble", "eval_batch", "max_bad_steps", "resnet_width"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if self.backbone not in self.backbones:
+        regression = self.dataset in REGRESSION
+        if regression and "mlp" not in self.backbones:
+            problems.append(f"--dataset {self.dataset}: this method runs on images only: {self.images_only}")
+        elif self.backbone not in self.backbones:
             problems.append(f"--backbone {self.backbone}: this method runs on {' or '.join(self.backbones)} only")
-        if self.ways < 2:
+        elif regression != (self.backbone == "mlp"):
+            problems.append(f"--backbone {self.backbone} with --dataset {self.dataset}: the sinusoid's points run on "
+                            f"--backbone mlp (its default there), images on a convolutional backbone")
+        if regression and self.ways != 1:
+            problems.append(f"--ways {self.ways}: a {self.dataset} task is one function, not classes; leave --ways out "
+                            f"(it is 1)")
+        if not regression and self.ways < 2:
             problems.append(f"--ways must be at least 2 for a classification task, got {self.ways}")
         if not self.outer_lr > 0:
             problems.append(f"--outer-lr must be positive, got {self.outer_lr}")
@@ -1290,6 +1419,12 @@ def memory_floor(args: Args, synthetic: tuple[int, int, int]) -> int:
                "vggflower": (3, FLOWERS_SIZE, FLOWERS_SIZE)}.get(args.dataset, (3, IMAGE_SIZE, IMAGE_SIZE))
     per_task = args.ways * (args.shots + max(args.queries, args.test_queries))  # images of one task
     evaluated = min(args.eval_batch, max(args.val_tasks, args.test_tasks))
+    if args.backbone == "mlp":  # points, their targets and activations; the fixed task sets' points and targets
+        sizes = (*SINUSOID_SHAPE, *MLP_HIDDEN, *SINUSOID_SHAPE)
+        weights = sum(a * b + b for a, b in zip(sizes, sizes[1:]))
+        points = max(args.tasks, evaluated) * per_task * (sum(sizes) + 1) + (args.val_tasks + args.test_tasks) \
+            * per_task * 2
+        return points * FLOAT_BYTES + (weights + args.extra_weights()) * FLOAT_BYTES * ADAM_COPIES
     if args.backbone == "resnet12":
         widths = [c] + [args.resnet_width * 2 ** i for i in range(RESNET_BLOCKS)]
         weights = sum(a * b * (1 + CONV_KERNEL ** 2) + (RESNET_CONVS - 1) * b * b * CONV_KERNEL ** 2
@@ -1379,6 +1514,9 @@ def parse_args(cls: type, argv: list[str] | None = None, description: str | None
     """The command line as a `cls` (an algorithm file's Args), checked by cls.check(); --resume: resumed_args."""
     parser = _parser(cls, description)
     args = cls(**vars(parser.parse_args(argv)))
+    if args.dataset in REGRESSION:  # the defaults that differ there, where not given: mlp, one function per task
+        given = given_flags(cls, argv)
+        args = replace(args, **{name: value for name, value in REGRESSION_DEFAULTS.items() if name not in given})
     if problems := args.check():
         parser.error("\n  ".join(problems))
     return resumed_args(args, given_flags(cls, argv)) if args.resume else args
@@ -1447,24 +1585,49 @@ Z95 = 1.96  # 95% confidence interval of a mean: ± 1.96 · std / sqrt(n)
 
 
 def mean_ci(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and 95% confidence half-width of per-task accuracies (sample std)."""
+    """Mean and 95% confidence half-width of per-task scores (sample std)."""
     values = values.double()
     return float(values.mean()), float(Z95 * values.std() / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
 def evaluate(predicts: list[Callable[[Tasks], torch.Tensor]], tasks: EvalTasks, batch_size: int,
              between: Callable[[], None] = lambda: None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-task query accuracies (num_tasks,) of the ensemble of `predicts` and of predicts[0] alone. Each predict (a
+    """Per-task query scores (num_tasks,) of the ensemble of `predicts` and of predicts[0] alone. Each predict (a
     model: tasks -> query logits) adapts on every task's support set; the query logits are averaged, then argmax (the
-    top-5 ensemble of MAML++, arXiv 2312.08398 appendix A.3); predicts[0] (the best single model) in the same pass.
-    between() runs after each batch (Run's: stop there on SIGINT/SIGTERM)."""
+    top-5 ensemble of MAML++, arXiv 2312.08398 appendix A.3; regression: the predictions averaged, then their MSE);
+    predicts[0] (the best single model) in the same pass. between() runs after each batch (Run's: stop there on
+    SIGINT/SIGTERM)."""
     ensemble, first = [], []
     for batch_tasks in tasks.batches(batch_size):
         logits = [predict(batch_tasks) for predict in predicts]
-        ensemble.append(accuracy(sum(logits) / len(logits), batch_tasks.y_q).cpu())
-        first.append(accuracy(logits[0], batch_tasks.y_q).cpu())
+        if batch_tasks.y_q.is_floating_point():  # regression: predictions averaged in float64, where n equal ones
+            logits = [x.double() for x in logits]  # average to exactly one (float32: not always)
+        ensemble.append(score(sum(logits) / len(logits), batch_tasks.y_q).cpu())
+        first.append(score(logits[0], batch_tasks.y_q).cpu())
         between()
     return torch.cat(ensemble), torch.cat(first)
+
+
+class Score(NamedTuple):
+    """What a run measures on a task, by its task family: accuracy (classification) or squared error (regression)."""
+    name: str  # in the files: metrics.csv's train_<name>, val_<name>; result.json's <max|min>_val_<name>, test_<name>_*
+    higher: bool  # whether higher is better: the checkpoints' ranking, the best epoch
+    percent: bool  # logs show it in percent (files keep fractions)
+
+    def text(self, value: float) -> str:
+        return f"{100 * value:.2f}%" if self.percent else f"{value:.4f}"
+
+    @property
+    def best(self) -> str:  # result.json's name of the best validation value: max_val_acc, min_val_mse
+        return "max" if self.higher else "min"
+
+
+ACCURACY, MSE = Score("acc", True, True), Score("mse", False, False)
+
+
+def task_score(dataset: str) -> Score:
+    """MSE for a regression family (lower is better), accuracy for images."""
+    return MSE if dataset in REGRESSION else ACCURACY
 
 
 # ---- Run directory and checkpoints ----
@@ -1573,8 +1736,8 @@ class Progress:
     REFRESH_S = 0.5  # a terminal's line
     PLAIN_EVERY_ITERS, PLAIN_EVERY_S = 50, 60.0  # a log's lines
 
-    def __init__(self, quiet: bool, epochs: int, iters: int):
-        self.quiet, self.epochs, self.iters, self.tty = quiet, epochs, iters, sys.stderr.isatty()
+    def __init__(self, quiet: bool, epochs: int, iters: int, score: Score = ACCURACY):
+        self.quiet, self.epochs, self.iters, self.tty, self.score = quiet, epochs, iters, sys.stderr.isatty(), score
         self.start, self.last, self.done, self.since = time.time(), time.time(), 0, 0
 
     def step(self, epoch: int, it: int, loss: float, acc: float) -> None:
@@ -1584,8 +1747,8 @@ class Progress:
             return
         self.last, self.since, rate = now, 0, self.done / (now - self.start)
         left = ((self.epochs - epoch) * self.iters - it - 1) / rate
-        line = (f"epoch {epoch + 1}/{self.epochs} iter {it + 1}/{self.iters}: loss {loss:.4f} acc {100 * acc:.2f}%, "
-                f"{rate:.2f} it/s, ETA {left / 60:.1f} min")
+        line = (f"epoch {epoch + 1}/{self.epochs} iter {it + 1}/{self.iters}: loss {loss:.4f} {self.score.name} "
+                f"{self.score.text(acc)}, {rate:.2f} it/s, ETA {left / 60:.1f} min")
         sys.stderr.write(f"\r{line}   " if self.tty else f"{line}\n")
         sys.stderr.flush()
 
@@ -1596,9 +1759,11 @@ class Progress:
 
 
 def describe_data(data: dict) -> str:
-    """A run's data fingerprints (fingerprint, per split) in a line."""
+    """A run's data fingerprints (fingerprint, per split; a generated family's ranges) in a line."""
     return "; ".join(f"{d['name']}: {d['classes']} classes, {d['images']} images of {'x'.join(map(str, d['shape']))}, "
-                     f"sha1 {d['sha1']}" for d in data.values())
+                     f"sha1 {d['sha1']}" if "sha1" in d else
+                     f"{d['name']}: " + ", ".join(f"{k} {v}" for k, v in d.items() if k != "name")
+                     for d in data.values())
 
 
 def provenance(device: torch.device) -> dict[str, str]:
@@ -1722,7 +1887,7 @@ def out_of_memory(error: BaseException | None) -> bool:
 class StepResult(NamedTuple):
     """What an algorithm file's meta_gradient returns for one meta-iteration: tensors only (no host reads)."""
     loss: torch.Tensor  # () outer (query) loss of this meta-iteration, detached
-    accuracy: torch.Tensor  # () query accuracy
+    accuracy: torch.Tensor  # () query accuracy (regression: MSE), the run's Score
     grads: dict[str, torch.Tensor | None]  # meta-gradient per meta-parameter; None: no gradient this step
     state: dict  # what the algorithm carries to the next meta-iteration (e.g. ĝ); kept only if the step was finite
     metrics: dict[str, torch.Tensor] = {}  # this step's own numbers, () tensors: Run logs their epoch means
@@ -1733,7 +1898,7 @@ class Data(NamedTuple):
     sampler: TaskSampler  # training tasks: a fresh batch per meta-iteration
     val: EvalTasks  # the fixed meta-validation tasks
     test: EvalTasks  # the fixed meta-test tasks
-    image_shape: tuple[int, int, int]  # (C, H, W)
+    image_shape: tuple[int, ...]  # (C, H, W); regression: a point's, (1,)
 
 
 class Run:
@@ -1748,7 +1913,8 @@ class Run:
         self.args = for_device(args, self.device)  # --vmap auto decided: on for CUDA, off for a CPU
         self.name = name  # e.g. maml_gs: in run directory names, config.json and checkpoints
         torch.manual_seed(args.seed)
-        self.progress = Progress(args.quiet, args.epochs, args.iters_per_epoch)
+        self.score = task_score(args.dataset)  # accuracy, or for regression MSE (lower is better)
+        self.progress = Progress(args.quiet, args.epochs, args.iters_per_epoch, self.score)
         # Everything the loops need to continue exactly where they stopped lives in `loop` and the checkpoint.
         self.loop = {"epoch": 0, "iteration": 0, "sums": {}, "skipped": 0, "bad_streak": 0, "seconds": 0.0,
                      "history": [], "top": [], "status": "running"}
@@ -1756,7 +1922,7 @@ class Run:
         self.dir: Path | None = None
         self.variant, self.source = args.dataset, ""  # the data set variant (omniglot-small, ...) and its folder
         self.data: dict[str, dict] = {}  # each split's fingerprint, in config.json and every checkpoint
-        self.loss = self.acc = math.nan  # the last meta-iteration's loss and accuracy, for the progress line
+        self.loss = self.acc = math.nan  # the last meta-iteration's loss and score, for the progress line
         self.started = time.time()  # this session's start of the current epoch
         self._exit = contextlib.ExitStack()
 
@@ -1780,6 +1946,8 @@ class Run:
         """The three splits of --dataset on the run's device: the training task sampler (--seed) and the fixed
         validation and test task sets (--eval-seed, the same for every run and method)."""
         args = self.args
+        if args.dataset in REGRESSION:
+            return self._generated_data()
         try:
             splits = {split: load_split(args.dataset, split, args.data_root, download=args.download,
                                         cache_dir=args.cache_dir or None, bbox_crop=args.bbox_crop,
@@ -1805,6 +1973,19 @@ class Run:
             raise SystemExit(f"error: the backbone's {BLOCKS} poolings need images of at least {POOL ** BLOCKS}"
                              f"×{POOL ** BLOCKS} pixels; {args.dataset}'s are {data.image_shape}")
         return data
+
+    def _generated_data(self) -> Data:
+        """The sinusoid family's training sampler and its fixed validation and test sets, drawn on the device."""
+        args = self.args
+        self.data = {split: {**SINUSOID, "name": f"{args.dataset}/{split}"} for split in SPLITS}  # checked on --resume
+        self.variant, self.source = args.dataset, "generated"
+        try:
+            return Data(SinusoidSampler(args.shots, args.queries, args.tasks, args.seed, self.device),
+                        SinusoidEvalTasks("val", args.shots, args.queries, args.val_tasks, args.eval_seed, self.device),
+                        SinusoidEvalTasks("test", args.shots, args.test_queries or args.queries, args.test_tasks,
+                                          args.eval_seed, self.device), SINUSOID_SHAPE)
+        except DataError as e:
+            raise SystemExit(f"error: {e}")
 
     def restore(self, params: dict[str, torch.Tensor], state: dict, adam: torch.optim.Optimizer,
                 sampler: TaskSampler) -> None:
@@ -1862,11 +2043,16 @@ class Run:
         """Where a run writes, on what, from which data: the first line of its log."""
         args, device = self.args, self.device
         machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+        schedule = (f"{args.tasks} tasks per meta-iteration, {args.epochs} epochs x {args.iters_per_epoch} "
+                    f"meta-iterations")
+        if args.dataset in REGRESSION:
+            return (f"run {self.dir}: {program_name(args)}.py on {device.type} ({machine}); data {self.variant}, "
+                    f"generated (A in {SINUSOID['amplitude']}, phase in [0, pi], x in {SINUSOID['x']}); "
+                    f"{args.shots} support and {args.queries} query points, {schedule}")
         counts = "/".join(f"{self.data[split]['classes']}" for split in SPLITS)
         return (f"run {self.dir}: {program_name(args)}.py on {device.type} ({machine}); data {self.variant} from "
                 f"{self.source} ({counts} train/val/test classes); {args.ways}-way {args.shots}-shot, {args.queries} "
-                f"queries, {args.tasks} tasks per meta-iteration, {args.epochs} epochs x {args.iters_per_epoch} "
-                f"meta-iterations")
+                f"queries, {schedule}")
 
     def _note(self, text: str) -> None:
         """What makes this run's files differ from an uninterrupted one's: said even with --quiet; in result.json."""
@@ -1930,7 +2116,7 @@ class Run:
                                                    result.accuracy.to(result.loss.dtype)]).tolist()
         loop = self.loop
         if finite:
-            numbers = {"train_loss": result.loss, "train_acc": result.accuracy, **result.metrics}
+            numbers = {"train_loss": result.loss, f"train_{self.score.name}": result.accuracy, **result.metrics}
             for name, value in numbers.items():  # [sum, count]: a metric may come every n-th step only
                 total = loop["sums"].setdefault(name, [0.0, 0])
                 # a device tensor summed on the device; a host number (e.g. LWDGH's draw) on the host: no copy
@@ -1967,13 +2153,14 @@ class Run:
             self._interrupted(f"interrupted: saved {self.dir / LAST}; continue with --resume {self.dir}")
 
     def validate(self, predict: Callable[[Tasks], torch.Tensor], tasks: EvalTasks) -> None:
-        """After an epoch: the accuracy of `predict` (tasks -> query logits) on the fixed validation tasks, the
+        """After an epoch: the score of `predict` (tasks -> query logits) on the fixed validation tasks, the
         epoch's row in metrics.csv, its per-task rows in tasks.csv, a checkpoint (kept while among the best
         --ensemble) and last.pt. Nothing when the run diverged in this epoch."""
         loop, args = self.loop, self.args
         if loop["status"] != "running":
             return
         epoch = loop["epoch"]
+        score = self.score  # accuracy, or MSE: val_acc below is its value
         val_acc, val_ci = mean_ci(evaluate([predict], tasks, args.eval_batch, self._stop_in_validation)[0])
         sums = loop["sums"]  # the one read of the epoch's sums
         totals = torch.stack([torch.as_tensor(total, dtype=torch.float64, device=self.device)
@@ -1981,16 +2168,18 @@ class Run:
         means = {name: total / count for (name, (_, count)), total in zip(sums.items(), totals)}
         loop["history"].append({  # an epoch whose every update was skipped has no training numbers: NaN
             "epoch": epoch + 1, "train_loss": means.pop("train_loss", math.nan),
-            "train_acc": means.pop("train_acc", math.nan), "val_acc": val_acc, "val_ci": val_ci,
+            f"train_{score.name}": means.pop(f"train_{score.name}", math.nan), f"val_{score.name}": val_acc,
+            "val_ci": val_ci,
             "skipped_steps": loop["skipped"], "seconds": loop["seconds"] + time.time() - self.started, **means})
         if rows := self._task_rows(epoch):  # appended before the checkpoint that counts them
             self._repair_tasks_csv()  # the file may have been cut or deleted during the epoch
             loop["tasks_size"] = append_csv(self.dir / "tasks.csv", rows, loop.get("tasks_size", 0))
         loop.update(epoch=epoch + 1, iteration=0, sums={}, skipped=0, seconds=0.0, task_log=[])
-        # Keep the best `ensemble` checkpoints by validation accuracy; ties: the earlier epoch first, so that the
+        # Keep the best `ensemble` checkpoints by validation score; ties: the earlier epoch first, so that the
         # best checkpoint is max_val_epoch's, the earliest epoch of the highest accuracy (Chang & Lipson's
         # speed-up counts that epoch). The MAML++ reference (np.argsort(val_acc)[::-1]) orders ties the other way.
-        ranked = sorted(loop["top"] + [[val_acc, epoch + 1]], key=lambda t: (-t[0], t[1]))
+        sign = -1 if score.higher else 1  # regression: the lowest MSE first
+        ranked = sorted(loop["top"] + [[val_acc, epoch + 1]], key=lambda t: (sign * t[0], t[1]))
         loop["top"], evicted = ranked[:args.ensemble], ranked[args.ensemble:]
         if [val_acc, epoch + 1] in loop["top"]:
             self.save(self.dir / f"epoch{epoch + 1:04d}.pt")
@@ -2004,8 +2193,9 @@ class Run:
                     self.writer.add_scalar(key, value, epoch + 1)
             self.writer.flush()
         row = loop["history"][-1]
-        self.progress.message(f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f} "
-                              f"acc {100 * row['train_acc']:.2f}%, val acc {100 * val_acc:.2f} ± {100 * val_ci:.2f}%")
+        self.progress.message(f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f} {score.name} "
+                              f"{score.text(row[f'train_{score.name}'])}, val {score.name} {score.text(val_acc)} ± "
+                              f"{score.text(val_ci)}")
 
     def meta_test(self, predict: Callable[[dict, dict, Tasks], torch.Tensor], tasks: EvalTasks) -> dict:
         """Meta-test the top checkpoints on the fixed test tasks, each model its own (params, state) in `predict`:
@@ -2013,12 +2203,16 @@ class Run:
         args, loop, history = self.args, self.loop, self.loop["history"]
         # during the meta-test, between its batches: no result.json; the run is complete, --resume meta-tests it again
         interrupted = f"interrupted during the meta-test; its checkpoints are saved: --resume {self.dir}"
-        # "best": the highest validation accuracy, the earliest epoch on ties, as the checkpoints' ranking (validate)
-        best = max(history, key=lambda row: (row["val_acc"], -row["epoch"])) if history else None
+        # "best": the best validation score, the earliest epoch on ties, as the checkpoints' ranking (validate)
+        score, sign = self.score, 1 if self.score.higher else -1
+        name, best_val = score.name, f"{score.best}_val"  # max_val_acc, min_val_mse
+        best = max(history, key=lambda row: (sign * row[f"val_{name}"], -row["epoch"])) if history else None
         result = {"status": loop["status"], "data_variant": self.variant, "epochs_run": len(history),
-                  "max_val_acc": best["val_acc"] if best else None, "max_val_epoch": best["epoch"] if best else None,
-                  "test_acc_ensemble": None, "test_ci_ensemble": None, "test_acc_best": None, "test_ci_best": None,
-                  "ensemble_epochs": [epoch for _, epoch in loop["top"]], "test_tasks": len(tasks)}
+                  f"{best_val}_{name}": best[f"val_{name}"] if best else None,
+                  f"{best_val}_epoch": best["epoch"] if best else None,
+                  f"test_{name}_ensemble": None, "test_ci_ensemble": None, f"test_{name}_best": None,
+                  "test_ci_best": None, "ensemble_epochs": [epoch for _, epoch in loop["top"]],
+                  "test_tasks": len(tasks)}
         if loop.get("notes"):  # what made this run differ from an uninterrupted one (a resume on another device)
             result["notes"] = loop["notes"]
         if loop["top"]:
@@ -2031,10 +2225,11 @@ class Run:
                 models.append(functools.partial(predict, params, _to(ckpt["state"], self.device)))
             (acc_ens, ci_ens), (acc_best, ci_best) = map(mean_ci, evaluate(
                 models, tasks, args.eval_batch, functools.partial(self._interrupted, interrupted)))
-            result.update(test_acc_ensemble=acc_ens, test_ci_ensemble=ci_ens, test_acc_best=acc_best,
-                          test_ci_best=ci_best)
-            self.progress.message(f"meta-test: ensemble of {len(models)} {100 * acc_ens:.2f} ± {100 * ci_ens:.2f}%, "
-                                  f"best single {100 * acc_best:.2f} ± {100 * ci_best:.2f}% (result.json: fractions)")
+            result.update({f"test_{name}_ensemble": acc_ens, "test_ci_ensemble": ci_ens, f"test_{name}_best": acc_best,
+                           "test_ci_best": ci_best})
+            self.progress.message(f"meta-test {name}: ensemble of {len(models)} {score.text(acc_ens)} ± "
+                                  f"{score.text(ci_ens)}, best single {score.text(acc_best)} ± {score.text(ci_best)}"
+                                  + (" (result.json: fractions)" if score.percent else ""))
         self._interrupted(interrupted)  # a signal while loading the checkpoints, or with none to test
         if loop["status"] == "diverged":
             self.progress.message(f"diverged: {args.max_bad_steps} non-finite meta-iterations in a row; stopped")

@@ -54,7 +54,6 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import common
@@ -174,9 +173,10 @@ def task_gradients(params: dict[str, torch.Tensor], tasks: common.Tasks, args: A
     logits = common.forward_tasks(common.FORWARD[args.backbone], fast, tasks.x_q, args.vmap == "on",
                                   args.recompute)  # (tasks, ways*queries, ways)
     # L_t^query, the mean over task t's queries (tasks,): row t of the gradient of Σ_t L_t w.r.t. the copies is g_t.
-    losses = F.cross_entropy(logits.flatten(0, 1), tasks.y_q.flatten(), reduction="none").view(num_tasks, -1).mean(1)
+    losses = common.task_loss(logits.flatten(0, 1), tasks.y_q.flatten(0, 1), reduction="none").view(num_tasks, -1)
+    losses = losses.mean(1)  # (tasks,)
     task_grads = dict(zip(copies, torch.autograd.grad(losses.sum(), list(copies.values()))))
-    return task_grads, losses.detach(), common.accuracy(logits.detach(), tasks.y_q).mean()
+    return task_grads, losses.detach(), common.score(logits.detach(), tasks.y_q).mean()
 
 
 def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, epoch: int,

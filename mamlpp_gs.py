@@ -102,6 +102,8 @@ class Args(common.Args):
     recompute: bool = False
     """gradient checkpointing: recompute the query pass and each inner step but the last in the backward pass"""
     backbones = ("conv4",)  # its per-step BN rows are Conv4's blocks' (and the reference's network is Conv4)
+    images_only = ("MAML++'s per-step BatchNorm is part of its Conv4 (the sinusoid's MLP has none), and its paper and "
+                   "reference code run images only; run the sinusoid with maml_gs.py or metasgd_gs.py")
 
     def check(self) -> list[str]:
         problems = super().check()
