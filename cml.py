@@ -3,7 +3,7 @@
 Paper: "Cooperative Meta-Learning with Gradient Augmentation", arXiv 2406.04639 (code JJongyn/CML): a co-learner
 head, trained by the outer loop only, reads the adapted extractor's features; its loss adds gradient to θ's init.
 
-Names (per task t of the batch, K inner steps, θ = Conv4 incl. its head, the only backbone here; φ = the co-learner):
+Names (per task t of the batch, K inner steps, θ = Conv4 incl. its head (sinusoid: the MLP); φ = the co-learner):
     θ_{t,K}  = the base method's inner loop from θ, without gradient sharing         `inner_loop`
     z_t      = Conv4 blocks at θ_{t,K} on the query set, the last one before its pooling  `prepool_features`
     L_t^meta = CE(head_{θ_{t,K}}(pool(z_t)), y_q)       the base method's query loss    `meta_gradient`
@@ -22,6 +22,9 @@ Decisions (where the paper is silent):
   (L^co at θ_{t,K}); its clamp to the summed network gradient, not φ's. z_t once per query pass, read by both heads
   (`both_heads`; MAML++ per-step BN: the last row). φ: Conv4 blocks of --filters, a linear layer; Xavier, zero biases.
 - BatchNorm: the outer loop's (mamlpp: per-step rows); the reference's and BOIL's adapt it inner too: --adapt-bn.
+- Regression (--dataset sinusoid, the paper's few-shot regression; its code has none): θ the 1-40-40-1 MLP, z_t its
+  last hidden layer (the head's input, as Conv4's last block is), φ --colearner-blocks hidden layers of 40 and a
+  linear output, initialised as θ; L^meta and L^co the squared error. Bases maml and boil (the body: fc{i}.*).
 - Unlike the reference (JJongyn/CML): one Adam for the run (train_cml.py: new ones every epoch); φ initialised like θ
   (there: PyTorch's default); it meta-tests the best validation model (our test_acc_best). --colearner-blocks 2 is
   its Conv(2); the paper finds Conv(0) best at 1-shot.

@@ -3,10 +3,13 @@ whose main() parses its Args and, inside `with common.Run(...)`, meta-trains wit
 epoch on a fixed task set and meta-tests the top-5 checkpoints' ensemble. Sections, and what algorithm files use:
   Files: atomic_write (a crash leaves the old file or the new one, never half), for data caches and run files.
   Data: load_split (zip/tgz/pickle/jpg -> uint8 Split, cached), fingerprint, TaskSampler, EvalTasks; files get Tasks.
-  Model: pure Conv4/ResNet-12 (FORWARD, init_backbone, conv*), split_adapted, forward_tasks, support_grads, query_loss.
+    Regression: the generated sinusoid family (sinusoid_tasks, SinusoidSampler, SinusoidEvalTasks).
+  Model: pure Conv4/ResNet-12/MLP (FORWARD, init_backbone, conv*, mlp*), split_adapted, forward_tasks, support_grads,
+    task_loss (cross-entropy; regression: squared error), query_loss, score (accuracy; regression: MSE).
   Arguments: Args (the shared flags; each file subclasses it) and parse_args (checks, --help's groups; --resume:
     resumed_args, which checks config.json's types).
-  Evaluation: evaluate (an ensemble's per-task accuracies) and mean_ci, used by Run.
+  Evaluation: evaluate (an ensemble's per-task scores) and mean_ci, used by Run; Score (accuracy or MSE: its name
+    in the files, which way is better).
   Run directory and checkpoints: write_json, write_csv, append_csv and repair_csv, load_checkpoint, used by Run.
   Run: StepResult, and the plumbing main calls: load_data, restore, epochs, iterations, accept, validate, meta_test.
 """

@@ -28,6 +28,8 @@ Decisions where the paper is silent:
   gci_mean, Cauchy-Schwarz); explore_fraction; weight_entropy (of w^ℓ over tasks, mean over layers). Per task
   (`per_task`, tasks.csv: the first meta-iterations of each epoch): L_t and GCI_t (Figure 2).
 - --p-min 1 --p-max 1 is plain MAML (GCI logged); --backbone resnet12 is fmu2's ResNet-12 (Tables 2, 3).
+- --dataset sinusoid (regression, not in the paper): the 1-40-40-1 MLP, L_t the squared error; each of its weight and
+  bias tensors is a layer ℓ of Eq. 5, as Conv4's are.
 
 How it runs: `main`, at the end of this file, shows meta-training in order: the outer Adam on θ, the epochs of
 meta-iterations (`meta_gradient` on a fresh task batch: explore or exploit, then the Adam step), meta-validation

@@ -28,6 +28,8 @@ meta-iteration (ĝ = g there); before any ĝ is stored, evaluation uses the plai
 and shift are meta-learned by the outer loop but not adapted in the inner loop (so g_k, ĝ_k leave them out),
 as in MAML's own code (BatchNorm variables outside the adapted weights); --adapt-bn adapts them too.
 The network: Conv4, or fmu2/PyTorch-MAML's ResNet-12 with --backbone resnet12 (common.resnet12_forward).
+Regression: --dataset sinusoid (Finn et al.'s Section 5.1 task family) runs the 1-40-40-1 MLP (--backbone mlp)
+with the squared error as L_t; g_k, ĝ_k then span the MLP's weights, and validation ranks by the lowest MSE.
 
 How it runs: `main`, at the end of this file, shows meta-training in order: the outer Adam on θ (and m, λ),
 the epochs of meta-iterations (`meta_gradient` on a fresh task batch, then the Adam step, the new ĝ kept),
@@ -39,7 +41,7 @@ columns ORIGINAL (--no-gs) and GRADSHARE (--gs); CUB: 150 epochs (task batch 5) 
 MiniImagenet: 250 or 1250. E.g.
     python maml_gs.py --dataset cub --shots 5 --tasks 5 --epochs 150 --no-gs
     python maml_gs.py --dataset cub --shots 5 --tasks 5 --epochs 150 --gs
-`make reproduce-table1` runs every row.
+`make reproduce-table1` runs every row; `make reproduce-sinusoid` the sinusoid rows (MAML, MAML + GS).
 """
 from __future__ import annotations
 

@@ -32,6 +32,8 @@ task gradients; m gets no gradient on the first meta-iteration (ĝ = g there); B
 are meta-learned by the outer loop only (no α, not in g_k), as MAML's code; --adapt-bn adapts them too;
 before any ĝ is stored, evaluation uses the plain gradient. Logged per epoch: `alpha_mean`, `alpha_std` over
 all elements of α. --backbone resnet12: fmu2/PyTorch-MAML's ResNet-12 in place of Conv4 (α shaped as its θ).
+--dataset sinusoid: regression on the 1-40-40-1 MLP (Z. Li et al., arXiv 1707.09835, Section 4.1), squared error
+as L_t, α shaped as the MLP's θ; validation ranks by the lowest MSE (`make reproduce-sinusoid`).
 
 How it runs: `main`, at the end of this file, shows meta-training in order: the outer Adam on θ, α (and m, λ),
 the epochs of meta-iterations (`meta_gradient` on a fresh task batch, then the Adam step, the new ĝ kept),

@@ -324,3 +324,23 @@ def test_the_full_protocol_ablation_adds_the_two_sources_to_table1s_task_batch_5
     assert len(runs) == 6 * 4 and set(table1) <= set(runs)
     extra = [c for c in runs if c not in table1]
     assert sorted(flag(c, "--gs-source") for c in extra) == ["batch"] * 6 + ["history"] * 6
+
+
+def test_reproduce_sinusoid_is_maml_and_metasgd_with_and_without_sharing_and_maml_cml_at_5_10_20_shots():
+    rows = [f"sinusoid-{method}-k{k}" for k in (5, 10, 20) for method in ("maml", "metasgd", "cml")]
+    runs = planned_runs(*rows, SEEDS="1 2")
+    assert len(runs) == 2 * 3 * 5
+    kinds = {(c.split()[2 if c.startswith("echo") else 1], flag(c, "--shots"), flag(c, "--queries"),
+              "cml" if "cml.py" in c else "og" if "--no-gs" in c else "gs") for c in runs}
+    assert kinds == {(program, k, k, side) for k in ("5", "10", "20")
+                     for program, side in (("maml_gs.py", "og"), ("maml_gs.py", "gs"), ("metasgd_gs.py", "og"),
+                                           ("metasgd_gs.py", "gs"), ("cml.py", "cml"))}
+    # Finn et al.'s protocol (arXiv 1703.03400, Section 5.1, and cbfinn/maml's sinusoid command)
+    for name, value in (("--dataset", "sinusoid"), ("--inner-steps", "1"), ("--inner-lr", "0.01"), ("--tasks", "25"),
+                        ("--outer-lr", "0.001"), ("--test-tasks", "600")):
+        assert {flag(c, name) for c in runs} == {value}, name
+    assert {int(flag(c, "--epochs")) * int(flag(c, "--iters-per-epoch")) for c in runs} == {70_000}
+    assert {flag(c, "--gamma") for c in runs if "cml.py" in c} == {"1"}
+    assert len({out_dir(c) for c in runs}) == len(runs)
+    assert all(re.search(r"runs/sinusoid/(maml_og|maml_gs|metasgd_og|metasgd_gs|cml_maml)__sinusoid__k\d+__[12]$",
+                         out_dir(c)) for c in runs)

@@ -295,3 +295,19 @@ def test_an_image_dataset_on_the_mlp_and_mamlpp_on_the_sinusoid_are_messages(tmp
     assert done.returncode == 2 and "per-step BatchNorm" in done.stderr and "maml_gs.py" in done.stderr
     done = run(tmp_path, "cml.py", "--base", "mamlpp")
     assert done.returncode == 2 and "--base maml or boil" in done.stderr
+
+
+def test_the_report_puts_each_row_beside_the_published_numbers_and_its_curve_starts_from_the_runs_test(tmp_path):
+    sys.path.insert(0, str(REPO / "tools"))
+    import sinusoid_report
+    runs = tmp_path / "runs"
+    maml = maml_gs.main(RUN + ["--no-gs", "--out", str(runs / "maml_og__sinusoid__k5__1")])
+    cml.main(RUN + ["--out", str(runs / "cml_maml__sinusoid__k5__1")])
+    assert sinusoid_report.main(["--runs", str(runs), "--out", str(tmp_path / "results")]) == 0
+    text = (tmp_path / "results" / "sinusoid.md").read_text()
+    assert f"| MAML | {maml['test_mse_best']:.3f} ± {maml['test_ci_best']:.3f} |" in text
+    assert "| MAML + CML |" in text and "MAML (ours) 0.67 / 0.38 / 0.35" in text and "arXiv 1707.09835" in text
+    curve = next(line for line in text.splitlines() if line.startswith("| MAML, K = 5 |")).split(" | ")
+    assert float(curve[2]) == pytest.approx(maml["test_mse_best"], abs=5e-4)  # k = 1: the run's own inner step
+    assert (tmp_path / "results" / "sinusoid" / "mse_by_steps.png").stat().st_size > 0
+    assert sinusoid_report.main(["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "results")]) == 1
