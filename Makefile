@@ -300,13 +300,14 @@ reproduce-quick: setup
 	$(PY) tools/report.py --runs $(RUNS)/quick --name quick --only-found \
 		--title "Quick reproduction: Chang & Lipson's (arXiv 2312.08398) Table 1 grid on Omniglot, 5-way 1-shot, scaled down"
 
-# Few-shot sinusoid regression (--dataset sinusoid), a published table that a CPU reproduces in full. The protocol of
-# C. Finn et al. (arXiv 1703.03400), Section 5.1, and of its code (cbfinn/maml, main.py's sinusoid command and
-# defaults): the 1-40-40-1 ReLU MLP, one inner step of alpha = 0.01 (the paper's; the code's default is 0.001), K
-# support and K other query points per task, 25 tasks per meta-iteration, Adam at 0.001, 70,000 meta-iterations (70 epochs x
-# 1000), 600 test tasks. Each row trained and tested at its own K in SINUSOID_SHOTS: MAML and Meta-SGD without (OG) and
-# with gradient sharing (GS), and MAML + CML (cml.py, gamma 1; its gamma 0 is MAML). SINUSOID_SEEDS seeds, one thread
-# per run, SINUSOID_JOBS at once; then results/sinusoid.md (tools/sinusoid_report.py) and its figure.
+# Few-shot sinusoid regression (--dataset sinusoid), a published table that a CPU reproduces in full. The protocol
+# of C. Finn et al. (arXiv 1703.03400), Section 5.1, and of its code (cbfinn/maml, main.py's sinusoid command and
+# defaults): the 1-40-40-1 ReLU MLP, one inner step of alpha = 0.01 (the paper's; the code's default is 0.001),
+# K support and K other query points per task, 25 tasks per meta-iteration, Adam at 0.001, 70,000 meta-iterations
+# (70 epochs x 1000), 600 test tasks. Each row trained and tested at its own K in SINUSOID_SHOTS: MAML and Meta-SGD
+# without (OG) and with gradient sharing (GS), and MAML + CML (cml.py, gamma 1; its gamma 0 is MAML).
+# SINUSOID_SEEDS seeds, one thread per run, SINUSOID_JOBS at once; then results/sinusoid.md
+# (tools/sinusoid_report.py) and its figure.
 SINUSOID_SEEDS ?= 1
 SINUSOID_SHOTS ?= 5 10 20
 SINUSOID_JOBS ?= 2
