@@ -133,10 +133,13 @@ figures-miniimagenet-lr1.0: setup ; $(call figures,miniimagenet,1 5,1.0)
 # 5-shot: each base alone (--gamma 0) and with the co-learner, on the image data sets the paper names
 # (MiniImagenet, Omniglot, CIFAR-FS, FC100, VGG Flower). The commands of cml.py's docstring: MAML and BOIL with
 # the reference's settings (task batch 4, one inner step of 0.5, 64 filters, 300 x 100 meta-iterations), MAML++
-# with mamlpp_gs.py's defaults and task batch 2.
+# with mamlpp_gs.py's defaults and task batch 2, Sharp-MAML (SAM in both loops, radii 0.0005) with its authors'
+# MiniImagenet command (mominabbass/Sharp-MAML, both/README.md: task batch 4, 5 inner steps of 0.1, 64 filters,
+# 600 x 100 meta-iterations).
 CML_DIR = $(RUNS)/cml/
 CML_REF = --tasks 4 --inner-steps 1 --inner-lr 0.5 --filters 64 --epochs 300 --iters-per-epoch 100
 CML_MAMLPP = --tasks 2 --epochs 250 --clip-grad 10
+CML_SHARP = --tasks 4 --inner-steps 5 --inner-lr 0.1 --filters 64 --epochs 600 --iters-per-epoch 100
 # $(call cml,<base>,<dataset>,<shots>,<flags>): the base alone and the base + CML, each once per seed.
 cml = $(call seeds,cml.py,$(CML_DIR)$(1)__$(2)__5w$(3)s,--base $(1) --dataset $(2) --shots $(3) --gamma 0 $(4)) && \
 	$(call seeds,cml.py,$(CML_DIR)cml_$(1)__$(2)__5w$(3)s,--base $(1) --dataset $(2) --shots $(3) $(4))
@@ -146,8 +149,10 @@ reproduce-cml: $(CML)
 CML_FLAGS_maml = $(CML_REF)
 CML_FLAGS_mamlpp = $(CML_MAMLPP)
 CML_FLAGS_boil = $(CML_REF)
+CML_FLAGS_sharpmaml = $(CML_SHARP)
 $(CML): cml-%: setup  # cml-<dataset>: each base × 1- and 5-shot
-	$(foreach base,maml mamlpp boil,$(foreach shots,1 5,$(call cml,$(base),$*,$(shots),$(CML_FLAGS_$(base))) &&)) true
+	$(foreach base,maml mamlpp boil sharpmaml,$(foreach shots,1 5,$(call cml,$(base),$*,$(shots),\
+		$(CML_FLAGS_$(base))) &&)) true
 
 # "Cross-Task Gradient Harmonization for Meta-Learning" (LWDGH; anonymous, under double-blind review, no arXiv id;
 # code built on fmu2/PyTorch-MAML): the commands of lwdgh.py's docstring, MAML (--p-min 1 --p-max 1: always explore,

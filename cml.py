@@ -1,4 +1,4 @@
-"""Cooperative Meta-Learning (CML) on MAML, MAML++ or BOIL.
+"""Cooperative Meta-Learning (CML) on MAML, MAML++, BOIL or Sharp-MAML.
 
 Paper: "Cooperative Meta-Learning with Gradient Augmentation", arXiv 2406.04639 (code JJongyn/CML): a co-learner
 head, trained by the outer loop only, reads the adapted extractor's features; its loss adds gradient to θ's init.
@@ -12,8 +12,18 @@ Names (per task t of the batch, K inner steps, θ = Conv4 incl. its head (sinuso
 Outer step: Adam on (θ, φ) [and MAML++'s LSLR / per-step BN] with ∇L; φ is never adapted, nor used by `predict`.
 Names in every function: `theta` = θ's tensors the inner loop adapts, `frozen` = the others (BN; BOIL: the head).
 BOIL (J. Oh et al., arXiv 2008.08882): the maml base with θ's head frozen in the inner loop (its authors' main.py:
---classifier-step-size 0, the body at --extractor-step-size 0.5); `--gamma 0` is BOIL. Sharp-MAML (Abbas et al.,
-ICML 2022) stays out: its SAM ascent steps change the optimisers of both loops (main's Adam), not a base.
+--classifier-step-size 0, the body at --extractor-step-size 0.5); `--gamma 0` is BOIL.
+Sharp-MAML (M. Abbas et al., "Sharp-MAML: Sharpness-Aware Model-Agnostic Meta Learning", arXiv 2206.03996; code
+mominabbass/Sharp-MAML): the maml base with sharpness-aware (SAM) steps, each a gradient taken at perturbed weights
+and applied at the unperturbed ones, both inside `meta_gradient` (main's Adam unchanged); `--gamma 0` is Sharp-MAML:
+    inner step  θ_{t,k} = θ_{t,k-1} − α ∇L_t(θ_{t,k-1} + ε_t),  ε_t = α_low ∇L_t / (‖∇L_t‖ + 1e-12)  `inner_step`
+    outer step  Adam gets ∇L(θ + ε),  ε = α_up ∇L(θ) / (‖∇L(θ)‖ + 1e-12), ‖·‖ over every meta-parameter (θ, φ)
+α_low = --sam-inner (0: Sharp-MAML_up), α_up = --sam-outer (0: Sharp-MAML_low); both 0.0005 by default: the variant
+and radius of their MiniImagenet command (both/README.md, both/train_mini-sharpboth.py: one --alpha 0.0005 for both
+radii). As their code: ε_t stays in the graph (their torchmeta/utils/gradient_based.py: the meta-gradient flows
+through the perturbation and its norm), one norm per task over its adapted weights; ε is a constant
+(sam.py's first_step, under no_grad) and ∇L(θ + ε) is second order through an inner loop run again from θ + ε on
+the same tasks; the inner SAM also adapts at meta-test (lower/test.py). Each SAM doubles its loop's cost.
 
 Decisions (where the paper is silent):
 - The base is a copy of mamlpp_gs.py --no-gs (loop, init, MSL, first-order epochs, clamp, cosine lr, prediction),
@@ -39,9 +49,11 @@ checkpoints' ensemble. common.py holds the plumbing only: data, the network, the
 Reproduces arXiv 2406.04639's 5-way 1-/5-shot rows (headline: MAML++ +CML, MiniImagenet 5-shot, 70.08%) on
 MiniImagenet, Omniglot, CIFAR-FS, FC100 and VGG Flower, each base alone (--gamma 0) and with CML: MAML and BOIL as
 run_cml.sh (task batch 4, one inner step of 0.5, 64 filters, 300 × 100 meta-iterations), MAML++ with mamlpp_gs.py's
-defaults, task batch 2; e.g. (`make reproduce-cml` runs all)
+defaults, task batch 2, Sharp-MAML as its authors' MiniImagenet command (task batch 4, 5 inner steps of 0.1, 64
+filters, 600 × 100); e.g. (`make reproduce-cml` runs all)
     python cml.py --dataset cifarfs --base boil --shots 1 --tasks 4 --inner-steps 1 --inner-lr 0.5 --filters 64
     python cml.py --dataset miniimagenet --base mamlpp --shots 5 --tasks 2 --epochs 250 --clip-grad 10
+    python cml.py --dataset fc100 --base sharpmaml --shots 1 --tasks 4 --inner-steps 5 --inner-lr 0.1 --epochs 600
 """
 from __future__ import annotations
 
@@ -59,8 +71,9 @@ import common
 
 @dataclass
 class Args(common.Args):
-    base: Literal["maml", "mamlpp", "boil"] = "maml"
-    """base method whose inner loop adapts θ: maml (maml_gs.py --no-gs), mamlpp (mamlpp_gs.py --no-gs), boil"""
+    base: Literal["maml", "mamlpp", "boil", "sharpmaml"] = "maml"
+    """base method whose inner loop adapts θ: maml (maml_gs.py --no-gs), mamlpp (mamlpp_gs.py --no-gs), boil,
+    sharpmaml (maml with sharpness-aware steps)"""
     gamma: float = 1.0
     """weight γ of the co-learner's query loss in the outer loss"""
     colearner_blocks: int = 2
@@ -72,7 +85,11 @@ class Args(common.Args):
     inner_lr: float = 0.1
     """inner-loop learning rate α (MAML++: the initial value of every LSLR rate)"""
     first_order: bool = False
-    """maml, boil bases: first-order approximation: no gradient through the inner-loop gradients"""
+    """maml, boil, sharpmaml bases: first-order approximation: no gradient through the inner-loop gradients"""
+    sam_inner: float = 0.0005
+    """sharpmaml base: SAM radius of every inner step (Sharp-MAML's α_low); 0: no inner SAM"""
+    sam_outer: float = 0.0005
+    """sharpmaml base: SAM radius of the outer step (Sharp-MAML's α_up); 0: no outer SAM"""
     lslr: bool = True
     """mamlpp base: learn an inner learning rate per adapted tensor per step (LSLR)"""
     per_step_bn: bool = True
@@ -97,7 +114,8 @@ class Args(common.Args):
             problems.append(f"--inner-steps must be a positive integer, got {self.inner_steps}")
         if not self.inner_lr > 0:
             problems.append(f"--inner-lr must be positive, got {self.inner_lr}")
-        for name in ("msl_epochs", "first_order_epochs", "clip_grad", "grad_stats_every", "colearner_blocks", "gamma"):
+        for name in ("msl_epochs", "first_order_epochs", "clip_grad", "grad_stats_every", "colearner_blocks", "gamma",
+                     "sam_inner", "sam_outer"):
             if not getattr(self, name) >= 0:
                 problems.append(f"--{name.replace('_', '-')} must be 0 or positive, got {getattr(self, name)}")
         if self.base == "mamlpp" and self.dataset in common.REGRESSION:
@@ -107,9 +125,9 @@ class Args(common.Args):
             problems.append("--adapt-bn needs --no-per-step-bn: per-step BN rows are learned by the outer loop only")
         if self.base == "mamlpp" and self.cosine and not 0 <= self.min_outer_lr <= self.outer_lr:
             problems.append(f"--min-outer-lr must lie in [0, --outer-lr = {self.outer_lr}], got {self.min_outer_lr}")
-        other = "maml" if self.base == "mamlpp" else "mamlpp"
-        problems += [f"--{f.name.replace('_', '-')} applies to --base {other} only" for f in dataclasses.fields(Args)
-                     if f.name in BASE_ONLY[other] and getattr(self, f.name) != f.default]
+        problems += [f"--{f.name.replace('_', '-')} applies to --base {' or '.join(bases)} only"
+                     for f in dataclasses.fields(Args) for bases in [BASE_ONLY.get(f.name, (self.base,))]
+                     if self.base not in bases and getattr(self, f.name) != f.default]
         return problems
 
     def extra_weights(self) -> int:  # φ: its conv blocks (weight, bias, BN scale and shift) or hidden layers; its
@@ -118,8 +136,10 @@ class Args(common.Args):
         return self.colearner_blocks * (self.filters ** 2 * common.CONV_KERNEL ** 2 + 3 * self.filters)
 
 
-BASE_ONLY = {"maml": ("first_order",), "mamlpp": ("lslr", "per_step_bn", "msl_epochs", "first_order_epochs",
-                                                  "cosine", "min_outer_lr", "clip_grad")}  # read by one base only
+BASE_ONLY = {"first_order": ("maml", "boil", "sharpmaml"), "sam_inner": ("sharpmaml",), "sam_outer": ("sharpmaml",),
+             **{name: ("mamlpp",) for name in ("lslr", "per_step_bn", "msl_epochs", "first_order_epochs", "cosine",
+                                               "min_outer_lr", "clip_grad")}}  # flag -> the bases that read it
+SAM_EPS = 1e-12  # Sharp-MAML's code: ε = ρ g / (‖g‖ + 1e-12), the SAM optimiser's (davda54/sam) guard
 LSLR = "lslr."  # lslr.<name>: the learned inner learning rates of adapted tensor <name>, one per step (K,)
 MSL_FLOOR = 0.03  # MSL: each non-final weight falls to at least MSL_FLOOR / K (the reference's value)
 COLEARNER = "colearner."  # colearner.<name>: the co-learner's tensors φ, meta-parameters like θ
@@ -195,8 +215,14 @@ def inner_step(k: int, fast: dict[str, torch.Tensor], frozen_k: dict[str, torch.
     """Inner step k+1 for every task of the batch (k counts from 0 and indexes the rates and BN rows).
 
     fast: θ_{t,k}, frozen_k: frozen_at(frozen, k), (tasks, ...) each. Returns θ_{t,k+1}."""
-    grads = common.support_grads(common.FORWARD[args.backbone], fast, tasks.x_s, tasks.y_s, create_graph=create_graph,
-                                 use_vmap=args.vmap == "on", frozen=frozen_k)  # ∇L_t(θ_{t,k}) with BN row k
+    def gradients(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # ∇L_t there, with BN row k
+        return common.support_grads(common.FORWARD[args.backbone], weights, tasks.x_s, tasks.y_s,
+                                    create_graph=create_graph, use_vmap=args.vmap == "on", frozen=frozen_k)
+    grads = gradients(fast)  # ∇L_t(θ_{t,k})
+    if args.base == "sharpmaml" and args.sam_inner > 0:  # SAM: the gradient at θ_{t,k} + ε_t, applied at θ_{t,k}
+        norm = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in grads.values()))  # (tasks,): each ‖∇L_t‖
+        scale = args.sam_inner / (norm + SAM_EPS)  # ε_t = α_low ∇L_t / ‖∇L_t‖, in the graph (their code's)
+        grads = gradients({name: w + scale.view(-1, *[1] * (w.dim() - 1)) * grads[name] for name, w in fast.items()})
     return {name: w - lslr[name][k] * grads[name] for name, w in fast.items()}  # LSLR: a rate per tensor, step
 
 
@@ -275,9 +301,8 @@ def both_heads(phi: dict[str, torch.Tensor]):  # (net, x) -> the meta-learner's 
     return forward
 
 
-def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, epoch: int,
-                  args: Args) -> common.StepResult:
-    """One meta-iteration: the base's adaptation and query loss, plus γ · the co-learner's query loss."""
+def outer_losses(params: dict[str, torch.Tensor], tasks: common.Tasks, epoch: int, args: Args):
+    """The base's adaptation from params, then its query loss L_meta, the co-learner's L_co and the accuracy."""
     theta, frozen, lslr, phi = split_params(params, args)
     create_graph = epoch >= args.first_order_epochs if args.base == "mamlpp" else not args.first_order
     trajectory = inner_loop(theta, frozen, lslr, tasks, args, create_graph)
@@ -295,6 +320,13 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
             step_loss, acc = common.query_loss(logits, tasks.y_q)  # acc: at θ_{t,K}, the last step
             loss_meta = loss_meta + weight * step_loss
     loss_co, _ = common.query_loss(co_logits, tasks.y_q)  # (1/T) Σ_t L_t^co at θ_{t,K}
+    return loss_meta, loss_co, acc
+
+
+def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, epoch: int,
+                  args: Args) -> common.StepResult:
+    """One meta-iteration: the base's adaptation and query loss, plus γ · the co-learner's query loss."""
+    loss_meta, loss_co, acc = outer_losses(params, tasks, epoch, args)
     names, values = list(params), list(params.values())
     steps = state["steps"] if state["epoch"] == epoch else 0  # meta-iterations of this epoch so far
     apart = args.grad_stats_every > 0 and steps % args.grad_stats_every == 0  # the epoch's first one included
@@ -304,12 +336,19 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
         grads = {name: gm + args.gamma * gc for name, gm, gc in zip(names, g_meta, g_co)}
     else:  # one backward: the same sum, half the work
         grads = dict(zip(names, torch.autograd.grad(loss_meta + args.gamma * loss_co, values)))
+    if args.base == "sharpmaml" and args.sam_outer > 0:  # SAM: ∇L at θ + ε, for main's Adam to apply at θ
+        norm = torch.sqrt(sum(g.square().sum() for g in grads.values()))  # over every meta-parameter (θ, φ)
+        shifted = {name: (p.detach() + args.sam_outer / (norm + SAM_EPS) * grads[name]).requires_grad_()
+                   for name, p in params.items()}  # ε = α_up g / ‖g‖, a constant (their SAM optimiser's step)
+        shifted_meta, shifted_co, _ = outer_losses(shifted, tasks, epoch, args)  # the inner loop again, from θ + ε
+        grads = dict(zip(names, torch.autograd.grad(shifted_meta + args.gamma * shifted_co, list(shifted.values()))))
     if args.clip_grad > 0:  # as mamlpp_gs.py: the network's meta-gradients only, not the LSLR rates (nor φ)
-        grads = {name: g.clamp(-args.clip_grad, args.clip_grad) if g is not None and (name in theta or name in frozen)
-                 else g for name, g in grads.items()}
+        network = [name for name in names if not name.startswith((LSLR, COLEARNER))]
+        grads = {name: g.clamp(-args.clip_grad, args.clip_grad) if g is not None and name in network else g
+                 for name, g in grads.items()}
     metrics = {"loss_meta": loss_meta.detach(), "loss_co": loss_co.detach()}  # tensors: read once per epoch
     if args.base == "mamlpp" and args.lslr:
-        metrics["lslr_mean"] = torch.stack([p.detach() for p in lslr.values()]).mean()
+        metrics["lslr_mean"] = torch.stack([p.detach() for name, p in params.items() if name.startswith(LSLR)]).mean()
     if apart:  # gradient agreement on the extractor (conv and BN tensors of θ), flattened: cosine and norm ratio
         flat_meta, flat_co = (torch.cat([g[i].flatten() for i, name in enumerate(names) if name.startswith(EXTRACTOR)])
                               for g in (g_meta, g_co))

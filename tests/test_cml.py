@@ -98,9 +98,10 @@ def test_colearner_is_never_adapted():
     assert all(torch.equal(p, before[n]) for n, p in phi.items())
 
 
-def reference_loss(params, tasks, gamma=GAMMA, boil=False):
+def reference_loss(params, tasks, gamma=GAMMA, boil=False, sam_inner=0.0):
     """Independent: per task, K plain gradient steps on θ but its BatchNorm tensors (the outer loop's alone) and,
-    for BOIL, but its head, then L^meta + γ L^co on the query set."""
+    for BOIL, but its head, then L^meta + γ L^co on the query set. sam_inner > 0: Sharp-MAML's inner steps, each
+    the support gradient at w + ρ ∇/‖∇‖ (‖·‖ over the task's whole adapted θ) applied at w."""
     frozen = ("bn", "head") if boil else ("bn",)
     theta = {n: p for n, p in params.items() if not n.startswith((cml.COLEARNER, *frozen))}
     bn = {n: p for n, p in params.items() if n.startswith(frozen)}
@@ -111,6 +112,11 @@ def reference_loss(params, tasks, gamma=GAMMA, boil=False):
         for _ in range(STEPS):
             support = F.cross_entropy(common.conv4_forward({**fast, **bn}, tasks.x_s[t]), tasks.y_s[t])
             grads = torch.autograd.grad(support, list(fast.values()), create_graph=True)
+            if sam_inner:
+                norm = torch.cat([g.flatten() for g in grads]).norm()
+                up = {n: w + sam_inner * g / (norm + 1e-12) for (n, w), g in zip(fast.items(), grads)}
+                support = F.cross_entropy(common.conv4_forward({**up, **bn}, tasks.x_s[t]), tasks.y_s[t])
+                grads = torch.autograd.grad(support, list(up.values()), create_graph=True)
             fast = {n: w - LR * g for (n, w), g in zip(fast.items(), grads)}
         x, fast = tasks.x_q[t], {**fast, **bn}
         for i in range(BLOCKS):  # the extractor, written out: pool after every block but the last
@@ -327,3 +333,81 @@ def test_cli_on_the_papers_other_data_sets(tmp_path, cifar, flowers, dataset, ba
     assert result["status"] == "finished" and 0 <= result["test_acc_ensemble"] <= 1
     saved = common.load_checkpoint(tmp_path / "run" / "last.pt")["params"]
     assert saved["head.weight"].shape == (3, 4 * 2 * 2)  # 32x32 through four pools: 2x2, as CML's wh_size 2
+
+
+# ---- Sharp-MAML (Abbas et al., arXiv 2206.03996) as a base: SAM in the inner steps and in the outer step ----
+SHARP = dict(base="sharpmaml", grad_stats_every=0)
+RHO_IN, RHO_OUT = 0.3, 0.2  # radii large enough that the perturbations matter at float64
+
+
+def test_sharpmaml_with_radii_zero_is_the_maml_base_bitwise():
+    params, tasks = tiny_params(), tiny_tasks()
+    maml = cml_step(params, tasks, base="maml", grad_stats_every=0)
+    sharp = cml_step(params, tasks, sam_inner=0.0, sam_outer=0.0, **SHARP)
+    assert torch.equal(sharp.loss, maml.loss) and torch.equal(sharp.accuracy, maml.accuracy)
+    assert all(torch.equal(sharp.grads[n], maml.grads[n]) for n in params)
+
+
+@pytest.mark.parametrize("use_vmap", [False, True], ids=["loop", "vmap"])
+def test_sharpmaml_inner_sam_matches_an_independent_per_task_loop(use_vmap):
+    params, tasks = tiny_params(), tiny_tasks()
+    ours = cml_step(params, tasks, sam_inner=RHO_IN, sam_outer=0.0, use_vmap=use_vmap, **SHARP)
+    loss = reference_loss(params, tasks, sam_inner=RHO_IN)
+    assert ours.loss.item() == pytest.approx(loss.item(), rel=1e-12)
+    assert ours.loss.item() != pytest.approx(reference_loss(params, tasks).item(), rel=1e-6)  # SAM changed it
+    for (name, _), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
+        torch.testing.assert_close(ours.grads[name], g, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_sharpmaml_outer_sam_is_the_meta_gradient_at_theta_plus_rho_g_over_its_norm():
+    """Independently: g = ∇L(θ) (inner SAM on), ε = ρ g / ‖g‖ over every meta-parameter, the returned gradient is
+    ∇L at θ + ε (the inner loop run again from there), the reported loss L(θ)."""
+    params, tasks = tiny_params(), tiny_tasks()
+    ours = cml_step(params, tasks, sam_inner=RHO_IN, sam_outer=RHO_OUT, **SHARP)
+    loss = reference_loss(params, tasks, sam_inner=RHO_IN)
+    g = torch.autograd.grad(loss, list(params.values()))
+    norm = torch.cat([v.flatten() for v in g]).norm()
+    shifted = {n: (p.detach() + RHO_OUT * v / (norm + 1e-12)).requires_grad_() for (n, p), v in zip(params.items(), g)}
+    expected = torch.autograd.grad(reference_loss(shifted, tasks, sam_inner=RHO_IN), list(shifted.values()))
+    assert ours.loss.item() == pytest.approx(loss.item(), rel=1e-12)
+    for (name, _), want in zip(params.items(), expected):
+        torch.testing.assert_close(ours.grads[name], want, rtol=1e-9, atol=1e-11, msg=name)
+    assert not torch.allclose(torch.cat([ours.grads[n].flatten() for n in params]), torch.cat([v.flatten() for v in g]))
+
+
+def test_sharpmaml_meta_gradients_match_central_finite_differences():
+    """Inner SAM keeps the objective differentiable (ε stays in the graph, as the authors' code): its meta-gradient
+    is the loss's; outer SAM's is the loss's at the fixed θ + ε."""
+    params, tasks = tiny_params(), tiny_tasks()
+    inner = cml_step(params, tasks, sam_inner=RHO_IN, sam_outer=0.0, **SHARP)
+    both = cml_step(params, tasks, sam_inner=RHO_IN, sam_outer=RHO_OUT, **SHARP)
+    norm = torch.sqrt(sum(g.square().sum() for g in inner.grads.values()))
+    epsilon = {n: RHO_OUT * g / (norm + 1e-12) for n, g in inner.grads.items()}
+    gen, eps = torch.Generator().manual_seed(5), 1e-6
+    for name, p in params.items():
+        direction = torch.randn(p.shape, generator=gen, dtype=DTYPE)
+        for grads, shift in ((inner.grads, {}), (both.grads, epsilon)):
+            def loss_at(sign):
+                with torch.no_grad():
+                    moved = {n: (q + shift.get(n, 0) + (sign * eps * direction if n == name else 0)).requires_grad_()
+                             for n, q in params.items()}
+                return cml_step(moved, tasks, sam_inner=RHO_IN, sam_outer=0.0, **SHARP).loss.item()
+            numeric = (loss_at(1) - loss_at(-1)) / (2 * eps)
+            assert float((grads[name] * direction).sum()) == pytest.approx(numeric, rel=1e-5, abs=1e-9), name
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sam-inner", "-0.1"], "--sam-inner must be 0 or positive"),
+    (["--sam-outer", "nan"], "--sam-outer must be a finite number"),
+    (["--base", "maml", "--sam-outer", "0.05"], "--sam-outer applies to --base sharpmaml only"),
+    (["--base", "sharpmaml", "--no-lslr"], "--lslr applies to --base mamlpp only"),
+])
+def test_bad_sharpmaml_flags_are_messages(capsys, flags, message):
+    with pytest.raises(SystemExit) as info:
+        cml.main(TINY + (["--base", "sharpmaml"] if "--base" not in flags else []) + flags)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_sharpmaml_runs_and_predicts_with_inner_sam(tmp_path):
+    result = cml.main(TINY + ["--base", "sharpmaml", "--out", str(tmp_path / "run")])
+    assert result["status"] == "finished" and result["test_acc_ensemble"] is not None

@@ -127,22 +127,26 @@ def assert_documented(program: str, runs: list[str]) -> None:
 def test_cml_runs_the_commands_of_its_docstring():
     runs = planned_runs("reproduce-cml", DATA="/data", DEVICE="cuda", RUNNER="srun")
     datasets = ("miniimagenet", "omniglot", "cifarfs", "fc100", "vggflower")
-    assert len(runs) == len(datasets) * 3 * 2 * 2  # × bases maml, mamlpp, boil × 1/5-shot × alone/+CML
+    assert len(runs) == len(datasets) * 4 * 2 * 2  # × bases maml, mamlpp, boil, sharpmaml × 1/5-shot × alone/+CML
     assert_documented("cml.py", runs)
     seen = set()
     for command in runs:
         base, shots, dataset = flag(command, "--base"), flag(command, "--shots"), flag(command, "--dataset")
         alone = flag(command, "--gamma") == "0"
-        assert command.startswith("srun ") and base in ("maml", "mamlpp", "boil") and dataset in datasets
+        assert command.startswith("srun ") and base in ("maml", "mamlpp", "boil", "sharpmaml") and dataset in datasets
         assert out_dir(command) == f"runs/cml/{'' if alone else 'cml_'}{base}__{dataset}__5w{shots}s__1"
         assert flag(command, "--tasks") == ("2" if base == "mamlpp" else "4")  # run_cml.sh's 4; MAML++: ours, 2
-        if base != "mamlpp":  # the reference's run_cml.sh: one inner step of 0.5, 64 filters, 300 × 100
+        if base == "sharpmaml":  # the Sharp-MAML authors' MiniImagenet command: 5 steps of 0.1, 600 × 100, radii default
+            assert (flag(command, "--inner-steps"), flag(command, "--inner-lr"), flag(command, "--filters"),
+                    flag(command, "--epochs"), flag(command, "--iters-per-epoch")) == ("5", "0.1", "64", "600", "100")
+            assert flag(command, "--sam-inner") is None and flag(command, "--sam-outer") is None
+        elif base != "mamlpp":  # the reference's run_cml.sh: one inner step of 0.5, 64 filters, 300 × 100
             assert (flag(command, "--inner-steps"), flag(command, "--inner-lr"), flag(command, "--filters")) == (
                 "1", "0.5", "64") and (flag(command, "--epochs"), flag(command, "--iters-per-epoch")) == ("300", "100")
         seen.add((base, dataset, shots, alone))
     assert len(seen) == len(runs)
     assert len(planned_runs("reproduce-cml", SEEDS="1 2 3")) == len(runs) * 3
-    assert len(planned_runs("cml-vggflower")) == 12
+    assert len(planned_runs("cml-vggflower")) == 16
 
 
 LWDGH_VARIANTS = {"maml": "--p-min 1 --p-max 1", "lwdgh": "--no-ee", "lwdgh_ee": None}
@@ -231,12 +235,12 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tmp_path):
     for run_dir, name in ((finished, "result.json"), (interrupted, "config.json")):
         run_dir.mkdir(parents=True)
         (run_dir / name).write_text("{}")
-    assert len(planned_runs("cml-miniimagenet", RUNS=str(tmp_path))) == 11  # the finished one is not run
+    assert len(planned_runs("cml-miniimagenet", RUNS=str(tmp_path))) == 15  # the finished one is not run
     done = subprocess.run(["make", "-s", "-j", "3", "-o", "setup", "cml-miniimagenet", "cml-vggflower",
                            f"RUNS={tmp_path}", "PY=echo python"], cwd=REPO, capture_output=True, text=True, check=True)
     lines = sorted(line for line in done.stdout.splitlines() if not line.startswith("finished, skipped: "))
     assert f"finished, skipped: {finished}" in done.stdout
-    assert len(lines) == 11 + 12 and not any(str(finished) in line for line in lines)
+    assert len(lines) == 15 + 16 and not any(str(finished) in line for line in lines)
     assert f"python cml.py --resume {interrupted} --device auto" in lines
     assert sum(line.startswith("python cml.py --base mamlpp") for line in lines) == 2 * 2 * 2
     # A finished Table 1 run is skipped by reproduce-figures too (the same run directory).
@@ -248,9 +252,10 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tmp_path):
 
 def test_report_target():
     out = subprocess.run(["make", "-n", "report"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    # The quick grid, the demo and the Omniglot study (results/quick.md, results/omniglot.md) have reports of their own.
+    # The quick grid, the demo, the Omniglot study, the GS ablation and the sinusoid (results/quick.md, omniglot.md,
+    # gs_ablation.md, sinusoid.md) have reports of their own.
     assert re.search(r"python tools/report\.py --runs runs --out results --name report "
-                     r"--exclude quick demo gs-study omniglot-check$", out, re.M)
+                     r"--exclude quick demo gs-study omniglot-check gs-ablation sinusoid$", out, re.M)
 
 
 def test_reproduce_quick_is_the_table1_grid_on_omniglot_then_its_report(tmp_path):

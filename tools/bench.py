@@ -50,7 +50,8 @@ SHAPES = {"84": (3, 84, 84), "28": (1, 28, 28)}
 MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615"  # never mmap, never trim
 REFERENCE = "plain loop"
 MAML = ("maml_gs.py --no-gs", "maml_gs.py --gs", "maml_gs.py --gs --recompute")
-OTHERS = ("metasgd_gs.py --gs", "mamlpp_gs.py --gs", "cml.py", "lwdgh.py")  # each with its defaults otherwise
+OTHERS = ("metasgd_gs.py --gs", "mamlpp_gs.py --gs", "cml.py", "cml.py --base sharpmaml",
+          "lwdgh.py")  # each with its defaults otherwise (Sharp-MAML: SAM in both loops)
 PEERS = (REFERENCE, "higher")
 CONFIGURATIONS = {"cpu": ("84x1", "28x1"), "cuda": ("84x1", "84x5", "28x1")}
 SAMPLE_S = 0.001

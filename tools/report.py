@@ -20,8 +20,8 @@ The report, results/<name>.md, has one section per paper:
   and GS with their 95% CI shaded and the legend "MaxVal A Ep B, Test C±D" (Figures 4, 6, 8, 10), and the
   same grid of σ(m), σ(λ) of the GS runs (Figures 5, 7, 9, 11).
 - CML ("Cooperative Meta-Learning with Gradient Augmentation", arXiv 2406.04639): one table per data set
-  (MiniImagenet, Omniglot, CIFAR-FS, FC100, VGG Flower), rows the bases MAML, MAML++ and BOIL, each alone and
-  with CML; accuracy per shots, of the top-5 ensemble and of the best single checkpoint (the reference code's
+  (MiniImagenet, Omniglot, CIFAR-FS, FC100, VGG Flower), rows the bases MAML, MAML++, BOIL and Sharp-MAML, each
+  alone and with CML; accuracy per shots, of the top-5 ensemble and of the best single checkpoint (the reference code's
   protocol, beside which the paper's headline number stands); loss curves
   (L_meta, L_co), cos(g_meta, g_co) and the validation curve of each run.
 - LWDGH ("Cross-Task Gradient Harmonization for Meta-Learning", anonymous, no arXiv id): Tables 1
@@ -634,8 +634,9 @@ def _plot_sigma_panel(ax: plt.Axes, pair: Pair, title: str) -> None:
 
 # ---- The CML and LWDGH papers: rows = methods, columns = shots --------------------------------
 
-CML_BASES = {"maml": "MAML", "mamlpp": "MAML++", "boil": "BOIL"}
-CML_METHOD_ORDER = ["MAML", "MAML + CML", "MAML++", "MAML++ + CML", "BOIL", "BOIL + CML"]
+CML_BASES = {"maml": "MAML", "mamlpp": "MAML++", "boil": "BOIL", "sharpmaml": "Sharp-MAML"}
+CML_METHOD_ORDER = ["MAML", "MAML + CML", "MAML++", "MAML++ + CML", "BOIL", "BOIL + CML", "Sharp-MAML",
+                    "Sharp-MAML + CML"]
 # The CML paper's image data sets (the Makefile's reproduce-cml rows); only the MiniImagenet headline is in our copy.
 CML_DATASETS = ("miniimagenet", "omniglot", "cifarfs", "fc100", "vggflower")
 LWDGH_METHOD_ORDER = ["MAML", "MAML + LWDGH", "MAML + LWDGH + EE"]
