@@ -23,7 +23,9 @@ and radius of their MiniImagenet command (both/README.md, both/train_mini-sharpb
 radii). As their code: ε_t stays in the graph (their torchmeta/utils/gradient_based.py: the meta-gradient flows
 through the perturbation and its norm), one norm per task over its adapted weights; ε is a constant
 (sam.py's first_step, under no_grad) and ∇L(θ + ε) is second order through an inner loop run again from θ + ε on
-the same tasks; the inner SAM also adapts at meta-test (lower/test.py). Each SAM doubles its loop's cost.
+the same tasks; the inner SAM also adapts at meta-test (lower/test.py). Each SAM doubles its loop's cost. Unlike
+their code: BatchNorm stays the outer loop's here, as in every base (theirs adapts it, so their inner norm spans it:
+--adapt-bn); train_loss, accuracy and grad_cos are logged at θ (their log: the pass at θ + ε).
 
 Decisions (where the paper is silent):
 - The base is a copy of mamlpp_gs.py --no-gs (loop, init, MSL, first-order epochs, clamp, cosine lr, prediction),
@@ -34,7 +36,7 @@ Decisions (where the paper is silent):
 - BatchNorm: the outer loop's (mamlpp: per-step rows); the reference's and BOIL's adapt it inner too: --adapt-bn.
 - Regression (--dataset sinusoid, the paper's few-shot regression; its code has none): θ the 1-40-40-1 MLP, z_t its
   last hidden layer (the head's input, as Conv4's last block is), φ --colearner-blocks hidden layers of 40 and a
-  linear output, initialised as θ; L^meta and L^co the squared error. Bases maml and boil (the body: fc{i}.*).
+  linear output, initialised as θ; L^meta and L^co the squared error. Bases maml, boil (the body: fc{i}.*), sharpmaml.
 - Unlike the reference (JJongyn/CML): one Adam for the run (train_cml.py: new ones every epoch); φ initialised like θ
   (there: PyTorch's default); it meta-tests the best validation model (our test_acc_best). --colearner-blocks 2 is
   its Conv(2); the paper finds Conv(0) best at 1-shot.
@@ -120,7 +122,7 @@ class Args(common.Args):
                 problems.append(f"--{name.replace('_', '-')} must be 0 or positive, got {getattr(self, name)}")
         if self.base == "mamlpp" and self.dataset in common.REGRESSION:
             problems.append(f"--base mamlpp: MAML++'s per-step BatchNorm is part of its Conv4 (the {self.dataset}'s "
-                            f"MLP has none); run the {self.dataset} with --base maml or boil")
+                            f"MLP has none); run the {self.dataset} with --base maml, boil or sharpmaml")
         if self.adapt_bn and self.base == "mamlpp" and self.per_step_bn:
             problems.append("--adapt-bn needs --no-per-step-bn: per-step BN rows are learned by the outer loop only")
         if self.base == "mamlpp" and self.cosine and not 0 <= self.min_outer_lr <= self.outer_lr:
@@ -220,7 +222,7 @@ def inner_step(k: int, fast: dict[str, torch.Tensor], frozen_k: dict[str, torch.
                                     create_graph=create_graph, use_vmap=args.vmap == "on", frozen=frozen_k)
     grads = gradients(fast)  # ∇L_t(θ_{t,k})
     if args.base == "sharpmaml" and args.sam_inner > 0:  # SAM: the gradient at θ_{t,k} + ε_t, applied at θ_{t,k}
-        norm = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in grads.values()))  # (tasks,): each ‖∇L_t‖
+        norm = torch.linalg.vector_norm(torch.cat([g.flatten(1) for g in grads.values()], 1), dim=1)  # (tasks,)
         scale = args.sam_inner / (norm + SAM_EPS)  # ε_t = α_low ∇L_t / ‖∇L_t‖, in the graph (their code's)
         grads = gradients({name: w + scale.view(-1, *[1] * (w.dim() - 1)) * grads[name] for name, w in fast.items()})
     return {name: w - lslr[name][k] * grads[name] for name, w in fast.items()}  # LSLR: a rate per tensor, step

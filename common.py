@@ -72,6 +72,8 @@ def atomic_write(path: Path, write: Callable[[typing.BinaryIO], None]) -> None:
 # ---- Data ----
 REGRESSION = ("sinusoid",)  # generated regression task families: no files, a network of points (--backbone mlp)
 REGRESSION_DEFAULTS = {"backbone": "mlp", "ways": 1}  # what the image defaults become for them
+REGRESSION_OUTPUTS = 1  # the MLP's prediction per point
+IMAGE_ONLY = ("adapt_bn", "bbox_crop", "filters", "resnet_width", "synthetic_shape")  # refused with them
 DATASETS = ("omniglot", "miniimagenet", "tieredimagenet", "cub", "cifarfs", "fc100", "vggflower", "synthetic")
 SPLITS = ("train", "val", "test")
 PROGRAMS = ("maml_gs", "metasgd_gs", "mamlpp_gs", "cml", "lwdgh")  # the algorithm files, named in hints
@@ -1209,10 +1211,10 @@ FORWARD = {"conv4": conv4_forward, "resnet12": resnet12_forward, "mlp": mlp_forw
 
 
 def init_backbone(args: Args, image_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
-    """θ of --backbone for (C, H, W) images, drawn from --seed."""
+    """θ of --backbone for (C, H, W) images (the MLP: points of shape (inputs,)), drawn from --seed."""
     generator = torch.Generator().manual_seed(args.seed)
-    if args.backbone == "mlp":  # regression: image_shape is a point's, (1,)
-        return mlp_init(math.prod(image_shape), math.prod(image_shape), generator=generator)
+    if args.backbone == "mlp":  # regression: one real output per point
+        return mlp_init(math.prod(image_shape), REGRESSION_OUTPUTS, generator=generator)
     if args.backbone == "resnet12":
         return resnet12_init(image_shape, args.ways, args.resnet_width, generator=generator)
     return conv4_init(image_shape, args.ways, args.filters, generator=generator)
@@ -1368,6 +1370,10 @@ class Args:
         if regression and self.ways != 1:
             problems.append(f"--ways {self.ways}: a {self.dataset} task is one function, not classes; leave --ways out "
                             f"(it is 1)")
+        if regression:  # flags of images and convolutions, which the MLP would silently ignore
+            problems += [f"--{f.name.replace('_', '-')} applies to image data sets only, not --dataset {self.dataset}"
+                         for f in dataclasses.fields(Args)
+                         if f.name in IMAGE_ONLY and getattr(self, f.name) != f.default]
         if not regression and self.ways < 2:
             problems.append(f"--ways must be at least 2 for a classification task, got {self.ways}")
         if not self.outer_lr > 0:
@@ -1526,7 +1532,7 @@ def parse_args(cls: type, argv: list[str] | None = None, description: str | None
 
 
 ADDED_LATER = {"backbone": "conv4", "resnet_width": 64,  # result flags newer than some runs: the value those ran with
-               "gs_source": "both"}
+               "gs_source": "both", "sam_inner": 0.0005, "sam_outer": 0.0005}  # SAM: read by --base sharpmaml only
 RESUME_FREE = ("resume", "quiet", "device", "vmap", "out", "data_root", "cache_dir", "download", "eval_batch",
                "tensorboard")
 
@@ -1619,6 +1625,13 @@ class Score(NamedTuple):
 
     def text(self, value: float) -> str:
         return f"{100 * value:.2f}%" if self.percent else f"{value:.4f}"
+
+    def interval(self, value: float, half: float) -> str:  # 61.20 ± 1.70%, or 0.4321 ± 0.0123
+        return f"{100 * value:.2f} ± {100 * half:.2f}%" if self.percent else f"{value:.4f} ± {half:.4f}"
+
+    def ranked(self, value: float) -> float:
+        """Higher is better after this, and a non-finite score (a diverged regression's NaN MSE) is worst."""
+        return (value if self.higher else -value) if math.isfinite(value) else -math.inf
 
     @property
     def best(self) -> str:  # result.json's name of the best validation value: max_val_acc, min_val_mse
@@ -1978,7 +1991,8 @@ class Run:
         return data
 
     def _generated_data(self) -> Data:
-        """The sinusoid family's training sampler and its fixed validation and test sets, drawn on the device."""
+        """The sinusoid family's training sampler (drawn on the device) and its fixed validation and test sets (drawn
+        once on the CPU, moved per batch)."""
         args = self.args
         self.data = {split: {**SINUSOID, "name": f"{args.dataset}/{split}"} for split in SPLITS}  # checked on --resume
         self.variant, self.source = args.dataset, "generated"
@@ -2011,8 +2025,8 @@ class Run:
         if args.resume and last.exists():
             ckpt = load_checkpoint(last, args)
             if ckpt.get("data", self.data) != self.data:  # checkpoints before fingerprints: nothing to check
-                raise SystemExit(f"error: {self.dir} was trained on other data than --data-root {args.data_root} "
-                                 f"holds: it recorded {describe_data(ckpt['data'])}, this command loads "
+                raise SystemExit(f"error: {self.dir} was trained on other data than this command loads (--data-root "
+                                 f"{args.data_root}): it recorded {describe_data(ckpt['data'])}, this command loads "
                                  f"{describe_data(self.data)}; resume with the run's own data (its --data-root was "
                                  f"{ckpt['args'].get('data_root')})")
             restore_params(params, ckpt["params"], last)
@@ -2179,12 +2193,11 @@ class Run:
             loop["tasks_size"] = append_csv(self.dir / "tasks.csv", rows, loop.get("tasks_size", 0))
         loop.update(epoch=epoch + 1, iteration=0, sums={}, skipped=0, seconds=0.0, task_log=[])
         # Keep the best `ensemble` checkpoints by validation score; ties: the earlier epoch first, so that the
-        # best checkpoint is max_val_epoch's, the earliest epoch of the highest accuracy (Chang & Lipson's
+        # best checkpoint is max_val_epoch's, the earliest epoch of the best score (Chang & Lipson's
         # speed-up counts that epoch). The MAML++ reference (np.argsort(val_acc)[::-1]) orders ties the other way.
-        sign = -1 if score.higher else 1  # regression: the lowest MSE first
-        ranked = sorted(loop["top"] + [[val_acc, epoch + 1]], key=lambda t: (sign * t[0], t[1]))
+        ranked = sorted(loop["top"] + [[score.ranked(val_acc), epoch + 1]], key=lambda t: (-t[0], t[1]))
         loop["top"], evicted = ranked[:args.ensemble], ranked[args.ensemble:]
-        if [val_acc, epoch + 1] in loop["top"]:
+        if [score.ranked(val_acc), epoch + 1] in loop["top"]:
             self.save(self.dir / f"epoch{epoch + 1:04d}.pt")
         self.save(self.dir / LAST)  # written before the evicted files go: a crash in between loses nothing
         for _, old in evicted:
@@ -2197,8 +2210,8 @@ class Run:
             self.writer.flush()
         row = loop["history"][-1]
         self.progress.message(f"epoch {epoch + 1}/{args.epochs}: train loss {row['train_loss']:.4f} {score.name} "
-                              f"{score.text(row[f'train_{score.name}'])}, val {score.name} {score.text(val_acc)} ± "
-                              f"{score.text(val_ci)}")
+                              f"{score.text(row[f'train_{score.name}'])}, val {score.name} "
+                              f"{score.interval(val_acc, val_ci)}")
 
     def meta_test(self, predict: Callable[[dict, dict, Tasks], torch.Tensor], tasks: EvalTasks) -> dict:
         """Meta-test the top checkpoints on the fixed test tasks, each model its own (params, state) in `predict`:
@@ -2207,9 +2220,9 @@ class Run:
         # during the meta-test, between its batches: no result.json; the run is complete, --resume meta-tests it again
         interrupted = f"interrupted during the meta-test; its checkpoints are saved: --resume {self.dir}"
         # "best": the best validation score, the earliest epoch on ties, as the checkpoints' ranking (validate)
-        score, sign = self.score, 1 if self.score.higher else -1
+        score = self.score
         name, best_val = score.name, f"{score.best}_val"  # max_val_acc, min_val_mse
-        best = max(history, key=lambda row: (sign * row[f"val_{name}"], -row["epoch"])) if history else None
+        best = max(history, key=lambda row: (score.ranked(row[f"val_{name}"]), -row["epoch"])) if history else None
         result = {"status": loop["status"], "data_variant": self.variant, "epochs_run": len(history),
                   f"{best_val}_{name}": best[f"val_{name}"] if best else None,
                   f"{best_val}_epoch": best["epoch"] if best else None,
@@ -2230,8 +2243,8 @@ class Run:
                 models, tasks, args.eval_batch, functools.partial(self._interrupted, interrupted)))
             result.update({f"test_{name}_ensemble": acc_ens, "test_ci_ensemble": ci_ens, f"test_{name}_best": acc_best,
                            "test_ci_best": ci_best})
-            self.progress.message(f"meta-test {name}: ensemble of {len(models)} {score.text(acc_ens)} ± "
-                                  f"{score.text(ci_ens)}, best single {score.text(acc_best)} ± {score.text(ci_best)}"
+            self.progress.message(f"meta-test{'' if score.percent else ' MSE'}: ensemble of {len(models)} "
+                                  f"{score.interval(acc_ens, ci_ens)}, best single {score.interval(acc_best, ci_best)}"
                                   + (" (result.json: fractions)" if score.percent else ""))
         self._interrupted(interrupted)  # a signal while loading the checkpoints, or with none to test
         if loop["status"] == "diverged":

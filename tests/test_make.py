@@ -136,7 +136,8 @@ def test_cml_runs_the_commands_of_its_docstring():
         assert command.startswith("srun ") and base in ("maml", "mamlpp", "boil", "sharpmaml") and dataset in datasets
         assert out_dir(command) == f"runs/cml/{'' if alone else 'cml_'}{base}__{dataset}__5w{shots}s__1"
         assert flag(command, "--tasks") == ("2" if base == "mamlpp" else "4")  # run_cml.sh's 4; MAML++: ours, 2
-        if base == "sharpmaml":  # the Sharp-MAML authors' MiniImagenet command: 5 steps of 0.1, 600 × 100, radii default
+        if base == "sharpmaml":  # the Sharp-MAML authors' MiniImagenet command: 5 steps of 0.1, 600 × 100; radii:
+            # the defaults
             assert (flag(command, "--inner-steps"), flag(command, "--inner-lr"), flag(command, "--filters"),
                     flag(command, "--epochs"), flag(command, "--iters-per-epoch")) == ("5", "0.1", "64", "600", "100")
             assert flag(command, "--sam-inner") is None and flag(command, "--sam-outer") is None

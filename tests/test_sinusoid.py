@@ -281,6 +281,8 @@ def test_a_killed_sinusoid_run_resumes_to_the_same_numbers(tmp_path, monkeypatch
     (["--shots", "0"], "--shots must be a positive integer"),
     (["--backbone", "conv4"], "--backbone conv4 with --dataset sinusoid"),
     (["--ways", "5"], "a sinusoid task is one function"),
+    (["--filters", "32"], "--filters applies to image data sets only"),
+    (["--adapt-bn"], "--adapt-bn applies to image data sets only"),
 ])
 def test_bad_values_are_messages(tmp_path, flags, message):
     done = run(tmp_path, "maml_gs.py", *flags)
@@ -294,7 +296,7 @@ def test_an_image_dataset_on_the_mlp_and_mamlpp_on_the_sinusoid_are_messages(tmp
     done = run(tmp_path, "mamlpp_gs.py")
     assert done.returncode == 2 and "per-step BatchNorm" in done.stderr and "maml_gs.py" in done.stderr
     done = run(tmp_path, "cml.py", "--base", "mamlpp")
-    assert done.returncode == 2 and "--base maml or boil" in done.stderr
+    assert done.returncode == 2 and "--base maml, boil or sharpmaml" in done.stderr
 
 
 def test_the_report_puts_each_row_beside_the_published_numbers_and_its_curve_starts_from_the_runs_test(tmp_path):
@@ -311,3 +313,21 @@ def test_the_report_puts_each_row_beside_the_published_numbers_and_its_curve_sta
     assert float(curve[2]) == pytest.approx(maml["test_mse_best"], abs=5e-4)  # k = 1: the run's own inner step
     assert (tmp_path / "results" / "sinusoid" / "mse_by_steps.png").stat().st_size > 0
     assert sinusoid_report.main(["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "results")]) == 1
+
+
+def test_a_non_finite_validation_mse_ranks_last_and_is_never_the_best():
+    """A diverged regression's NaN or inf MSE: worst in the checkpoints' ranking and for the best epoch."""
+    scores = [0.5, math.nan, 0.2, math.inf, 0.2]
+    ranked = sorted(range(len(scores)), key=lambda e: (-common.MSE.ranked(scores[e]), e))
+    assert ranked[:3] == [2, 4, 0] and set(ranked[3:]) == {1, 3}
+    assert common.ACCURACY.ranked(0.7) > common.ACCURACY.ranked(0.6) > common.ACCURACY.ranked(math.nan)
+
+
+def test_compare_prints_mse_for_sinusoid_runs(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    import compare
+    maml_gs.main(RUN + ["--no-gs", "--out", str(tmp_path / "og")])
+    result = maml_gs.main(RUN + ["--gs", "--out", str(tmp_path / "gs")])
+    compare.main([str(tmp_path / "og"), str(tmp_path / "gs")])
+    out = capsys.readouterr().out
+    assert "meta-validation MSE per epoch" in out and f"test ensemble {result['test_mse_ensemble']:.4f}" in out

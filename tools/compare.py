@@ -1,4 +1,4 @@
-"""Print runs side by side: validation accuracy per epoch, then the meta-test results.
+"""Print runs side by side: validation accuracy (sinusoid: MSE) per epoch, then the meta-test results.
 
     python tools/compare.py runs/demo/maml runs/demo/maml_gs
 
@@ -23,8 +23,15 @@ def load(run_dir: Path) -> tuple[dict, list[dict], dict]:
     return json.loads((run_dir / "config.json").read_text()), rows, json.loads((run_dir / "result.json").read_text())
 
 
+REGRESSION = ("sinusoid",)  # common.REGRESSION: scored by MSE (this tool reads files only, without torch)
+
+
 def percent(value) -> str:
     return "-" if value in (None, "") else f"{100 * float(value):.2f}"
+
+
+def mse(value) -> str:
+    return "-" if value in (None, "") else f"{float(value):.4f}"
 
 
 def labels(run_dirs: list[Path]) -> list[str]:
@@ -38,20 +45,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories")
     run_dirs = parser.parse_args(argv).runs
     runs = [load(run_dir) for run_dir in run_dirs]
+    regression = {config.get("dataset") in REGRESSION for config, _, _ in runs}
+    if len(regression) > 1:
+        raise SystemExit("error: these runs mix classification (accuracy) and regression (MSE); compare each kind "
+                         "apart")
+    key, best, show, what = ("mse", "min", mse, "MSE") if regression.pop() else ("acc", "max", percent, "accuracy (%)")
     names = labels(run_dirs)
     width = max(12, *(len(n) + 1 for n in names))  # a space at least between columns
-    print("meta-validation accuracy (%) per epoch")
+    print(f"meta-validation {what} per epoch")
     print("epoch " + "".join(f"{n:>{width}}" for n in names))
     for epoch in range(max(len(rows) for _, rows, _ in runs)):
-        cells = [f"{percent(rows[epoch]['val_acc']):>{width}}" if epoch < len(rows) else " " * width
+        cells = [f"{show(rows[epoch][f'val_{key}']):>{width}}" if epoch < len(rows) else " " * width
                  for _, rows, _ in runs]
         print(f"{epoch + 1:>5} " + "".join(cells))
     print()
     for name, (config, _, result) in zip(names, runs):
-        print(f"{name:<{width}} ({config['algorithm']}) {result['status']}: max val {percent(result['max_val_acc'])} "
-              f"at epoch {result['max_val_epoch']}; test ensemble {percent(result['test_acc_ensemble'])} ± "
-              f"{percent(result['test_ci_ensemble'])}, best single {percent(result['test_acc_best'])} ± "
-              f"{percent(result['test_ci_best'])} ({result['test_tasks']} tasks)")
+        print(f"{name:<{width}} ({config['algorithm']}) {result['status']}: {best} val "
+              f"{show(result[f'{best}_val_{key}'])} "
+              f"at epoch {result[f'{best}_val_epoch']}; test ensemble {show(result[f'test_{key}_ensemble'])} ± "
+              f"{show(result['test_ci_ensemble'])}, best single {show(result[f'test_{key}_best'])} ± "
+              f"{show(result['test_ci_best'])} ({result['test_tasks']} tasks)")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402  (ADDED_LATER, REGRESSION: what a run's config.json means)
+
 REPO = Path(__file__).resolve().parents[1]  # the algorithm files, for Figure 5's predictions
 
 # ---- The papers' numbers ----------------------------------------------------------------------------
@@ -260,7 +263,7 @@ def group_runs(runs: Iterable[Run]) -> list[Group]:
     """Runs of one configuration (but seeds and IGNORED fields) together, in the order first found."""
     groups: dict[str, Group] = {}
     for run in runs:
-        key = experiment_key(run.config)
+        key = experiment_key({**common.ADDED_LATER, **run.config})  # runs from before a flag existed: its value
         groups.setdefault(key, Group(run.config, [])).runs.append(run)
     return list(groups.values())
 
@@ -891,7 +894,6 @@ def predict_test_tasks(run: Run, count: int) -> dict:
 
     import torch
 
-    import common
     module = importlib.import_module(str(run.config["program"]))
     fields = {f.name for f in dataclasses.fields(module.Args)}
     config = {**common.ADDED_LATER, **run.config}
@@ -1064,8 +1066,9 @@ def runs_section(runs: list[Run]) -> str:
 def write_report(roots: list[Path], out: Path, name: str, exclude: list[str] = (), only_found: bool = False,
                  title: str | None = None) -> Path:
     """Write out/<name>.md and its figures out/<name>/*.png (older PNGs there are removed); return the .md path."""
-    runs = [run for run in find_runs(roots, exclude) if run.config.get("dataset") != "sinusoid"]  # regression:
-    groups = group_runs(runs)  # tools/sinusoid_report.py's
+    runs = [run for run in find_runs(roots, exclude)  # regression runs: tools/sinusoid_report.py's
+            if run.config.get("dataset") not in common.REGRESSION]
+    groups = group_runs(runs)
     figure_dir = out / name
     figure_dir.mkdir(parents=True, exist_ok=True)
     for old in figure_dir.glob("*.png"):

@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                 else "not run | not run" for k in shots) + " |")
     lines += ["", "## Published", "", f"- {LI_TABLE1}",
               "- C. Finn, P. Abbeel and S. Levine, arXiv 1703.03400 (v3), Appendix C, Table 2, 5-shot MSE after 1 / "
-              "5 / 10 gradient steps: " + "; ".join(f"{name} {v[1]} / {v[5]} / {v[10]}" for name, v in FINN_TABLE2.items())
+              "5 / 10 gradient steps: "
+              + "; ".join(f"{name} {v[1]} / {v[5]} / {v[10]}" for name, v in FINN_TABLE2.items())
               + f". Section 5.1 trains MAML with K = {FINN_TRAIN_SHOTS}; the table does not say at which K its "
               "MAML was trained, so both of ours are below.", ""]
     curves: dict[str, list[float]] = {}
