@@ -1336,7 +1336,7 @@ class Args:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto (cuda when available), cpu or cuda"""
     vmap: Literal["auto", "on", "off"] = "auto"
-    """batch the tasks through one vmap-ed forward: auto (on for cuda, off for cpu), on, off"""
+    """batch the tasks through one vmap-ed forward: auto (on for cuda and the mlp, off for cpu), on, off"""
     max_bad_steps: int = 10
     """consecutive non-finite meta-iterations after which the run stops as diverged"""
     out: str = ""
@@ -1812,8 +1812,10 @@ def tensorboard_writer(run_dir: Path):
 
 
 def for_device(args: Args, device: torch.device) -> Args:
-    """args with --vmap auto decided for device: vmap over tasks on a GPU, a loop over tasks on a CPU (faster there)."""
-    return replace(args, vmap="on" if device.type == "cuda" else "off") if args.vmap == "auto" else args
+    """args with --vmap auto decided for device: vmap over tasks on a GPU, a loop over tasks on a CPU (faster there
+    for convolutions); the MLP's tiny layers vmap-ed everywhere (on a CPU about 4x faster than the loop at 25 tasks)."""
+    use_vmap = device.type == "cuda" or args.backbone == "mlp"
+    return replace(args, vmap="on" if use_vmap else "off") if args.vmap == "auto" else args
 
 
 def pick_device(name: str) -> torch.device:
@@ -1926,7 +1928,7 @@ class Run:
 
     def __init__(self, args: Args, name: str):
         self.device = pick_device(args.device)
-        self.args = for_device(args, self.device)  # --vmap auto decided: on for CUDA, off for a CPU
+        self.args = for_device(args, self.device)  # --vmap auto decided: on for CUDA (and the MLP), off for a CPU
         self.name = name  # e.g. maml_gs: in run directory names, config.json and checkpoints
         torch.manual_seed(args.seed)
         self.score = task_score(args.dataset)  # accuracy, or for regression MSE (lower is better)

@@ -7,6 +7,7 @@ run them where one is (`pytest tests/test_device.py`). The CPU cases run the sam
 vmap path, so that every check here also runs, and can fail, on a machine without a GPU.
 """
 import importlib
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -83,6 +84,9 @@ def test_the_default_on_cuda_is_the_vmap_path():
     assert common.for_device(args, torch.device("cuda")).vmap == "on"
     assert common.for_device(args, torch.device("cpu")).vmap == "off"
     assert common.for_device(common.Args(vmap="on"), torch.device("cpu")).vmap == "on"
+    mlp = common.Args(dataset="sinusoid", backbone="mlp", ways=1)  # tiny layers: one batched call on a CPU too
+    assert common.for_device(mlp, torch.device("cpu")).vmap == "on"
+    assert common.for_device(replace(mlp, vmap="off"), torch.device("cpu")).vmap == "off"
 
 
 def synthetic_split(device: str) -> common.Split:
