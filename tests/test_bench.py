@@ -113,3 +113,19 @@ def test_bench_prints_a_table_per_configuration(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "### 28×28, 1-shot (cpu, median of 1)" in out
     assert "| maml_gs.py --no-gs (MALLOC) |" in out and "| plain loop (as users run it) | " in out
+
+
+def test_the_launch_configuration_counts_the_aten_operations_of_a_meta_iteration(monkeypatch):
+    """The count is of what runs: two elementwise calls are two operations; the loop path's count grows by a
+    task's operations with each task, more than the vmap path's (one batched call per operation)."""
+    x = torch.ones(3)
+    assert bench.operations(lambda: (x + 1) * 2) == 2
+    monkeypatch.setattr(bench, "LAUNCH_TASKS", (1, 2, 3))
+    lines = bench.launch_counts(torch.device("cpu"))
+    rows = {line.split(" | ")[0].lstrip("| "): [int(c.strip(" |").replace(",", "")) for c in line.split(" | ")[1:]]
+            for line in lines if line.startswith("| maml_gs.py")}
+    assert set(rows) == set(bench.LAUNCH_FILES)
+    for sharing in ("--no-gs", "--gs"):
+        loop, batched = rows[f"maml_gs.py {sharing} --vmap off"], rows[f"maml_gs.py {sharing} --vmap on"]
+        assert loop[2] - loop[1] == loop[1] - loop[0] > 0  # each task its own operations
+        assert batched[2] - batched[1] < loop[2] - loop[1]

@@ -3,6 +3,8 @@
     python tools/bench.py                         # CPU: 84×84 and 28×28, 1-shot (under 10 minutes on 2 cores)
     python tools/bench.py --device cuda           # GPU: also 84×84 5-shot, and the loop path beside vmap
     python tools/bench.py --configuration 84x5    # one configuration, SIZExSHOTS
+    python tools/bench.py --configuration launch  # per-operation overhead: tiny arithmetic, aten operations counted
+    python tools/bench.py --device cuda --busy    # the GPU's busy fraction (kernel time / wall time), default path
 
 Workload: second-order MAML, Conv4-48, 5 tasks, 5 inner steps, inner lr 0.1, 5-way, 15 queries, synthetic
 images. Candidates: the algorithm files (on a CPU at 84×84 MAML's alone: every file's candidate alive at
@@ -22,6 +24,13 @@ Then the candidates take turns: each of --repeats rounds times one meta-iteratio
 order rotated by the round; a candidate's time is its median. A ratio "vs" a peer is the median over the
 rounds of the two's times in the same round: a shared host drifts over minutes, and a round's pair sees
 the same drift.
+
+--configuration launch: 1×16×16 images, Conv4 of 4 filters (arithmetic negligible), otherwise the same workload:
+each meta-iteration is thousands of tiny operations, so its time is the host's cost per operation, which on a GPU
+is paid per kernel launch (a CPU's figure is a stand-in for that overhead, never a GPU's time). Candidates:
+maml_gs.py without and with sharing, vmap on and off, the plain loop and `higher`; beside each time the number of
+aten operations one meta-iteration dispatches (forward and backward, counted with a TorchDispatchMode in a
+separate, untimed pass), and the vmap path's count at 1, 5 and 25 tasks.
 """
 from __future__ import annotations
 
@@ -40,13 +49,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 
 WAYS, QUERIES, TASKS, INNER_STEPS, INNER_LR, FILTERS = 5, 15, 5, 5, 0.1, 48
-SHAPES = {"84": (3, 84, 84), "28": (1, 28, 28)}
+SHAPES = {"84": (3, 84, 84), "28": (1, 28, 28), "16": (1, 16, 16)}
+LAUNCH = "launch"  # the configuration of negligible arithmetic: 16x16 images, LAUNCH_FILTERS filters, 1-shot
+LAUNCH_FILTERS = 4
+LAUNCH_FILES = ("maml_gs.py --no-gs --vmap on", "maml_gs.py --no-gs --vmap off", "maml_gs.py --gs --vmap on",
+                "maml_gs.py --gs --vmap off")
+LAUNCH_TASKS = (1, 5, 25)  # the vmap path's operation count does not grow with the task batch
 MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615"  # never mmap, never trim
 REFERENCE = "plain loop"
 MAML = ("maml_gs.py --no-gs", "maml_gs.py --gs", "maml_gs.py --gs --recompute")
@@ -57,11 +72,11 @@ CONFIGURATIONS = {"cpu": ("84x1", "28x1"), "cuda": ("84x1", "84x5", "28x1")}
 SAMPLE_S = 0.001
 
 
-def workload(shape: str, shots: int, device: torch.device) -> common.Tasks:
+def workload(shape: str, shots: int, device: torch.device, tasks: int = TASKS) -> common.Tasks:
     gen = torch.Generator().manual_seed(0)
     def labels(per_class):
-        return torch.arange(WAYS, device=device).repeat_interleave(per_class).repeat(TASKS, 1)
-    x_s, x_q = (torch.randn(TASKS, WAYS * n, *SHAPES[shape], generator=gen).to(device) for n in (shots, QUERIES))
+        return torch.arange(WAYS, device=device).repeat_interleave(per_class).repeat(tasks, 1)
+    x_s, x_q = (torch.randn(tasks, WAYS * n, *SHAPES[shape], generator=gen).to(device) for n in (shots, QUERIES))
     return common.Tasks(x_s, labels(shots), x_q, labels(QUERIES))
 
 
@@ -167,11 +182,31 @@ def resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child(label: str, shape: str, shots: int, device: torch.device) -> None:
-    """Serve the parent: print the warm-up's peak memory, then the seconds of one meta-iteration per 'time'."""
-    step, _ = candidate(label, workload(shape, shots, device))
+class CountOps(TorchDispatchMode):
+    """Counts the aten operations dispatched inside it (views included: each is a call a GPU run's host makes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operations(step) -> int:
+    """aten operations of one call of step(), forward and backward."""
+    with CountOps() as counter:
+        step()
+    return counter.count
+
+
+def child(label: str, shape: str, shots: int, device: torch.device, filters: int = FILTERS) -> None:
+    """Serve the parent: print the warm-up's peak memory (and aten operations), then the seconds of one
+    meta-iteration per 'time'."""
+    step, _ = candidate(label, workload(shape, shots, device), filters)
     allocated, held = peak_memory(step, device)
-    print(json.dumps({"allocated": allocated, "held": held}), flush=True)
+    print(json.dumps({"allocated": allocated, "held": held, "ops": operations(step)}), flush=True)
     for line in sys.stdin:
         if line.strip() != "time":
             break
@@ -205,12 +240,59 @@ def peak_memory(step, device: torch.device) -> tuple[int, int]:
     return peak
 
 
+def launch_counts(device: torch.device) -> list[str]:
+    """The launch configuration's aten operations per meta-iteration at each task batch of LAUNCH_TASKS."""
+    shape, shots = LAUNCH_SHAPE
+    lines = ["aten operations per meta-iteration by task batch (launch configuration, counted untimed):", "",
+             "| candidate | " + " | ".join(f"{t} tasks" for t in LAUNCH_TASKS) + " |",
+             "| --- |" + " ---: |" * len(LAUNCH_TASKS)]
+    for label in LAUNCH_FILES:
+        counts = []
+        for tasks in LAUNCH_TASKS:
+            step, _ = candidate(label, workload(shape, shots, device, tasks), LAUNCH_FILTERS)
+            step()  # the first meta-iteration (no stored ĝ yet) apart: the count of a later one
+            counts.append(operations(step))
+        lines.append(f"| {label} | " + " | ".join(f"{c:,}" for c in counts) + " |")
+    return lines + [""]
+
+
+LAUNCH_SHAPE = ("16", 1)
+BUSY_FILE, BUSY_STEPS = "maml_gs.py --gs", 5  # the default path (vmap on CUDA), meta-iterations profiled
+
+
+def busy_fraction(device: torch.device) -> list[str]:
+    """The GPU's busy fraction on the default path: the CUDA kernels' summed time over the wall time of BUSY_STEPS
+    meta-iterations under torch.profiler (its own overhead lengthens the wall: a lower bound), per configuration.
+    Near 1: compute-bound; far below: the host's per-launch cost sets the pace (launch-bound)."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+    lines = [f"GPU busy fraction of {BUSY_FILE} (vmap on), {BUSY_STEPS} meta-iterations under torch.profiler:", ""]
+    for configuration in (LAUNCH, "84x1"):
+        shape, shots = LAUNCH_SHAPE if configuration == LAUNCH else configuration.split("x")
+        filters = LAUNCH_FILTERS if configuration == LAUNCH else FILTERS
+        step, _ = candidate(BUSY_FILE, workload(shape, int(shots), device), filters)
+        step()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+            started = time.perf_counter()
+            for _ in range(BUSY_STEPS):
+                step()
+            sync(device)
+            wall = time.perf_counter() - started
+        kernels = sum(event.self_device_time_total for event in profiler.key_averages()) / 1e6  # µs -> s
+        lines.append(f"- {configuration}: kernels {kernels / BUSY_STEPS * 1000:.1f} ms of "
+                     f"{wall / BUSY_STEPS * 1000:.1f} ms per meta-iteration: busy {kernels / wall:.0%}")
+    return lines + [""]
+
+
 def configuration_table(configuration: str, device: torch.device, repeats: int) -> list[str]:
     """Start every candidate of one configuration, time them in turns, return the table's lines."""
-    shape, shots = configuration.split("x")
+    launch = configuration == LAUNCH
+    shape, shots = LAUNCH_SHAPE if launch else configuration.split("x")
     files = MAML + OTHERS if device.type == "cuda" or shape != "84" else MAML  # all alive at once: CPU memory
     labels = [f"{label} (MALLOC)" for label in files + PEERS] if device.type == "cpu" else list(files + PEERS)
-    if device.type == "cpu":
+    if launch:  # tiny tensors: the allocator setting changes nothing
+        labels = list(LAUNCH_FILES + PEERS)
+    elif device.type == "cpu":
         labels += [f"{peer} (as users run it)" for peer in PEERS]
     else:
         labels += ["maml_gs.py --no-gs --vmap off", "maml_gs.py --gs --vmap off"]
@@ -242,6 +324,16 @@ def configuration_table(configuration: str, device: torch.device, repeats: int) 
         return paired(next((p for p in labels if p.startswith(peer) and ("(MALLOC)" in p) == ("(MALLOC)" in label)),
                            None), label)
     mib = 2 ** 20
+    if launch:
+        stand_in = "; a stand-in for per-launch overhead, not a GPU figure" if device.type == "cpu" else ""
+        lines = [f"### launch: {SHAPES[shape][1]}×{SHAPES[shape][2]}, {LAUNCH_FILTERS} filters, {shots}-shot "
+                 f"({device.type}, median of {repeats}{stand_in})",
+                 "", "| candidate | ms / meta-iteration | vs plain loop | vs higher | aten operations |",
+                 "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {label} | {1000 * median[label]:.1f} | {ratio(REFERENCE, label)} | {ratio('higher', label)} | "
+                  f"{memory[label]['ops']:,} |" for label in labels]
+        return lines + ["", "vs: the median over the rounds of the peer's time over the candidate's in the same "
+                        "round.", ""] + launch_counts(device)
     lines = [f"### {SHAPES[shape][1]}×{SHAPES[shape][2]}, {shots}-shot ({device.type}, median of {repeats})", "",
              "| candidate | s / meta-iteration | vs plain loop | vs higher | vs higher as users run it | "
              "allocated MiB | held MiB |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -256,18 +348,26 @@ def configuration_table(configuration: str, device: torch.device, repeats: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    parser.add_argument("--configuration", action="append", help="SIZExSHOTS, e.g. 84x1 (repeatable)")
+    parser.add_argument("--configuration", action="append", help="SIZExSHOTS, e.g. 84x1, or launch (repeatable)")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of turns; each candidate's median counts")
+    parser.add_argument("--busy", action="store_true", help="the GPU's busy fraction on the default path (CUDA)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = common.pick_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no CUDA device")
     if args.child:
+        if args.configuration[0] == LAUNCH:
+            return child(args.child, *LAUNCH_SHAPE, device, LAUNCH_FILTERS)
         shape, shots = args.configuration[0].split("x")
         return child(args.child, shape, int(shots), device)
     machine = common.provenance(device)
     print(f"# tools/bench.py: {machine['machine']}, torch {torch.__version__}, commit {machine['commit']}\n")
+    if args.busy:
+        if device.type != "cuda":
+            raise SystemExit("error: --busy measures a GPU's kernel time: run it with --device cuda on a GPU")
+        print("\n".join(busy_fraction(device)))
+        return None
     print(f"MALLOC: GLIBC_TUNABLES={MALLOC}\n" if device.type == "cpu" else "", end="")
     started = time.time()
     for configuration in args.configuration or CONFIGURATIONS[device.type]:

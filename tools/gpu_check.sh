@@ -35,6 +35,8 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$out/gpu.txt"
-# The limits add up to 9 minutes: one device command may run 10.
+# The limits add up to under 10 minutes, one device command's limit.
 timeout 150 "$PY" -m pytest -q tests/test_device.py 2>&1 | tee "$out/test_device.log"
-timeout 390 "$PY" tools/bench.py --device cuda 2>&1 | tee "$out/bench.log"
+timeout 45 "$PY" tools/bench.py --device cuda --busy 2>&1 | tee "$out/busy.log"  # launch-bound or not
+timeout 60 "$PY" tools/bench.py --device cuda --configuration launch 2>&1 | tee "$out/launch.log"
+timeout 330 "$PY" tools/bench.py --device cuda 2>&1 | tee "$out/bench.log"
