@@ -159,7 +159,7 @@ def test_files_that_stay_conv4_refuse_resnet12(capsys):
     for module in (cml, mamlpp_gs):
         with pytest.raises(SystemExit) as exit_info:
             common.parse_args(module.Args, ["--backbone", "resnet12"])
-        assert exit_info.value.code == 2 and "runs on conv4 only" in capsys.readouterr().err
+        assert exit_info.value.code == 2 and "--backbone resnet12: this method runs on conv4" in capsys.readouterr().err
     import metasgd_gs
     for module in (maml_gs, metasgd_gs, lwdgh):
         assert common.parse_args(module.Args, ["--backbone", "resnet12"]).backbone == "resnet12"
