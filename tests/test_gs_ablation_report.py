@@ -42,6 +42,8 @@ def test_sources_and_task_batches_paired_by_seed(tmp_path):
     assert "| 10 | 1,800 | 2 | +10.00 ± 0.00 |" in text and "| 1 | 180 | 2 | +1.00 ± 0.00 |" in text
     assert "- the gain grows with the task batch (+1.00, +3.00, +10.00 at 1, 5, 10): so, in the means" in text
     assert (tmp_path / "out" / "gs_ablation" / "sources.png").read_bytes().startswith(PNG_MAGIC)
+    assert "| both | 0.500 | 0.500 | 0.600 | 0.600 |" in text and "| history | 0.500 | 0.500 | — | — |" in text
+    assert "16 finished runs, written over 0 minutes of wall time" in text
 
 
 def test_no_runs_is_a_message(tmp_path, capsys):

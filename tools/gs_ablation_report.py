@@ -50,7 +50,9 @@ def find(root: Path) -> dict[int, dict[int, dict[str, report.Run]]]:
 
 
 def shown(mean: float, half: float) -> str:
-    """mean ± half, or the mean alone with one seed (no interval)."""
+    """mean ± half, or the mean alone with one seed (no interval); no runs: said so."""
+    if mean != mean:
+        return "no runs"
     return f"{mean:+.2f} ± {half:.2f}" if half == half else f"{mean:+.2f} (one seed)"
 
 
@@ -72,8 +74,8 @@ def sources_section(seeds: dict[int, dict[str, report.Run]], figure_dir: Path) -
             mean, half, count = paired(seeds, a, b, metric)
             cells.append(shown(mean, half))
             if name.startswith("early"):
-                claims.append(f"- {SIDES[a]} higher early than {SIDES[b]}: {shown(mean, half)} points: "
-                              + (verdict(mean, half, higher_is_claim=True) if count else "no runs"))
+                claims.append(f"- {SIDES[a]} higher early than {SIDES[b]}: " + (
+                    f"{shown(mean, half)} points: {verdict(mean, half, higher_is_claim=True)}" if count else "no runs"))
         lines.append(f"| {SIDES[a]} − {SIDES[b]} | {count} | " + " | ".join(cells) + " |")
     fig, axes = plt.subplots(1, 2, figsize=(10.4, 3.6))
     for side, color in COLORS.items():
@@ -95,7 +97,19 @@ def sources_section(seeds: dict[int, dict[str, report.Run]], figure_dir: Path) -
     fig.tight_layout()
     fig.savefig(figure_dir / "sources.png", dpi=110)
     plt.close(fig)
-    return lines + ["", "![curves and gates](gs_ablation/sources.png)", "", "Claim by claim:", "", *claims, ""]
+    gates = ["", "The gates each mode learned (σ(λ_k), σ(m_k): mean over k and seeds; m exists in `both` only):", "",
+             "| mode | σ(λ) after epoch 1 | σ(λ) at the end | σ(m) after epoch 1 | σ(m) at the end |",
+             "| --- | --- | --- | --- | --- |"]
+    for side in ("gs", "gs_batch", "gs_history"):
+        have = [s[side] for s in seeds.values() if side in s]
+        cells = []
+        for column in ("sigma_lambda", "sigma_m"):
+            values = np.array([run.column(column) for run in have], dtype=float) if have else np.full((1, 1), np.nan)
+            first, last = (np.nanmean(values[:, i]) if not np.isnan(values[:, i]).all() else np.nan for i in (0, -1))
+            cells += ["—" if v != v else f"{v:.3f}" for v in (first, last)]
+        gates.append(f"| {SIDES[side]} | " + " | ".join(cells) + " |")
+    return lines + gates + ["", "![curves and gates](gs_ablation/sources.png)", "", "Claim by claim:", "", *claims,
+                            ""]
 
 
 def task_batch_section(runs: dict[int, dict[int, dict[str, report.Run]]]) -> list[str]:
@@ -115,8 +129,8 @@ def task_batch_section(runs: dict[int, dict[int, dict[str, report.Run]]]) -> lis
                 early[tasks] = (mean, half)
         lines.append(f"| {tasks} | {seen:,} | {count} | " + " | ".join(cells) + " |")
     lines += ["", "Claim by claim (both − OG, early mean validation accuracy):", ""]
-    lines += [f"- task batch {t}: {shown(m, h)} points: {verdict(m, h, higher_is_claim=True)}"
-              for t, (m, h) in early.items()]
+    lines += [f"- task batch {t}: {shown(m, h)} points: {verdict(m, h, higher_is_claim=True)}" if m == m
+              else f"- task batch {t}: no paired runs" for t, (m, h) in early.items()]
     order = [early[t][0] for t in sorted(early)]
     grows = all(b > a for a, b in zip(order, order[1:]))
     lines.append(f"- the gain grows with the task batch ({', '.join(f'{m:+.2f}' for m in order)} at "
@@ -144,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
              f"filters, {c['inner_steps']} inner steps at {c['inner_lr']}, {c['epochs']} epochs × "
              f"{c['iters_per_epoch']} meta-iterations; differences in percentage points (epochs for the best "
              "epoch), mean over paired seeds ± the half-width of the 95% t-interval.", ""]
+    every = [run for seeds in runs.values() for sides in seeds.values() for run in sides.values()]
+    started = min((run.path / "config.json").stat().st_mtime for run in every)
+    ended = max((run.path / "result.json").stat().st_mtime for run in every)
+    lines += [f"{len(every)} finished runs, written over {(ended - started) / 60:.0f} minutes of wall time (the first "
+              "config.json to the last result.json; the meta-test included).", ""]
     if SOURCES_BATCH in runs:
         lines += sources_section(runs[SOURCES_BATCH], figure_dir)
     lines += task_batch_section(runs)
