@@ -38,6 +38,8 @@ METHODS = {"maml_og": "MAML", "maml_gs": "MAML + GS", "metasgd_og": "Meta-SGD", 
            "cml_maml": "MAML + CML"}
 CURVES = ("maml_og", "metasgd_og", "cml_maml")  # step-independent inner updates: any number of steps is defined
 CURVE_STEPS = 10  # Finn et al.'s Figure 3: up to 10 gradient steps at meta-test
+DIVERGED = 1e3  # an MSE beyond it (the targets' variance is about 4): the steps overshot, shown as "diverged"
+PLOT_TOP = 10.0  # the figure's MSE axis ends here (diverging curves leave it)
 FINN_SHOTS, FINN_TRAIN_SHOTS = 5, 10  # their Table 2 is 5-shot; Section 5.1 trains MAML with K = 10
 # C. Finn, P. Abbeel, S. Levine, arXiv 1703.03400 v3, Appendix C, Table 2 ("showing 5-shot mean squared error"):
 # MAML's MSE after 1, 5 and 10 gradient steps; and "pretrain on all tasks", the best of its baselines.
@@ -137,14 +139,18 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"## MSE after k inner steps at meta-test (seed {min(next(iter(runs.values())))}, the best "
                   "checkpoint)", "", "| model | " + " | ".join(f"k = {k}" for k in range(CURVE_STEPS + 1)) + " |",
                   "| --- |" + " --- |" * (CURVE_STEPS + 1)]
-        lines += [f"| {name} | " + " | ".join(f"{v:.3f}" for v in curve) + " |" for name, curve in curves.items()]
+        lines += [f"| {name} | " + " | ".join(f"{v:.3f}" if v < DIVERGED else "diverged" for v in curve) + " |"
+                  for name, curve in curves.items()]
+        lines += ["", f"diverged: an MSE above {DIVERGED:g} (or inf, NaN): more steps at the training α than the model "
+                  "was meta-trained for overshoot where its meta-learned steps (Meta-SGD's α, MAML's weights) are "
+                  "sharp for one step."]
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         for name, curve in curves.items():
             ax.plot(range(CURVE_STEPS + 1), curve, marker="o", markersize=3, label=name)
         ax.plot(sorted(FINN_TABLE2["MAML (ours)"]), [FINN_TABLE2["MAML (ours)"][k] for k in
                                                      sorted(FINN_TABLE2["MAML (ours)"])],
                 "k*", label="MAML, Finn et al. Table 2 (5-shot)")
-        ax.set(xlabel="inner steps at meta-test", ylabel="test MSE", yscale="log")
+        ax.set(xlabel="inner steps at meta-test", ylabel="test MSE", yscale="log", ylim=(None, PLOT_TOP))
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(figure_dir / "mse_by_steps.png", dpi=110)
