@@ -311,9 +311,9 @@ def test_the_documented_table1_commands_are_the_targets_commands():
         assert flag_pairs(flags) == flag_pairs(make_flags(run, program)[0]), target
 
 
-def test_gs_ablation_is_og_against_each_source_at_5_and_against_both_at_1_10_20_with_paired_seeds():
+def test_gs_ablation_is_og_against_each_source_at_5_and_against_both_at_1_10_20_with_paired_seeds(tmp_path):
     runs = planned_runs("gs-ablation-sources", "gs-ablation-t1", "gs-ablation-t10", "gs-ablation-t20",
-                        DATA="/data", SEEDS="1 2")
+                        DATA="/data", SEEDS="1 2", RUNS=str(tmp_path / "runs"))  # none finished there
     assert len(runs) == 2 * (4 + 3 * 2)
     kinds = {(flag(c, "--tasks"), "og" if "--no-gs" in c else flag(c, "--gs-source") or "both") for c in runs}
     assert kinds == {("5", "og"), ("5", "both"), ("5", "batch"), ("5", "history")} | {
@@ -332,9 +332,9 @@ def test_the_full_protocol_ablation_adds_the_two_sources_to_table1s_task_batch_5
     assert sorted(flag(c, "--gs-source") for c in extra) == ["batch"] * 6 + ["history"] * 6
 
 
-def test_reproduce_sinusoid_is_maml_and_metasgd_with_and_without_sharing_and_maml_cml_at_5_10_20_shots():
+def test_reproduce_sinusoid_is_maml_and_metasgd_with_and_without_sharing_and_maml_cml_at_5_10_20_shots(tmp_path):
     rows = [f"sinusoid-{method}-k{k}" for k in (5, 10, 20) for method in ("maml", "metasgd", "cml")]
-    runs = planned_runs(*rows, SEEDS="1 2")
+    runs = planned_runs(*rows, SEEDS="1 2", RUNS=str(tmp_path / "runs"))  # none finished there
     assert len(runs) == 2 * 3 * 5
     kinds = {(c.split()[2 if c.startswith("echo") else 1], flag(c, "--shots"), flag(c, "--queries"),
               "cml" if "cml.py" in c else "og" if "--no-gs" in c else "gs") for c in runs}
