@@ -141,9 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                   "| --- |" + " --- |" * (CURVE_STEPS + 1)]
         lines += [f"| {name} | " + " | ".join(f"{v:.3f}" if v < DIVERGED else "diverged" for v in curve) + " |"
                   for name, curve in curves.items()]
-        lines += ["", f"diverged: an MSE above {DIVERGED:g} (or inf, NaN): more steps at the training α than the model "
-                  "was meta-trained for overshoot where its meta-learned steps (Meta-SGD's α, MAML's weights) are "
-                  "sharp for one step."]
+        lines += ["", f"diverged: an MSE above {DIVERGED:g}, inf or NaN. Such a model was meta-trained for one step; "
+                  "its learned step (Meta-SGD's α, MAML's weights) overshoots when repeated at the training α."]
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
         for name, curve in curves.items():
             ax.plot(range(CURVE_STEPS + 1), curve, marker="o", markersize=3, label=name)
