@@ -335,15 +335,18 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
     if apart:  # g_meta and g_co in two backwards, for the gradient agreement; g = g_meta + γ g_co
         g_meta = torch.autograd.grad(loss_meta, values, retain_graph=True, materialize_grads=True)  # φ: zeros
         g_co = torch.autograd.grad(loss_co, values, materialize_grads=True)  # θ's head: zeros
+        g_meta, g_co = (list(common.mean_over_processes(dict(enumerate(g))).values()) for g in (g_meta, g_co))
         grads = {name: gm + args.gamma * gc for name, gm, gc in zip(names, g_meta, g_co)}
     else:  # one backward: the same sum, half the work
         grads = dict(zip(names, torch.autograd.grad(loss_meta + args.gamma * loss_co, values)))
+        grads = common.mean_over_processes(grads)  # several processes: the mean of their equal shares
     if args.base == "sharpmaml" and args.sam_outer > 0:  # SAM: ∇L at θ + ε, for main's Adam to apply at θ
         norm = torch.sqrt(sum(g.square().sum() for g in grads.values()))  # over every meta-parameter (θ, φ)
         shifted = {name: (p.detach() + args.sam_outer / (norm + SAM_EPS) * grads[name]).requires_grad_()
                    for name, p in params.items()}  # ε = α_up g / ‖g‖, a constant (their SAM optimiser's step)
         shifted_meta, shifted_co, _ = outer_losses(shifted, tasks, epoch, args)  # the inner loop again, from θ + ε
         grads = dict(zip(names, torch.autograd.grad(shifted_meta + args.gamma * shifted_co, list(shifted.values()))))
+        grads = common.mean_over_processes(grads)
     if args.clip_grad > 0:  # as mamlpp_gs.py: the network's meta-gradients only, not the LSLR rates (nor φ)
         network = [name for name in names if not name.startswith((LSLR, COLEARNER))]
         grads = {name: g.clamp(-args.clip_grad, args.clip_grad) if g is not None and name in network else g
@@ -385,9 +388,11 @@ def main(argv: list[str] | None = None) -> dict:
             if args.base == "mamlpp" and args.cosine:  # MAML++'s CA: this epoch's outer learning rate
                 for group in adam.param_groups:
                     group["lr"] = cosine_lr(epoch, args)
-            for tasks in run.iterations(data.sampler):  # --iters-per-epoch batches of --tasks tasks
+            for tasks in run.iterations(data.sampler):  # --iters-per-epoch batches of --tasks tasks, alike in all
+                # torchrun/srun: this process adapts its share of the batch; meta_gradient all-reduces the mean
+                mine = common.my_share(tasks)  # one process: the whole batch
                 # MAML++'s MSL weights and DA by epoch; every --grad-stats-every-th: g_meta, g_co apart
-                result = meta_gradient(params, state, tasks, epoch, args)
+                result = meta_gradient(params, state, mine, epoch, args)
                 if run.accept(result):  # finite (else skipped and counted: a diverging run stops)
                     for name, p in params.items():
                         p.grad = result.grads[name]

@@ -20,6 +20,7 @@ import ast
 import contextlib
 import csv
 import dataclasses
+import datetime
 import fcntl
 import functools
 import hashlib
@@ -48,6 +49,8 @@ from typing import Callable, Iterator, Literal, NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from PIL import Image
@@ -1347,6 +1350,8 @@ class Args:
     """no progress line"""
     tensorboard: bool = False
     """also write the per-epoch scalars as TensorBoard events into the run directory (pip install tensorboard)"""
+    process_timeout: int = 600
+    """several processes (torchrun, srun): seconds one waits for the others before the run stops with a message"""
     backbones = ("conv4", "resnet12", "mlp")  # the --backbone values a file offers (no annotation: not a flag)
     images_only = ""  # why a file that offers no mlp cannot run --dataset sinusoid (no annotation: not a flag)
 
@@ -1356,7 +1361,7 @@ class Args:
         if self.test_queries < 0:
             problems.append(f"--test-queries must be 0 (--queries) or a positive integer, got {self.test_queries}")
         for name in ("ways", "shots", "queries", "tasks", "filters", "epochs", "iters_per_epoch", "val_tasks",
-                     "test_tasks", "ensemble", "eval_batch", "max_bad_steps", "resnet_width"):
+                     "test_tasks", "ensemble", "eval_batch", "max_bad_steps", "resnet_width", "process_timeout"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         regression = self.dataset in REGRESSION
@@ -1481,7 +1486,7 @@ HELP_GROUPS = {  # --help's groups of the shared flags, after the method's own f
     "network": ("backbone", "filters", "resnet_width", "adapt_bn"),
     "training": ("epochs", "iters_per_epoch", "outer_lr", "seed", "max_bad_steps"),
     "evaluation": ("val_tasks", "test_tasks", "ensemble", "eval_batch", "eval_seed"),
-    "run": ("device", "vmap", "out", "resume", "quiet", "tensorboard")}
+    "run": ("device", "vmap", "out", "resume", "quiet", "tensorboard", "process_timeout")}
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -1534,7 +1539,7 @@ def parse_args(cls: type, argv: list[str] | None = None, description: str | None
 ADDED_LATER = {"backbone": "conv4", "resnet_width": 64,  # result flags newer than some runs: the value those ran with
                "gs_source": "both", "sam_inner": 0.0005, "sam_outer": 0.0005}  # SAM: read by --base sharpmaml only
 RESUME_FREE = ("resume", "quiet", "device", "vmap", "out", "data_root", "cache_dir", "download", "eval_batch",
-               "tensorboard")
+               "tensorboard", "process_timeout")
 
 
 def wrong_types(config: dict, cls: type) -> list[str]:
@@ -1589,6 +1594,104 @@ def resumed_args(args: Args, given: set[str] | None = None) -> Args:
     return resumed
 
 
+# ---- Processes: one meta-training split over tasks (torchrun, srun) ----
+# Every process samples the same whole batch from the same generator and adapts its own equal share of the tasks
+# (my_share); the cross-process sums below make N processes compute the one-process meta-gradient. One process:
+# every helper returns its input as it is, and nothing of torch.distributed runs.
+SLURM_ENV = ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")  # srun's, read when MASTER_ADDR is exported too
+
+
+def process_env() -> tuple[int, int, int]:
+    """(processes, rank, local rank): torchrun's WORLD_SIZE, RANK, LOCAL_RANK; else, under srun with MASTER_ADDR and
+    MASTER_PORT exported, SLURM's SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID; else (1, 0, 0), one process."""
+    env = os.environ
+    names = ("WORLD_SIZE", "RANK", "LOCAL_RANK") if "WORLD_SIZE" in env else SLURM_ENV
+    if "WORLD_SIZE" not in env and not ("SLURM_PROCID" in env and "MASTER_ADDR" in env):
+        return 1, 0, 0
+    try:
+        count, rank, local = (int(env.get(name, "0")) for name in names)
+    except ValueError:
+        raise SystemExit(f"error: the environment's {', '.join(f'{n}={env.get(n)!r}' for n in names)} are not "
+                         f"integers; start several processes with torchrun (or srun), one process without them")
+    if not 0 <= rank < count:
+        raise SystemExit(f"error: {names[1]}={rank} with {names[0]}={count}: a rank in [0, {count}) is expected")
+    return count, rank, local
+
+
+def start_processes(args: Args, device: torch.device) -> None:
+    """Join the process group of a torchrun or srun start (NCCL on CUDA, gloo on a CPU); nothing for one process.
+    Each process adapts --tasks / processes tasks: a count that does not divide --tasks is a usage error."""
+    count, rank, _ = process_env()
+    if count == 1:
+        return
+    if args.tasks % count:
+        raise SystemExit(f"error: --tasks {args.tasks} over {count} processes: each process adapts an equal share of "
+                         f"the batch, so --tasks must be a multiple of the process count (e.g. --tasks "
+                         f"{count * max(1, round(args.tasks / count))})")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise SystemExit(f"error: {count} processes but no {name} in the environment: torchrun sets it; under "
+                             f"srun export MASTER_ADDR (the first node's host name) and MASTER_PORT (a free port)")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=count,
+                            timeout=datetime.timedelta(seconds=args.process_timeout),
+                            device_id=device if device.type == "cuda" else None)
+
+
+def processes() -> int:
+    """How many processes share the run (1 without torchrun or srun)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def process_rank() -> int:
+    """This process's rank, 0 to processes() - 1; process 0 writes the run directory."""
+    return dist.get_rank() if processes() > 1 else 0
+
+
+def my_share(batch: Tasks | torch.Tensor) -> Tasks | torch.Tensor:
+    """This process's equal share of a batch of tasks (tasks, ...): rows rank·n .. (rank + 1)·n − 1, n = tasks /
+    processes, so the ranks hold the batch in task order. One process: the whole batch."""
+    if isinstance(batch, Tasks):
+        return Tasks(*(my_share(x) for x in batch))
+    share = batch.shape[0] // processes()
+    return batch[process_rank() * share:(process_rank() + 1) * share]
+
+
+def sum_over_processes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Σ over the processes of each tensor, the same on every process, in one all-reduce. Differentiable: its
+    backward sums the incoming gradients over the processes, so a second-order meta-gradient flows through it."""
+    if processes() == 1:
+        return list(tensors)
+    summed = funcol.all_reduce_coalesced([t.contiguous() for t in tensors], "sum", dist.group.WORLD)
+    return [funcol.wait_tensor(t) for t in summed]
+
+
+def mean_over_processes(grads: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+    """The batch's meta-gradient from each process's one over its equal share of tasks: their mean (None stays)."""
+    names = [name for name, g in grads.items() if g is not None]
+    summed = sum_over_processes([grads[name] for name in names])
+    return {**grads, **{name: g / processes() for name, g in zip(names, summed)}}
+
+
+def gather_over_processes(share: torch.Tensor) -> torch.Tensor:
+    """Each process's (share, ...) rows, concatenated in rank order: the whole batch's (tasks, ...), on every one."""
+    if processes() == 1:
+        return share
+    return funcol.wait_tensor(funcol.all_gather_single(share.contiguous(), 0, dist.group.WORLD))
+
+
+def _gather_rows(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """evaluate's uneven split: process r holds rows [r·count // N, (r + 1)·count // N) of count (fewer than N
+    rows: some hold none); padded to an equal size for the all-gather, then cut back, in row order."""
+    n = processes()
+    if n == 1:
+        return rows
+    bounds = [r * count // n for r in range(n + 1)]
+    size = max(b - a for a, b in zip(bounds, bounds[1:]))
+    padded = torch.cat([rows, rows.new_zeros(size - rows.shape[0], *rows.shape[1:])])
+    parts = gather_over_processes(padded).split(size)
+    return torch.cat([part[:b - a] for part, a, b in zip(parts, bounds, bounds[1:])])
+
+
 # ---- Evaluation ----
 Z95 = 1.96  # 95% confidence interval of a mean: ± 1.96 · std / sqrt(n)
 
@@ -1608,11 +1711,17 @@ def evaluate(predicts: list[Callable[[Tasks], torch.Tensor]], tasks: EvalTasks, 
     SIGINT/SIGTERM)."""
     ensemble, first = [], []
     for batch_tasks in tasks.batches(batch_size):
-        logits = [predict(batch_tasks) for predict in predicts]
-        if batch_tasks.y_q.is_floating_point():  # regression: predictions averaged in float64, where n equal ones
-            logits = [x.double() for x in logits]  # average to exactly one (float32: not always)
-        ensemble.append(score(sum(logits) / len(logits), batch_tasks.y_q).cpu())
-        first.append(score(logits[0], batch_tasks.y_q).cpu())
+        count, n, rank = batch_tasks.y_q.shape[0], processes(), process_rank()
+        mine = Tasks(*(x[rank * count // n:(rank + 1) * count // n] for x in batch_tasks))  # several processes: a share
+        scores = torch.zeros(0, 2, device=batch_tasks.y_q.device, dtype=torch.float64)  # (tasks, ensemble and first)
+        if mine.y_q.shape[0]:  # a batch smaller than the process count leaves some processes none
+            logits = [predict(mine) for predict in predicts]
+            if mine.y_q.is_floating_point():  # regression: predictions averaged in float64, where n equal ones
+                logits = [x.double() for x in logits]  # average to exactly one (float32: not always)
+            scores = torch.stack([score(sum(logits) / len(logits), mine.y_q), score(logits[0], mine.y_q)], 1).double()
+        scores = _gather_rows(scores, count).cpu()  # the batch's, in task order, on every process
+        ensemble.append(scores[:, 0])
+        first.append(scores[:, 1])
         between()
     return torch.cat(ensemble), torch.cat(first)
 
@@ -1818,9 +1927,13 @@ def for_device(args: Args, device: torch.device) -> Args:
     return replace(args, vmap="on" if use_vmap else "off") if args.vmap == "auto" else args
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """--device's device; CUDA: GPU local_rank, the one torchrun's LOCAL_RANK gives this process (0 alone)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
@@ -1927,12 +2040,14 @@ class Run:
     nothing half-done) and exits with 128 + the signal; running out of memory is a message."""
 
     def __init__(self, args: Args, name: str):
-        self.device = pick_device(args.device)
+        self.device = pick_device(args.device, process_env()[2])  # several processes: LOCAL_RANK's GPU each
         self.args = for_device(args, self.device)  # --vmap auto decided: on for CUDA (and the MLP), off for a CPU
         self.name = name  # e.g. maml_gs: in run directory names, config.json and checkpoints
+        start_processes(args, self.device)  # torchrun, srun: join the others (one process: nothing)
+        self.writes = process_rank() == 0  # the one writer of the run directory; the others only read it
         torch.manual_seed(args.seed)
         self.score = task_score(args.dataset)  # accuracy, or for regression MSE (lower is better)
-        self.progress = Progress(args.quiet, args.epochs, args.iters_per_epoch, self.score)
+        self.progress = Progress(args.quiet or not self.writes, args.epochs, args.iters_per_epoch, self.score)
         # Everything the loops need to continue exactly where they stopped lives in `loop` and the checkpoint.
         self.loop = {"epoch": 0, "iteration": 0, "sums": {}, "skipped": 0, "bad_streak": 0, "seconds": 0.0,
                      "history": [], "top": [], "status": "running"}
@@ -1950,15 +2065,33 @@ class Run:
 
     def __exit__(self, kind, error, trace) -> None:
         self._exit.close()  # signal handlers back, TensorBoard closed, the run directory's lock released
+        if processes() > 1:
+            lost = isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and any(
+                word in str(error) for word in ("Gloo", "gloo", "NCCL", "Connection closed", "Timed out")))
+            if not lost:
+                dist.destroy_process_group()
+            else:  # a process died or hung: the others stop here (after --process-timeout at most)
+                raise SystemExit(f"error: process {process_rank()} lost the other processes of this run "
+                                 f"({str(error).splitlines()[0][:200]}): one of them died, was killed or waited longer "
+                                 f"than --process-timeout {self.args.process_timeout} s; " + (
+                                 f"the run continues from its last checkpoint with --resume {self.dir}" if self.dir
+                                 else "nothing was written; start it again")) from None
         if out_of_memory(error):
             raise SystemExit(f"error: out of {self.device.type} memory ({str(error).splitlines()[0]}). "
                              f"Lower --eval-batch (it may change on --resume), or start again with fewer --tasks, "
                              f"--queries or --filters, or with --recompute where the file offers it") from None
 
+    def _stopping(self) -> bool:
+        """Whether a signal asks the run to stop; several processes agree (each may have got it at another step)."""
+        if processes() == 1:
+            return bool(self.stop)
+        flags = sum_over_processes([torch.tensor([float(bool(self.stop))], device=self.device)])[0]
+        return bool(flags.item())
+
     def _interrupted(self, what: str) -> None:
-        if self.stop:
+        if self._stopping():
             self.progress.message(what)
-            raise SystemExit(128 + self.stop[0])
+            raise SystemExit(128 + (self.stop[0] if self.stop else signal.SIGTERM))
 
     def load_data(self) -> Data:
         """The three splits of --dataset on the run's device: the training task sampler (--seed) and the fixed
@@ -2015,14 +2148,13 @@ class Run:
         stamp = time.strftime("%Y%m%d-%H%M%S")  # a new run's directory name ends with its start time
         new = f"{self.name}__{self.variant}__{args.ways}w{args.shots}s__t{args.tasks}__{args.seed}__{stamp}"
         self.dir = Path(args.resume or args.out or Path("runs") / new).expanduser()
-        if not args.resume and (foreign := foreign_files(self.dir)):
-            raise SystemExit(f"error: --out {self.dir} holds files that are not a run of this project ("
-                             f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), which a run would "
-                             f"overwrite or delete; choose a new or empty folder")
-        self._exit.enter_context(lock_run_dir(self.dir))  # held until the block ends: one writer per directory
-        for leftover in self.dir.glob("*.tmp"):  # of a process killed while writing here (none can be writing now)
-            leftover.unlink()
-        self.progress.message(self._start_line())
+        problem = self._take_dir() if self.writes else None
+        if processes() > 1:  # the writer's directory (its stamp) and its verdict, for every process
+            shared = [str(self.dir), problem]
+            dist.broadcast_object_list(shared, src=0)
+            self.dir, problem = Path(shared[0]), shared[1]
+        if problem:
+            raise SystemExit(problem)
         last = self.dir / LAST
         if args.resume and last.exists():
             ckpt = load_checkpoint(last, args)
@@ -2045,18 +2177,36 @@ class Run:
             self.progress.message(f"resuming {self.dir} at {at}")
             # Leftovers of a kill: checkpoints no longer (or not yet) in the top list (temp files: gone above).
             keep = {f"epoch{epoch:04d}.pt" for _, epoch in loop["top"]}
-            for path in [p for p in self.dir.glob("epoch*.pt") if p.name not in keep]:
+            for path in [p for p in self.dir.glob("epoch*.pt") if p.name not in keep and self.writes]:
                 path.unlink()
-        else:  # a new run (or a resumed one killed before its first checkpoint: it starts again)
-            if not args.resume and last.exists():
-                raise SystemExit(f"error: {self.dir} already holds a run; continue it with --resume {self.dir}")
+        elif self.writes:  # a new run (or a resumed one killed before its first checkpoint: it starts again)
             write_json(self.dir / "config.json", {"program": program_name(args), "algorithm": self.name,
                                                   **dataclasses.asdict(args), "out": str(self.dir), "resume": "",
                                                   "torch": torch.__version__, **provenance(self.device),
-                                                  "data_variant": self.variant, "data": self.data})
-        self.writer = tensorboard_writer(self.dir) if args.tensorboard else None
+                                                  "processes": processes(), "data_variant": self.variant,
+                                                  "data": self.data})
+        self.writer = tensorboard_writer(self.dir) if args.tensorboard and self.writes else None
         if self.writer is not None:
             self._exit.callback(self.writer.close)
+
+    def _take_dir(self) -> str | None:
+        """The writer's part of restore(): lock the run directory, clear a killed process's leftovers. Returns what
+        forbids the run (a message), or None."""
+        args, last = self.args, self.dir / LAST
+        if not args.resume and (foreign := foreign_files(self.dir)):
+            return (f"error: --out {self.dir} holds files that are not a run of this project ("
+                    f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), which a run would "
+                    f"overwrite or delete; choose a new or empty folder")
+        try:
+            self._exit.enter_context(lock_run_dir(self.dir))  # held until the block ends: one writer per directory
+        except SystemExit as e:
+            return str(e)
+        for leftover in self.dir.glob("*.tmp"):  # of a process killed while writing here (none can be writing now)
+            leftover.unlink()
+        self.progress.message(self._start_line())
+        if not args.resume and last.exists():
+            return f"error: {self.dir} already holds a run; continue it with --resume {self.dir}"
+        return None
 
     def _start_line(self) -> str:
         """Where a run writes, on what, from which data: the first line of its log."""
@@ -2075,18 +2225,21 @@ class Run:
 
     def _note(self, text: str) -> None:
         """What makes this run's files differ from an uninterrupted one's: said even with --quiet; in result.json."""
-        print(f"warning: {text}", file=sys.stderr)
+        if self.writes:
+            print(f"warning: {text}", file=sys.stderr)
         self.loop.setdefault("notes", []).append(text)
 
     def _repair_tasks_csv(self) -> None:
         """tasks.csv cut to its last complete row where it lost bytes the last checkpoint counts (repair_csv)."""
-        if size := self.loop.get("tasks_size", 0):
+        if (size := self.loop.get("tasks_size", 0)) and self.writes:
             self.loop["tasks_size"], note = repair_csv(self.dir / "tasks.csv", size)
             if note:
                 self._note(f"epoch {self.loop['epoch'] + 1}: {note}")
 
     def save(self, path: Path) -> None:
-        """A self-describing checkpoint of everything restore() fills, written atomically."""
+        """A self-describing checkpoint of everything restore() fills, written atomically (by process 0 only)."""
+        if not self.writes:
+            return
         cpu = torch.device("cpu")
         ckpt = {"format": CHECKPOINT_FORMAT, "program": program_name(self.args), "algorithm": self.name,
                 "args": dataclasses.asdict(self.args), "params": {n: p.detach().cpu() for n, p in self.params.items()},
@@ -2104,7 +2257,8 @@ class Run:
         if loop["status"] == "running":
             loop["status"] = "finished"
         self.save(self.dir / LAST)  # also a diverged run: --resume then reports it again instead of training on
-        if loop["history"]:  # again: a kill between the last epoch's checkpoint and its metrics.csv loses no row
+        if loop["history"] and self.writes:  # again: a kill between the last epoch's checkpoint and metrics.csv
+            # loses no row
             write_csv(self.dir / "metrics.csv", loop["history"])
         # during the last validation or checkpoint: saved above
         self._interrupted(f"interrupted: saved {self.dir / LAST}; meta-test it with --resume {self.dir}")
@@ -2114,7 +2268,7 @@ class Run:
         during the last one: last.pt saved, exit. Ends early when accept() has found the run diverged."""
         loop = self.loop
         while loop["iteration"] < self.args.iters_per_epoch:
-            if self.stop:
+            if self._stopping():
                 loop["seconds"] += time.time() - self.started
                 self.save(self.dir / LAST)
                 self._interrupted(f"interrupted: saved {self.dir / LAST}; continue with --resume {self.dir}")
@@ -2129,6 +2283,8 @@ class Run:
         squares it). One device-to-host read (flag, loss, accuracy), the step's only one: its numbers are summed on the
         device, read once per epoch. A non-finite step is skipped, counted; --max-bad-steps in a row stop the run
         (diverged)."""
+        if processes() > 1:  # the loss, score and metrics of the whole batch (the meta-gradients are already its)
+            result = self._over_processes(result)
         grads = [g for g in result.grads.values() if g is not None]
         finite = torch.stack([result.loss.isfinite()] + [g.square().isfinite().all() for g in grads]).all()
         finite, self.loss, self.acc = torch.stack([finite.to(result.loss.dtype), result.loss,
@@ -2140,9 +2296,9 @@ class Run:
                 total = loop["sums"].setdefault(name, [0.0, 0])
                 # a device tensor summed on the device; a host number (e.g. LWDGH's draw) on the host: no copy
                 total[0], total[1] = total[0] + torch.as_tensor(value, dtype=torch.float64), total[1] + 1
-            if result.per_task and loop["iteration"] < TASK_LOG:
-                loop.setdefault("task_log", []).append(
-                    [loop["iteration"] + 1, {name: value.detach() for name, value in result.per_task.items()}])
+            if result.per_task and loop["iteration"] < TASK_LOG:  # several processes: the whole batch's tasks, in order
+                loop.setdefault("task_log", []).append([loop["iteration"] + 1, {
+                    name: gather_over_processes(value.detach()) for name, value in result.per_task.items()}])
             loop["bad_streak"] = 0
             return True
         loop["skipped"] += 1  # a NaN or inf: skip this outer update, count it, stop after too many in a row
@@ -2152,6 +2308,14 @@ class Run:
         if loop["bad_streak"] >= self.args.max_bad_steps:
             loop["status"] = "diverged"
         return False
+
+    def _over_processes(self, result: StepResult) -> StepResult:
+        """The loss, score and metrics of the batch from every process's over its equal share of tasks (or the same
+        on all): their mean, in one all-reduce."""
+        values = [result.loss, result.accuracy, *result.metrics.values()]
+        means = sum_over_processes([torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device)
+                                                 for v in values])])[0] / processes()
+        return result._replace(loss=means[0], accuracy=means[1], metrics=dict(zip(result.metrics, means[2:])))
 
     def _task_rows(self, epoch: int) -> list[dict]:
         """The epoch's logged per-task numbers as tasks.csv rows, read from the device at once."""
@@ -2166,7 +2330,7 @@ class Run:
 
     def _stop_in_validation(self) -> None:
         """A signal during validation: save the epoch's training as last.pt (--resume validates it again), exit."""
-        if self.stop:
+        if self._stopping():
             self.loop["seconds"] += time.time() - self.started
             self.save(self.dir / LAST)
             self._interrupted(f"interrupted: saved {self.dir / LAST}; continue with --resume {self.dir}")
@@ -2190,7 +2354,7 @@ class Run:
             f"train_{score.name}": means.pop(f"train_{score.name}", math.nan), f"val_{score.name}": val_acc,
             "val_ci": val_ci,
             "skipped_steps": loop["skipped"], "seconds": loop["seconds"] + time.time() - self.started, **means})
-        if rows := self._task_rows(epoch):  # appended before the checkpoint that counts them
+        if (rows := self._task_rows(epoch)) and self.writes:  # appended before the checkpoint that counts them
             self._repair_tasks_csv()  # the file may have been cut or deleted during the epoch
             loop["tasks_size"] = append_csv(self.dir / "tasks.csv", rows, loop.get("tasks_size", 0))
         loop.update(epoch=epoch + 1, iteration=0, sums={}, skipped=0, seconds=0.0, task_log=[])
@@ -2202,9 +2366,10 @@ class Run:
         if [score.ranked(val_acc), epoch + 1] in loop["top"]:
             self.save(self.dir / f"epoch{epoch + 1:04d}.pt")
         self.save(self.dir / LAST)  # written before the evicted files go: a crash in between loses nothing
-        for _, old in evicted:
+        for _, old in evicted if self.writes else []:
             (self.dir / f"epoch{old:04d}.pt").unlink(missing_ok=True)
-        write_csv(self.dir / "metrics.csv", loop["history"])
+        if self.writes:
+            write_csv(self.dir / "metrics.csv", loop["history"])
         if self.writer is not None:  # the same numbers as metrics.csv's row, one TensorBoard tag per column
             for key, value in loop["history"][-1].items():
                 if key != "epoch":
@@ -2233,6 +2398,8 @@ class Run:
                   "test_tasks": len(tasks)}
         if loop.get("notes"):  # what made this run differ from an uninterrupted one (a resume on another device)
             result["notes"] = loop["notes"]
+        if processes() > 1:  # every process reads the checkpoints process 0 has finished writing
+            dist.barrier()
         if loop["top"]:
             models = []
             for _, epoch in loop["top"]:
@@ -2251,6 +2418,7 @@ class Run:
         self._interrupted(interrupted)  # a signal while loading the checkpoints, or with none to test
         if loop["status"] == "diverged":
             self.progress.message(f"diverged: {args.max_bad_steps} non-finite meta-iterations in a row; stopped")
-        write_json(self.dir / "result.json", result)
+        if self.writes:
+            write_json(self.dir / "result.json", result)
         self.progress.message(f"run directory: {self.dir}")
         return result

@@ -128,15 +128,21 @@ def gci(task_grads: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return task_grads.norm(dim=1) - task_grads @ reference / ref_norm
 
 
-def harmonise(task_grads: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Eq. 4 for every layer: per-task gradients (tasks, ...) -> g_u per layer, weights w (layers, tasks)."""
-    harmonised, weights = {}, []
-    for name, g in task_grads.items():
-        flat = g.flatten(1)  # (tasks, n_ℓ)
-        w = torch.softmax(-gci(flat, flat.mean(0)), dim=0)  # (tasks,), tasks close to ḡ^ℓ weigh more
-        harmonised[name] = torch.tensordot(w, g, dims=1)  # Σ_t w_t^ℓ g_t^ℓ, the layer's shape
-        weights.append(w)
-    return harmonised, torch.stack(weights)
+def harmonise(task_grads: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
+    """Eq. 4 for every layer: per-task gradients (tasks, ...) -> g_u per layer, weights w (layers, tasks), ḡ per layer.
+
+    Several processes (each holds its share of the tasks' g_t): ḡ^ℓ from an all-reduce of Σ_t g_t^ℓ, every task's
+    GCI_t^ℓ all-gathered (one number per task and layer) for the softmax over all tasks, then Σ_t w_t^ℓ g_t^ℓ
+    all-reduced: exact, with two gradient-sized all-reduces rather than gathering every task's whole gradient.
+    """
+    names, count = list(task_grads), next(iter(task_grads.values())).shape[0] * common.processes()  # T
+    sums = common.sum_over_processes([g.sum(0) for g in task_grads.values()])  # Σ_t g_t^ℓ over the whole batch
+    mean = {name: total / count for name, total in zip(names, sums)}  # ḡ^ℓ, the layer's shape
+    conflict = torch.stack([gci(g.flatten(1), mean[name].flatten()) for name, g in task_grads.items()])  # (layers, my)
+    weights = torch.softmax(-common.gather_over_processes(conflict.T).T, dim=1)  # (layers, tasks): near ḡ^ℓ weighs more
+    mine = common.my_share(weights.T).T  # (layers, my tasks)
+    harmonised = common.sum_over_processes([torch.tensordot(w, g, dims=1) for w, g in zip(mine, task_grads.values())])
+    return dict(zip(names, harmonised)), weights, mean  # g_u^ℓ = Σ_t w_t^ℓ g_t^ℓ, the layer's shape
 
 
 def inner_step(fast: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], tasks: common.Tasks, args: Args,
@@ -184,9 +190,8 @@ def task_gradients(params: dict[str, torch.Tensor], tasks: common.Tasks, args: A
 def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, epoch: int,
                   args: Args) -> common.StepResult:
     """One meta-iteration: per-task meta-gradients g_t, then ḡ (explore) or g_u (exploit) for Adam."""
-    task_grads, losses, acc = task_gradients(params, tasks, args)
-    mean = {name: g.mean(0) for name, g in task_grads.items()}  # ḡ^ℓ: the MAML meta-gradient
-    harmonised, weights = harmonise(task_grads)  # g_u^ℓ, w (layers, tasks)
+    task_grads, losses, acc = task_gradients(params, tasks, args)  # several processes: my tasks' g_t
+    harmonised, weights, mean = harmonise(task_grads)  # g_u^ℓ, w (layers, tasks), ḡ^ℓ (the MAML meta-gradient)
     generator = torch.Generator()
     generator.set_state(state["rng"])  # on the host (common._to keeps it there on every device)
     # A number of a CPU generator: host memory on every device, no wait for the device
@@ -194,9 +199,10 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
     # Conflict numbers of this step over the whole θ: Eq. 3 summed over tasks, w.r.t. ḡ and w.r.t. g_u.
     flat = torch.cat([g.flatten(1) for g in task_grads.values()], dim=1)  # (tasks, n)
     task_gci = gci(flat, torch.cat([g.flatten() for g in mean.values()]))  # (tasks,): Figure 2's GCI of each task
-    metrics = {"gci_mean": task_gci.sum(), "explore_fraction": float(explore),  # tensors: read once per epoch
-               "gci_harmonised": gci(flat, torch.cat([g.flatten() for g in harmonised.values()])).sum(),
-               "weight_entropy": torch.special.entr(weights).sum(1).mean()}
+    harmonised_gci = gci(flat, torch.cat([g.flatten() for g in harmonised.values()]))
+    sums = common.sum_over_processes([torch.stack([task_gci.sum(), harmonised_gci.sum()])])[0]  # over the batch
+    metrics = {"gci_mean": sums[0], "explore_fraction": float(explore), "gci_harmonised": sums[1],
+               "weight_entropy": torch.special.entr(weights).sum(1).mean()}  # tensors: read once per epoch
     grads = mean if explore else harmonised
     if args.clip_grad > 0:  # as fmu2's train.py: every element of every meta-gradient, before the outer step
         grads = {name: g.clamp(-args.clip_grad, args.clip_grad) for name, g in grads.items()}
@@ -238,9 +244,12 @@ def main(argv: list[str] | None = None) -> dict:
         adam = torch.optim.Adam(params.values(), lr=args.outer_lr)
         run.restore(params, state, adam, data.sampler)  # the run directory; --resume: all four from last.pt
         for epoch in run.epochs():
-            for tasks in run.iterations(data.sampler):  # --iters-per-epoch batches of --tasks tasks
+            for tasks in run.iterations(data.sampler):  # --iters-per-epoch batches of --tasks tasks, alike in all
+                # torchrun/srun: this process adapts its share of the batch; harmonise's all-reduces and all-gather
+                # make ḡ, the softmax over all tasks and g_u the batch's
+                mine = common.my_share(tasks)  # one process: the whole batch
                 # explores (ḡ) with probability explore_probability(epoch), else exploits (g_u); clamped to ±--clip-grad
-                result = meta_gradient(params, state, tasks, epoch, args)
+                result = meta_gradient(params, state, mine, epoch, args)
                 if run.accept(result):  # finite (else skipped and counted: a diverging run stops)
                     for name, p in params.items():
                         p.grad = result.grads[name]

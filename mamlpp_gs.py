@@ -188,7 +188,8 @@ def inner_step(k: int, fast: dict[str, torch.Tensor], frozen_k: dict[str, torch.
     stored = sharing.ghat if sharing is not None else None  # ĝ^old_1..K of the earlier meta-iterations, or None
     if sharing is not None and sharing.update:
         # Σ_t ∇L_t; history: g_k only feeds the stored mean, which is detached: no graph to keep
-        total = {name: (g.detach() if sharing.source == "history" else g).sum(0) for name, g in grads.items()}
+        mine = [(g.detach() if sharing.source == "history" else g).sum(0) for g in grads.values()]  # my tasks'
+        total = dict(zip(grads, common.sum_over_processes(mine)))  # the batch's (several processes: an all-reduce)
         norm = torch.sqrt(sum(g.square().sum() for g in total.values()))  # over the whole adapted vector
         ghat_k = {name: g / norm for name, g in total.items()}  # Eq. 1: g_k; Eq. 2: ĝ_k = g_k at first
         if stored is not None and sharing.source != "batch":  # Eq. 3 (batch: ĝ_k = g_k, σ(m_k) = 1 as it were)
@@ -268,6 +269,7 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
             step_loss, acc = common.query_loss(logits, tasks.y_q)  # acc: at θ_{t,K}, the last step
             loss = loss + weight * step_loss
     grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)))
+    grads = common.mean_over_processes(grads)  # several processes: the mean of their equal shares, clipped below
     if args.clip_grad > 0:  # as the reference: the network's meta-gradients only, not the learning rates, m or λ
         grads = {name: g.clamp(-args.clip_grad, args.clip_grad) if g is not None and (name in theta or name in frozen)
                  else g for name, g in grads.items()}
@@ -308,8 +310,11 @@ def main(argv: list[str] | None = None) -> dict:
             if args.cosine:  # CA: this epoch's outer learning rate
                 for group in adam.param_groups:
                     group["lr"] = cosine_lr(epoch, args)
-            for tasks in run.iterations(data.sampler):  # --iters-per-epoch batches of --tasks tasks
-                result = meta_gradient(params, state, tasks, epoch, args)  # MSL weights and DA by epoch
+            for tasks in run.iterations(data.sampler):  # --iters-per-epoch batches of --tasks tasks, alike in all
+                # torchrun/srun: this process adapts its share of the batch; the all-reduces over processes are
+                # inner_step's Σ_t ∇L_t (through which the meta-gradient flows) and meta_gradient's mean
+                mine = common.my_share(tasks)  # one process: the whole batch
+                result = meta_gradient(params, state, mine, epoch, args)  # MSL weights and DA by epoch
                 if run.accept(result):  # finite (else skipped and counted: a diverging run stops)
                     for name, p in params.items():
                         p.grad = result.grads[name]

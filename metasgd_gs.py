@@ -138,7 +138,8 @@ def inner_step(k: int, fast: dict[str, torch.Tensor], frozen: dict[str, torch.Te
     stored = sharing.ghat if sharing is not None else None  # ĝ^old_1..K of the earlier meta-iterations, or None
     if sharing is not None and sharing.update:
         # Σ_t ∇L_t; history: g_k only feeds the stored mean, which is detached: no graph to keep
-        total = {name: (g.detach() if sharing.source == "history" else g).sum(0) for name, g in grads.items()}
+        mine = [(g.detach() if sharing.source == "history" else g).sum(0) for g in grads.values()]  # my tasks'
+        total = dict(zip(grads, common.sum_over_processes(mine)))  # the batch's (several processes: an all-reduce)
         norm = torch.sqrt(sum(g.square().sum() for g in total.values()))  # over the whole parameter vector
         ghat_k = {name: g / norm for name, g in total.items()}  # Eq. 1: g_k; Eq. 2: ĝ_k = g_k at first
         if stored is not None and sharing.source != "batch":  # Eq. 3 (batch: ĝ_k = g_k, σ(m_k) = 1 as it were)
@@ -189,6 +190,7 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
                                   args.recompute)  # (tasks, ways*queries, ways)
     loss, acc = common.query_loss(logits, tasks.y_q)
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)  # m: None on the first iteration
+    grads = common.mean_over_processes(dict(zip(params, grads)))  # several processes: the mean of their equal shares
     metrics = {}
     if args.learn_alpha:  # every learning rate of the network, (number of θ elements,)
         flat = torch.cat([params[ALPHA + name].detach().flatten() for name in theta])
@@ -199,7 +201,7 @@ def meta_gradient(params: dict[str, torch.Tensor], state: dict, tasks: common.Ta
         if m is not None:
             metrics["sigma_m"] = torch.sigmoid(m).mean().detach()
         metrics["sigma_lambda"] = torch.sigmoid(lam).mean().detach()
-    return common.StepResult(loss.detach(), acc, dict(zip(params, grads)), state, metrics)
+    return common.StepResult(loss.detach(), acc, grads, state, metrics)
 
 
 def predict(params: dict[str, torch.Tensor], state: dict, tasks: common.Tasks, args: Args) -> torch.Tensor:
@@ -225,8 +227,11 @@ def main(argv: list[str] | None = None) -> dict:
         adam = torch.optim.Adam(params.values(), lr=args.outer_lr)
         run.restore(params, state, adam, data.sampler)  # the run directory; --resume: all four from last.pt
         for epoch in run.epochs():
-            for tasks in run.iterations(data.sampler):  # --iters-per-epoch batches of --tasks tasks
-                result = meta_gradient(params, state, tasks, epoch, args)
+            for tasks in run.iterations(data.sampler):  # --iters-per-epoch batches of --tasks tasks, alike in all
+                # torchrun/srun: this process adapts its share of the batch; the all-reduces over processes are
+                # inner_step's Σ_t ∇L_t (through which the meta-gradient flows) and meta_gradient's mean
+                mine = common.my_share(tasks)  # one process: the whole batch
+                result = meta_gradient(params, state, mine, epoch, args)
                 if run.accept(result):  # finite (else skipped and counted: a diverging run stops)
                     for name, p in params.items():
                         p.grad = result.grads[name]

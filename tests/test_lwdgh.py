@@ -78,7 +78,7 @@ def test_gci_and_weights_match_a_hand_computation():
     torch.testing.assert_close(lwdgh.gci(g, g.mean(0)), torch.tensor(gci, dtype=DTYPE), rtol=1e-14, atol=1e-15)
     # A second layer (2×1 per task) where the two tasks disagree in sign only: equal GCI, equal weights.
     h = torch.tensor([[[2.0], [0.0]], [[-2.0], [0.0]]], dtype=DTYPE)
-    harmonised, weights = lwdgh.harmonise({"a": g, "b": h})
+    harmonised, weights, _ = lwdgh.harmonise({"a": g, "b": h})
     w = [math.exp(-gci[0]) / (math.exp(-gci[0]) + math.exp(-gci[1]))]
     w.append(1 - w[0])
     torch.testing.assert_close(weights, torch.tensor([w, [0.5, 0.5]], dtype=DTYPE), rtol=1e-14, atol=1e-15)
@@ -140,7 +140,7 @@ def test_identical_tasks_give_uniform_weights_and_exactly_the_maml_update():
 def test_explore_steps_use_the_plain_mean_and_exploit_steps_the_harmonised_gradient():
     params, tasks = tiny_params(), tiny_tasks()
     explore, exploit, maml = run_step(params, tasks, 1.0), run_step(params, tasks, 0.0), maml_step(params, tasks)
-    harmonised, _ = lwdgh.harmonise({name: torch.stack([g[name] for g in reference_task_grads(params, tasks)])
+    harmonised, _, _ = lwdgh.harmonise({name: torch.stack([g[name] for g in reference_task_grads(params, tasks)])
                                      for name in params})
     assert explore.metrics["explore_fraction"] == 1 and exploit.metrics["explore_fraction"] == 0
     for name in params:
