@@ -47,6 +47,8 @@ How it runs: `main`, at the end of this file, shows meta-training in order: the 
 each epoch's cosine learning rate), the epochs of meta-iterations (`meta_gradient` on a fresh task batch, then
 the Adam step), meta-validation with `predict` (θ alone) after every epoch, and the meta-test of the 5 best
 checkpoints' ensemble. common.py holds the plumbing only: data, the network, the run directory, checkpoints, logs.
+Several processes (torchrun, srun; one per GPU): each adapts its equal share of the same batch (`main`), and the
+meta-gradients are the mean over processes (`meta_gradient`, before the clipping and Sharp-MAML's outer norm).
 
 Reproduces arXiv 2406.04639's 5-way 1-/5-shot rows (headline: MAML++ +CML, MiniImagenet 5-shot, 70.08%) on
 MiniImagenet, Omniglot, CIFAR-FS, FC100 and VGG Flower, each base alone (--gamma 0) and with CML: MAML and BOIL as

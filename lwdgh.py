@@ -35,6 +35,9 @@ How it runs: `main`, at the end of this file, shows meta-training in order: the 
 meta-iterations (`meta_gradient` on a fresh task batch: explore or exploit, then the Adam step), meta-validation
 with `predict` after every epoch (the training inner steps), and the meta-test of the 5 best checkpoints'
 ensemble with --test-inner-steps. common.py holds the plumbing only: data, the network, run directory, logs.
+Several processes (torchrun, srun; one per GPU): each adapts its equal share of the same batch (`main`);
+`harmonise` all-reduces Σ_t g_t^ℓ (ḡ), all-gathers every task's GCI_t^ℓ (the softmax runs over all tasks) and
+all-reduces Σ_t w_t^ℓ g_t^ℓ (g_u): N processes compute the one-process ḡ and g_u.
 
 Defaults: the paper's (task batch 4, inner lr 0.01, 5 inner steps in training, 10 at meta-test, Adam 1e-3,
 Conv4-32: 32.9k parameters) and, where it is silent, its code base's (fmu2/PyTorch-MAML, public copy

@@ -35,6 +35,9 @@ How it runs: `main`, at the end of this file, shows meta-training in order: the 
 the epochs of meta-iterations (`meta_gradient` on a fresh task batch, then the Adam step, the new ĝ kept),
 meta-validation with `predict` after every epoch, and the meta-test of the 5 best checkpoints' ensemble.
 common.py holds the plumbing only: data, the network, the run directory, checkpoints, signals and logs.
+Several processes (torchrun, srun; one per GPU): each adapts its equal share of the same batch (`main`); the
+batch's Σ_t ∇L_t of Eq. 1 is an all-reduce inside `inner_step` that the meta-gradient flows through, and the
+meta-gradient the mean over processes (`meta_gradient`): N processes compute the one-process meta-gradient.
 
 Reproduces arXiv 2312.08398, Table 1 (5-way 5-shot), rows MAML/5 and MAML/1 (task batch 5 and 1),
 columns ORIGINAL (--no-gs) and GRADSHARE (--gs); CUB: 150 epochs (task batch 5) or 750 (task batch 1),

@@ -55,6 +55,10 @@ meta-parameters with each epoch's cosine learning rate, the epochs of meta-itera
 fresh task batch with that epoch's MSL weights and derivative order, then the Adam step, the new ĝ kept),
 meta-validation with `predict` after every epoch, and the meta-test of the 5 best checkpoints' ensemble.
 common.py holds the plumbing only: data, the network, the run directory, checkpoints, signals and logs.
+Several processes (torchrun, srun; one per GPU): each adapts its equal share of the same batch (`main`); the
+batch's Σ_t ∇L_t of Eq. 1 is an all-reduce inside `inner_step` that the meta-gradient flows through, and the
+meta-gradient the mean over processes (`meta_gradient`, before the clipping): N processes compute the one-process
+meta-gradient.
 Conv4 only (--backbone): per-step BN rows are Conv4's, as MAML++'s.
 
 Reproduces arXiv 2312.08398, Table 1 (5-way 5-shot), rows MAML++/5 and MAML++/1 (task batch 5 and 1),

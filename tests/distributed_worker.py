@@ -63,9 +63,10 @@ def compute() -> dict[str, list[dict]]:
             tasks = common.Tasks(*(x.double() if x.is_floating_point() else x for x in tasks))
             result = module.meta_gradient(params, state, common.my_share(tasks), 0, args)
             state.update(result.state)
-            steps.append({"grads": {n: g for n, g in result.grads.items() if g is not None},
-                          "ghat": state.get("ghat"), "metrics": {k: torch.as_tensor(v) for k, v in result.metrics.items()
-                                                                 if k.startswith(("gci", "weight", "grad_"))}})
+            metrics = {k: torch.as_tensor(v) for k, v in result.metrics.items()
+                       if k.startswith(("gci", "weight", "grad_"))}
+            steps.append({"grads": {n: g for n, g in result.grads.items() if g is not None}, "ghat": state.get("ghat"),
+                          "metrics": metrics})  # the batch's (loss and score: Run's mean over processes)
         out[name] = steps
     return out
 
