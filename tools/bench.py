@@ -5,6 +5,7 @@
     python tools/bench.py --configuration 84x5    # one configuration, SIZExSHOTS
     python tools/bench.py --configuration launch  # per-operation overhead: tiny arithmetic, aten operations counted
     python tools/bench.py --device cuda --busy    # the GPU's busy fraction (kernel time / wall time), default path
+    python tools/bench.py --configuration processes  # 84×84 on 1 process × 2 threads against 2 processes × 1 thread
 
 Workload: second-order MAML, Conv4-48, 5 tasks, 5 inner steps, inner lr 0.1, 5-way, 15 queries, synthetic
 images. Candidates: the algorithm files (on a CPU at 84×84 MAML's alone: every file's candidate alive at
@@ -31,6 +32,12 @@ is paid per kernel launch (a CPU's figure is a stand-in for that overhead, never
 maml_gs.py without and with sharing, vmap on and off, the plain loop and `higher`; beside each time the number of
 aten operations one meta-iteration dispatches (forward and backward, counted with a TorchDispatchMode in a
 separate, untimed pass), and the vmap path's count at 1, 5 and 25 tasks.
+
+--configuration processes: torch.distributed over the tasks (gloo, a CPU): maml_gs.py at 84×84, 1-shot, 4 tasks
+(2 per process), on 1 process of 2 threads and on 2 processes of 1 thread each (torchrun's environment), each
+started afresh in turn; process 0's median time per meta-iteration (the processes start each one together), and
+the collectives one meta-iteration dispatches (forward and backward: their count, the bytes sent in, and the
+seconds spent inside them, waiting for the other process included), counted in a separate pass.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ import importlib
 import importlib.util
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +56,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -70,6 +79,8 @@ OTHERS = ("metasgd_gs.py --gs", "mamlpp_gs.py --gs", "cml.py", "cml.py --base sh
 PEERS = (REFERENCE, "higher")
 CONFIGURATIONS = {"cpu": ("84x1", "28x1"), "cuda": ("84x1", "84x5", "28x1")}
 SAMPLE_S = 0.001
+PROCESSES = "processes"  # the configuration of torch.distributed: PROCESS_FILES at 84x1, PROCESS_TASKS tasks
+PROCESS_FILES, PROCESS_TASKS, PROCESS_THREADS = ("maml_gs.py --no-gs", "maml_gs.py --gs"), 4, 2
 
 
 def workload(shape: str, shots: int, device: torch.device, tasks: int = TASKS) -> common.Tasks:
@@ -192,6 +203,80 @@ class CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+class CountCollectives(TorchDispatchMode):
+    """The torch.distributed collectives dispatched inside it (the functional ones, forward and backward): calls,
+    bytes sent in, seconds inside them (their wait included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.bytes, self.seconds = 0, 0, 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace != "_c10d_functional":
+            return func(*args, **(kwargs or {}))
+        started = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        if "wait_tensor" not in func.name():
+            tensors = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
+            self.calls, self.bytes = self.calls + 1, self.bytes + sum(t.numel() * t.element_size() for t in tensors)
+        self.seconds += time.perf_counter() - started
+        return out
+
+
+def process_child(label: str, repeats: int) -> None:
+    """One process of the processes configuration: its share of the batch; process 0 prints times and collectives."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+    tasks = common.my_share(workload("84", 1, torch.device("cpu"), PROCESS_TASKS))
+    step, _ = candidate(label, tasks)
+    step()  # warm-up (and the first stored ĝ)
+    times = []
+    for _ in range(repeats):
+        if dist.is_initialized():
+            dist.barrier()  # both processes start the meta-iteration together
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    with CountCollectives() as collectives:
+        step()
+    if common.process_rank() == 0:
+        print(json.dumps({"times": times, "calls": collectives.calls, "bytes": collectives.bytes,
+                          "seconds": collectives.seconds}), flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def processes_table(repeats: int) -> list[str]:
+    """1 process × 2 threads against 2 processes × 1 thread, each candidate twice in alternating order."""
+    lines = [f"### processes: 84×84, 1-shot, {PROCESS_TASKS} tasks, torch.distributed (gloo, cpu, median of "
+             f"{2 * repeats})", "", "| candidate | processes × threads | s / meta-iteration | vs 1 process | "
+             "collectives | MiB sent in | s inside collectives |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for label in PROCESS_FILES:
+        runs: dict[int, list[dict]] = {1: [], 2: []}
+        for order in ((1, 2), (2, 1)):
+            for count in order:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = s.getsockname()[1]
+                env = dict(os.environ, GLIBC_TUNABLES=MALLOC, OMP_NUM_THREADS=str(PROCESS_THREADS // count),
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(count))
+                procs = [subprocess.Popen([sys.executable, __file__, "--process-child", label, "--repeats",
+                                           str(repeats)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                                          stdout=subprocess.PIPE, text=True) for r in range(count)]
+                outputs = [p.communicate()[0] for p in procs]
+                if any(p.returncode for p in procs):
+                    raise SystemExit(f"error: the processes configuration's {label} on {count} failed")
+                runs[count].append(json.loads(outputs[0]))
+        one = statistics.median(t for run in runs[1] for t in run["times"])
+        for count, threads in ((1, PROCESS_THREADS), (2, PROCESS_THREADS // 2)):
+            run = runs[count][0]
+            median = statistics.median(t for r in runs[count] for t in r["times"])
+            lines.append(f"| {label} | {count} × {threads} | {median:.3f} | {one / median:.2f}× | {run['calls']} | "
+                         f"{run['bytes'] / 2 ** 20:.2f} | {statistics.median(r['seconds'] for r in runs[count]):.3f} |")
+    return lines + ["", "vs 1 process: its time over the candidate's. Collectives: one meta-iteration's, forward and "
+                    "backward, counted in a separate pass (the seconds include waiting for the other process).", ""]
 
 
 def operations(step) -> int:
@@ -352,7 +437,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="rounds of turns; each candidate's median counts")
     parser.add_argument("--busy", action="store_true", help="the GPU's busy fraction on the default path (CUDA)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--process-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.process_child:
+        return process_child(args.process_child, args.repeats)
     device = common.pick_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no CUDA device")
@@ -371,7 +459,9 @@ def main() -> None:
     print(f"MALLOC: GLIBC_TUNABLES={MALLOC}\n" if device.type == "cpu" else "", end="")
     started = time.time()
     for configuration in args.configuration or CONFIGURATIONS[device.type]:
-        print("\n".join(configuration_table(configuration, device, args.repeats)), flush=True)
+        table = processes_table(args.repeats) if configuration == PROCESSES else configuration_table(
+            configuration, device, args.repeats)
+        print("\n".join(table), flush=True)
     print(f"({time.time() - started:.0f} s)")
 
 
