@@ -1628,6 +1628,11 @@ def start_processes(args: Args, device: torch.device) -> None:
         raise SystemExit(f"error: --tasks {args.tasks} over {count} processes: each process adapts an equal share of "
                          f"the batch, so --tasks must be a multiple of the process count (e.g. --tasks "
                          f"{count * max(1, round(args.tasks / count))})")
+    if not hasattr(funcol, "all_reduce_coalesced_backward"):  # before PyTorch gave its collectives a backward
+        raise SystemExit(f"error: several processes need PyTorch's differentiable collectives (the functional "
+                         f"all-reduce's backward), which torch {torch.__version__} lacks: without it gradient "
+                         f"sharing's meta-gradient would silently lose its path through the all-reduce; upgrade "
+                         f"torch (pip install -U torch) or run one process")
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:
             raise SystemExit(f"error: {count} processes but no {name} in the environment: torchrun sets it; under "
@@ -2099,6 +2104,8 @@ class Run:
         args = self.args
         if args.dataset in REGRESSION:
             return self._generated_data()
+        if processes() > 1 and not self.writes:
+            dist.barrier()  # process 0 loads first: it alone downloads and writes the caches, the others read them
         try:
             splits = {split: load_split(args.dataset, split, args.data_root, download=args.download,
                                         cache_dir=args.cache_dir or None, bbox_crop=args.bbox_crop,
@@ -2114,7 +2121,9 @@ class Run:
                                   args.test_tasks, seed=args.eval_seed), splits["train"].image_shape)
         except DataError as e:
             raise SystemExit(f"error: {e}")
-        if self.variant == "omniglot-small":  # said on every run: its numbers are not full-Omniglot numbers
+        if processes() > 1 and self.writes:
+            dist.barrier()
+        if self.variant == "omniglot-small" and self.writes:  # said on every run: not full-Omniglot numbers
             classes = "/".join(str(self.data[split]["classes"]) for split in SPLITS)
             print(f"warning: no full Omniglot under --data-root {args.data_root}: this run uses the two small "
                   f"subsets (omniglot-small, {classes} train/val/test classes), not the full set's", file=sys.stderr)
@@ -2153,6 +2162,10 @@ class Run:
             shared = [str(self.dir), problem]
             dist.broadcast_object_list(shared, src=0)
             self.dir, problem = Path(shared[0]), shared[1]
+            if not problem and not (self.dir / LOCK).exists():  # process 0 made it: a node-local disk elsewhere
+                raise SystemExit(f"error: process {process_rank()} does not see the run directory {self.dir} that "
+                                 f"process 0 made: with several processes it must be on a file system all of them "
+                                 f"see (e.g. the cluster's shared one), not a node's local disk")
         if problem:
             raise SystemExit(problem)
         last = self.dir / LAST
@@ -2199,10 +2212,12 @@ class Run:
                     f"overwrite or delete; choose a new or empty folder")
         try:
             self._exit.enter_context(lock_run_dir(self.dir))  # held until the block ends: one writer per directory
+            for leftover in self.dir.glob("*.tmp"):  # of a process killed while writing here (none can write now)
+                leftover.unlink()
         except SystemExit as e:
             return str(e)
-        for leftover in self.dir.glob("*.tmp"):  # of a process killed while writing here (none can be writing now)
-            leftover.unlink()
+        except OSError as e:
+            return f"error: cannot clear {self.dir}'s unfinished files ({e}); check the folder's permissions"
         self.progress.message(self._start_line())
         if not args.resume and last.exists():
             return f"error: {self.dir} already holds a run; continue it with --resume {self.dir}"
