@@ -1936,9 +1936,10 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """--device's device; CUDA: GPU local_rank, the one torchrun's LOCAL_RANK gives this process (0 alone)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":  # modulo: srun may bind one GPU to each task, which then sees that one only
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if name == "cuda" and torch.cuda.is_available():  # modulo: srun may bind each task one GPU, the one it sees
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device(name)
 
 
