@@ -21,10 +21,9 @@ IMAGES = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--ways", "3
           "--filters", "3", "--inner-lr", "0.3"]
 SINUSOID = ["--dataset", "sinusoid", "--shots", "3", "--queries", "2"]
 CASES = {  # name: (file, flags); the GS ones run twice, so that the second uses the first's stored ĝ (and m a gradient)
-    "maml --gs": ("maml_gs", ["--gs"]),
     "maml --gs vmap": ("maml_gs", ["--gs", "--vmap", "on"]),  # the GPU's default path (a CPU's: the loop)
-    "maml --gs --recompute": ("maml_gs", ["--gs", "--recompute"]),  # the backward recomputes the all-reduce
-    "maml --gs --gs-source history": ("maml_gs", ["--gs", "--gs-source", "history"]),
+    "maml --gs --recompute": ("maml_gs", ["--gs", "--recompute"]),  # the loop path; the backward recomputes
+    # the all-reduce
     "maml --no-gs sinusoid": ("maml_gs", ["--no-gs", *SINUSOID]),
     "metasgd --gs": ("metasgd_gs", ["--gs"]),
     "mamlpp --gs --clip-grad 0.01": ("mamlpp_gs", ["--gs", "--clip-grad", "0.01"]),

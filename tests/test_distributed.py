@@ -23,7 +23,7 @@ import maml_gs
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--dataset", "synthetic", "--synthetic-shape", "1,16,16", "--ways", "3", "--shots", "1", "--queries", "2",
-       "--filters", "3", "--tasks", "4", "--inner-steps", "2", "--iters-per-epoch", "6", "--val-tasks", "5",
+       "--filters", "3", "--tasks", "4", "--inner-steps", "2", "--iters-per-epoch", "4", "--val-tasks", "5",
        "--test-tasks", "5", "--eval-batch", "3", "--ensemble", "2", "--quiet"]
 
 
@@ -83,7 +83,7 @@ def assert_same_result(a: dict, b: dict) -> None:
 
 
 def test_a_two_process_run_writes_the_one_process_result_and_resumes_on_one_process(tmp_path):
-    argv = [str(ROOT / "maml_gs.py"), *RUN, "--gs", "--epochs", "3"]
+    argv = [str(ROOT / "maml_gs.py"), *RUN, "--gs", "--epochs", "2"]
     one = tmp_path / "one"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each of the processes: float32 sums over another thread count differ in their
@@ -102,7 +102,7 @@ def test_a_two_process_run_writes_the_one_process_result_and_resumes_on_one_proc
 
     # Stopped by a signal to process 1 alone (process 0 writes): both stop at the same step; 1 process resumes.
     stopped = tmp_path / "stopped"
-    procs = start(argv + ["--epochs", "3", "--out", str(stopped)])
+    procs = start(argv + ["--out", str(stopped)])
     deadline = time.time() + 120
     while not (stopped / common.LAST).exists() and time.time() < deadline:
         time.sleep(0.01)
@@ -120,7 +120,7 @@ def test_a_two_process_run_writes_the_one_process_result_and_resumes_on_one_proc
 
 def test_a_dead_process_stops_the_others_with_a_message(tmp_path):
     out = tmp_path / "run"
-    procs = start([str(ROOT / "maml_gs.py"), *RUN, "--gs", "--epochs", "3", "--out", str(out), "--process-timeout",
+    procs = start([str(ROOT / "maml_gs.py"), *RUN, "--gs", "--epochs", "2", "--out", str(out), "--process-timeout",
                    "30"])
     deadline = time.time() + 120
     while not (out / common.LAST).exists() and time.time() < deadline:
